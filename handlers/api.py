@@ -1,0 +1,147 @@
+"""The handler API: what a plugin implements and what the broker gives it per call.
+
+A handler owns whole ABI ranges, answers `async handle(call, ctx) -> Result`, and keeps its
+per-VM state through `ctx.state`. Guest memory reads are round trips to the agent; writes are
+buffered and travel with the result. Handlers are discovered through the entry-point group
+`hyperbroker.handlers`. This module must not know about gRPC, the store's backend or the agent.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import Any, ClassVar, Protocol
+
+from hyperbroker.calls import Call, Result
+from hyperbroker.smccc import FunctionRange
+
+ENTRY_POINT_GROUP = "hyperbroker.handlers"
+
+JsonValue = Any  # what json.dumps accepts: dict, list, str, int, float, bool, None
+
+
+class HandlerConfigError(ValueError):
+    """A handler's configuration in the policy is wrong; the message says which key and why."""
+
+
+class GuestMemoryError(Exception):
+    """A guest-memory access was refused: outside the VM's regions, too large, or the VMM failed."""
+
+
+@dataclass(frozen=True, slots=True)
+class VmInfo:
+    """Who is calling: the VM as the broker knows it."""
+
+    host: str
+    name: str
+    nr_vcpus: int
+    profile: str
+    policy_version: int
+
+    @property
+    def key(self) -> str:
+        """Fleet-unique identity: host and VM name."""
+        return f"{self.host}/{self.name}"
+
+
+class GuestMemory(Protocol):
+    async def read(self, gpa: int, length: int) -> bytes:
+        """Read guest-physical memory; raises GuestMemoryError."""
+        ...
+
+    def write(self, gpa: int, data: bytes) -> None:
+        """Buffer a write; it is applied by the agent before the vCPU resumes."""
+        ...
+
+
+class HandlerState(Protocol):
+    """This VM's persistent state for this handler: one JSON document."""
+
+    def get(self) -> JsonValue:
+        """The stored document, or None when there is none yet."""
+        ...
+
+    def put(self, value: JsonValue) -> None:
+        """Replace the document; committed with the call's result, before the guest sees it."""
+        ...
+
+
+class CallContext(Protocol):
+    vm: VmInfo
+    state: HandlerState  # this VM's document for this handler
+    shared: HandlerState  # one document per handler instance, across every VM (allocators ...)
+    memory: GuestMemory
+    log: logging.Logger
+
+    def now_ns(self) -> int:
+        """Monotonic clock, nanoseconds."""
+        ...
+
+
+class Handler(abc.ABC):
+    """Base class of every handler plugin.
+
+    Subclasses set `plugin` (the entry-point name) and implement `ranges` and `handle`. The
+    constructor takes the handler's `config:` mapping from the policy and raises
+    HandlerConfigError on anything it does not accept.
+    """
+
+    plugin: ClassVar[str]
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        unknown = set(config) - set(self.config_keys())
+        if unknown:
+            raise HandlerConfigError(
+                f"unknown config key(s) {sorted(unknown)}; {self.plugin} accepts "
+                f"{sorted(self.config_keys()) or 'none'}"
+            )
+        self.config = dict(config)
+
+    @classmethod
+    def config_keys(cls) -> Sequence[str]:
+        """The configuration keys this handler accepts."""
+        return ()
+
+    @property
+    @abc.abstractmethod
+    def ranges(self) -> Sequence[FunctionRange]:
+        """The ABI ranges this handler owns; a policy must forward all of them to it or none."""
+
+    @abc.abstractmethod
+    async def handle(self, call: Call, ctx: CallContext) -> Result:
+        """Answer one call. Never raise for guest input: return the ABI's error instead."""
+
+    def function_name(self, fid: int) -> str | None:
+        """A short name for `fid` (metrics label, CLI); None for 'not one of mine'."""
+        return None
+
+    def static_answers(self) -> Mapping[int, Result]:
+        """Calls whose answer depends on nothing but the function ID; the agent may serve them."""
+        return {}
+
+    def named_fallbacks(self) -> Mapping[str, Result]:
+        """ABI-specific fallbacks a policy rule may name (e.g. a busy/retry code)."""
+        return {}
+
+    async def vm_destroyed(self, ctx: CallContext) -> None:  # noqa: B027 - optional hook
+        """The VM is gone for good: release what it held (sessions, shares, records)."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """The broker is stopping or this policy version is retired: release connections."""
+
+
+HandlerFactory = Callable[[Mapping[str, Any]], Handler]
+
+
+def discover_plugins() -> dict[str, type[Handler]]:
+    """Every handler class installed under the entry-point group, by plugin name."""
+    found: dict[str, type[Handler]] = {}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        cls = ep.load()
+        if not (isinstance(cls, type) and issubclass(cls, Handler)):
+            raise TypeError(f"entry point {ep.name} = {ep.value} is not a Handler subclass")
+        found[ep.name] = cls
+    return found

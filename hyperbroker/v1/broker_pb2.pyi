@@ -1,0 +1,310 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Outcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    OUTCOME_OK: _ClassVar[Outcome]
+    OUTCOME_GUEST_ERROR: _ClassVar[Outcome]
+    OUTCOME_DENIED: _ClassVar[Outcome]
+    OUTCOME_FALLBACK: _ClassVar[Outcome]
+    OUTCOME_INTERNAL_ERROR: _ClassVar[Outcome]
+
+class FilterAction(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FILTER_ACTION_HANDLE: _ClassVar[FilterAction]
+    FILTER_ACTION_DENY: _ClassVar[FilterAction]
+    FILTER_ACTION_FWD_TO_USER: _ClassVar[FilterAction]
+OUTCOME_OK: Outcome
+OUTCOME_GUEST_ERROR: Outcome
+OUTCOME_DENIED: Outcome
+OUTCOME_FALLBACK: Outcome
+OUTCOME_INTERNAL_ERROR: Outcome
+FILTER_ACTION_HANDLE: FilterAction
+FILTER_ACTION_DENY: FilterAction
+FILTER_ACTION_FWD_TO_USER: FilterAction
+
+class AgentFrame(_message.Message):
+    __slots__ = ("hello", "vms_registered", "vms_destroyed", "calls", "memory_replies", "filter_reports", "keepalive")
+    HELLO_FIELD_NUMBER: _ClassVar[int]
+    VMS_REGISTERED_FIELD_NUMBER: _ClassVar[int]
+    VMS_DESTROYED_FIELD_NUMBER: _ClassVar[int]
+    CALLS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_REPLIES_FIELD_NUMBER: _ClassVar[int]
+    FILTER_REPORTS_FIELD_NUMBER: _ClassVar[int]
+    KEEPALIVE_FIELD_NUMBER: _ClassVar[int]
+    hello: AgentHello
+    vms_registered: _containers.RepeatedCompositeFieldContainer[VmRegistered]
+    vms_destroyed: _containers.RepeatedCompositeFieldContainer[VmDestroyed]
+    calls: _containers.RepeatedCompositeFieldContainer[Call]
+    memory_replies: _containers.RepeatedCompositeFieldContainer[MemoryReply]
+    filter_reports: _containers.RepeatedCompositeFieldContainer[FilterReport]
+    keepalive: Keepalive
+    def __init__(self, hello: _Optional[_Union[AgentHello, _Mapping]] = ..., vms_registered: _Optional[_Iterable[_Union[VmRegistered, _Mapping]]] = ..., vms_destroyed: _Optional[_Iterable[_Union[VmDestroyed, _Mapping]]] = ..., calls: _Optional[_Iterable[_Union[Call, _Mapping]]] = ..., memory_replies: _Optional[_Iterable[_Union[MemoryReply, _Mapping]]] = ..., filter_reports: _Optional[_Iterable[_Union[FilterReport, _Mapping]]] = ..., keepalive: _Optional[_Union[Keepalive, _Mapping]] = ...) -> None: ...
+
+class AgentHello(_message.Message):
+    __slots__ = ("host", "agent_version", "protocol", "policy_version", "resumed")
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_FIELD_NUMBER: _ClassVar[int]
+    POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    RESUMED_FIELD_NUMBER: _ClassVar[int]
+    host: str
+    agent_version: str
+    protocol: int
+    policy_version: int
+    resumed: bool
+    def __init__(self, host: _Optional[str] = ..., agent_version: _Optional[str] = ..., protocol: _Optional[int] = ..., policy_version: _Optional[int] = ..., resumed: _Optional[bool] = ...) -> None: ...
+
+class MemoryRegion(_message.Message):
+    __slots__ = ("gpa", "size", "readonly")
+    GPA_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    READONLY_FIELD_NUMBER: _ClassVar[int]
+    gpa: int
+    size: int
+    readonly: bool
+    def __init__(self, gpa: _Optional[int] = ..., size: _Optional[int] = ..., readonly: _Optional[bool] = ...) -> None: ...
+
+class VmRegistered(_message.Message):
+    __slots__ = ("vm_id", "name", "profile", "policy_version", "nr_vcpus", "regions")
+    VM_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_FIELD_NUMBER: _ClassVar[int]
+    POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    NR_VCPUS_FIELD_NUMBER: _ClassVar[int]
+    REGIONS_FIELD_NUMBER: _ClassVar[int]
+    vm_id: int
+    name: str
+    profile: str
+    policy_version: int
+    nr_vcpus: int
+    regions: _containers.RepeatedCompositeFieldContainer[MemoryRegion]
+    def __init__(self, vm_id: _Optional[int] = ..., name: _Optional[str] = ..., profile: _Optional[str] = ..., policy_version: _Optional[int] = ..., nr_vcpus: _Optional[int] = ..., regions: _Optional[_Iterable[_Union[MemoryRegion, _Mapping]]] = ...) -> None: ...
+
+class VmDestroyed(_message.Message):
+    __slots__ = ("vm_id",)
+    VM_ID_FIELD_NUMBER: _ClassVar[int]
+    vm_id: int
+    def __init__(self, vm_id: _Optional[int] = ...) -> None: ...
+
+class FilterReport(_message.Message):
+    __slots__ = ("vm_id", "errnos")
+    VM_ID_FIELD_NUMBER: _ClassVar[int]
+    ERRNOS_FIELD_NUMBER: _ClassVar[int]
+    vm_id: int
+    errnos: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, vm_id: _Optional[int] = ..., errnos: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class Call(_message.Message):
+    __slots__ = ("vm_id", "vcpu", "seq", "function_id", "flags", "x")
+    VM_ID_FIELD_NUMBER: _ClassVar[int]
+    VCPU_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    FUNCTION_ID_FIELD_NUMBER: _ClassVar[int]
+    FLAGS_FIELD_NUMBER: _ClassVar[int]
+    X_FIELD_NUMBER: _ClassVar[int]
+    vm_id: int
+    vcpu: int
+    seq: int
+    function_id: int
+    flags: int
+    x: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, vm_id: _Optional[int] = ..., vcpu: _Optional[int] = ..., seq: _Optional[int] = ..., function_id: _Optional[int] = ..., flags: _Optional[int] = ..., x: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class MemoryReply(_message.Message):
+    __slots__ = ("request_id", "data", "error", "message")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    request_id: int
+    data: bytes
+    error: int
+    message: str
+    def __init__(self, request_id: _Optional[int] = ..., data: _Optional[bytes] = ..., error: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
+class Keepalive(_message.Message):
+    __slots__ = ("sent_ns", "echo_ns")
+    SENT_NS_FIELD_NUMBER: _ClassVar[int]
+    ECHO_NS_FIELD_NUMBER: _ClassVar[int]
+    sent_ns: int
+    echo_ns: int
+    def __init__(self, sent_ns: _Optional[int] = ..., echo_ns: _Optional[int] = ...) -> None: ...
+
+class MemoryWrite(_message.Message):
+    __slots__ = ("gpa", "data")
+    GPA_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    gpa: int
+    data: bytes
+    def __init__(self, gpa: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class VmmAction(_message.Message):
+    __slots__ = ("kind", "vcpu", "address", "value")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    VCPU_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    kind: int
+    vcpu: int
+    address: int
+    value: int
+    def __init__(self, kind: _Optional[int] = ..., vcpu: _Optional[int] = ..., address: _Optional[int] = ..., value: _Optional[int] = ...) -> None: ...
+
+class Timing(_message.Message):
+    __slots__ = ("queued_ns", "handler_ns", "memory_ns", "memory_round_trips")
+    QUEUED_NS_FIELD_NUMBER: _ClassVar[int]
+    HANDLER_NS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_NS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_ROUND_TRIPS_FIELD_NUMBER: _ClassVar[int]
+    queued_ns: int
+    handler_ns: int
+    memory_ns: int
+    memory_round_trips: int
+    def __init__(self, queued_ns: _Optional[int] = ..., handler_ns: _Optional[int] = ..., memory_ns: _Optional[int] = ..., memory_round_trips: _Optional[int] = ...) -> None: ...
+
+class Result(_message.Message):
+    __slots__ = ("vm_id", "vcpu", "seq", "mask", "x", "outcome", "memory_writes", "actions", "timing")
+    VM_ID_FIELD_NUMBER: _ClassVar[int]
+    VCPU_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    MASK_FIELD_NUMBER: _ClassVar[int]
+    X_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_WRITES_FIELD_NUMBER: _ClassVar[int]
+    ACTIONS_FIELD_NUMBER: _ClassVar[int]
+    TIMING_FIELD_NUMBER: _ClassVar[int]
+    vm_id: int
+    vcpu: int
+    seq: int
+    mask: int
+    x: _containers.RepeatedScalarFieldContainer[int]
+    outcome: Outcome
+    memory_writes: _containers.RepeatedCompositeFieldContainer[MemoryWrite]
+    actions: _containers.RepeatedCompositeFieldContainer[VmmAction]
+    timing: Timing
+    def __init__(self, vm_id: _Optional[int] = ..., vcpu: _Optional[int] = ..., seq: _Optional[int] = ..., mask: _Optional[int] = ..., x: _Optional[_Iterable[int]] = ..., outcome: _Optional[_Union[Outcome, str]] = ..., memory_writes: _Optional[_Iterable[_Union[MemoryWrite, _Mapping]]] = ..., actions: _Optional[_Iterable[_Union[VmmAction, _Mapping]]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ...) -> None: ...
+
+class MemoryRequest(_message.Message):
+    __slots__ = ("request_id", "vm_id", "gpa", "length")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    VM_ID_FIELD_NUMBER: _ClassVar[int]
+    GPA_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    request_id: int
+    vm_id: int
+    gpa: int
+    length: int
+    def __init__(self, request_id: _Optional[int] = ..., vm_id: _Optional[int] = ..., gpa: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
+
+class FilterRecord(_message.Message):
+    __slots__ = ("base", "nr_functions", "action", "rule")
+    BASE_FIELD_NUMBER: _ClassVar[int]
+    NR_FUNCTIONS_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    RULE_FIELD_NUMBER: _ClassVar[int]
+    base: int
+    nr_functions: int
+    action: FilterAction
+    rule: str
+    def __init__(self, base: _Optional[int] = ..., nr_functions: _Optional[int] = ..., action: _Optional[_Union[FilterAction, str]] = ..., rule: _Optional[str] = ...) -> None: ...
+
+class AgentRule(_message.Message):
+    __slots__ = ("base", "nr_functions", "deadline_us", "fallback", "fallback_mask", "rule")
+    BASE_FIELD_NUMBER: _ClassVar[int]
+    NR_FUNCTIONS_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_US_FIELD_NUMBER: _ClassVar[int]
+    FALLBACK_FIELD_NUMBER: _ClassVar[int]
+    FALLBACK_MASK_FIELD_NUMBER: _ClassVar[int]
+    RULE_FIELD_NUMBER: _ClassVar[int]
+    base: int
+    nr_functions: int
+    deadline_us: int
+    fallback: _containers.RepeatedScalarFieldContainer[int]
+    fallback_mask: int
+    rule: str
+    def __init__(self, base: _Optional[int] = ..., nr_functions: _Optional[int] = ..., deadline_us: _Optional[int] = ..., fallback: _Optional[_Iterable[int]] = ..., fallback_mask: _Optional[int] = ..., rule: _Optional[str] = ...) -> None: ...
+
+class StaticAnswer(_message.Message):
+    __slots__ = ("function_id", "x", "mask")
+    FUNCTION_ID_FIELD_NUMBER: _ClassVar[int]
+    X_FIELD_NUMBER: _ClassVar[int]
+    MASK_FIELD_NUMBER: _ClassVar[int]
+    function_id: int
+    x: _containers.RepeatedScalarFieldContainer[int]
+    mask: int
+    def __init__(self, function_id: _Optional[int] = ..., x: _Optional[_Iterable[int]] = ..., mask: _Optional[int] = ...) -> None: ...
+
+class CompiledProfile(_message.Message):
+    __slots__ = ("name", "kernel_filter", "rules", "static_answers", "default_deadline_us")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KERNEL_FILTER_FIELD_NUMBER: _ClassVar[int]
+    RULES_FIELD_NUMBER: _ClassVar[int]
+    STATIC_ANSWERS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_DEADLINE_US_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    kernel_filter: _containers.RepeatedCompositeFieldContainer[FilterRecord]
+    rules: _containers.RepeatedCompositeFieldContainer[AgentRule]
+    static_answers: _containers.RepeatedCompositeFieldContainer[StaticAnswer]
+    default_deadline_us: int
+    def __init__(self, name: _Optional[str] = ..., kernel_filter: _Optional[_Iterable[_Union[FilterRecord, _Mapping]]] = ..., rules: _Optional[_Iterable[_Union[AgentRule, _Mapping]]] = ..., static_answers: _Optional[_Iterable[_Union[StaticAnswer, _Mapping]]] = ..., default_deadline_us: _Optional[int] = ...) -> None: ...
+
+class CompiledPolicy(_message.Message):
+    __slots__ = ("version", "digest", "profiles")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    PROFILES_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    digest: str
+    profiles: _containers.RepeatedCompositeFieldContainer[CompiledProfile]
+    def __init__(self, version: _Optional[int] = ..., digest: _Optional[str] = ..., profiles: _Optional[_Iterable[_Union[CompiledProfile, _Mapping]]] = ...) -> None: ...
+
+class VmRejected(_message.Message):
+    __slots__ = ("vm_id", "reason")
+    VM_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    vm_id: int
+    reason: str
+    def __init__(self, vm_id: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class BrokerWelcome(_message.Message):
+    __slots__ = ("broker_id", "protocol", "policy", "max_batch")
+    BROKER_ID_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
+    broker_id: str
+    protocol: int
+    policy: CompiledPolicy
+    max_batch: int
+    def __init__(self, broker_id: _Optional[str] = ..., protocol: _Optional[int] = ..., policy: _Optional[_Union[CompiledPolicy, _Mapping]] = ..., max_batch: _Optional[int] = ...) -> None: ...
+
+class Drain(_message.Message):
+    __slots__ = ("reason",)
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    reason: str
+    def __init__(self, reason: _Optional[str] = ...) -> None: ...
+
+class BrokerFrame(_message.Message):
+    __slots__ = ("welcome", "results", "memory_requests", "policy", "vms_rejected", "keepalive", "drain")
+    WELCOME_FIELD_NUMBER: _ClassVar[int]
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    VMS_REJECTED_FIELD_NUMBER: _ClassVar[int]
+    KEEPALIVE_FIELD_NUMBER: _ClassVar[int]
+    DRAIN_FIELD_NUMBER: _ClassVar[int]
+    welcome: BrokerWelcome
+    results: _containers.RepeatedCompositeFieldContainer[Result]
+    memory_requests: _containers.RepeatedCompositeFieldContainer[MemoryRequest]
+    policy: CompiledPolicy
+    vms_rejected: _containers.RepeatedCompositeFieldContainer[VmRejected]
+    keepalive: Keepalive
+    drain: Drain
+    def __init__(self, welcome: _Optional[_Union[BrokerWelcome, _Mapping]] = ..., results: _Optional[_Iterable[_Union[Result, _Mapping]]] = ..., memory_requests: _Optional[_Iterable[_Union[MemoryRequest, _Mapping]]] = ..., policy: _Optional[_Union[CompiledPolicy, _Mapping]] = ..., vms_rejected: _Optional[_Iterable[_Union[VmRejected, _Mapping]]] = ..., keepalive: _Optional[_Union[Keepalive, _Mapping]] = ..., drain: _Optional[_Union[Drain, _Mapping]] = ...) -> None: ...
