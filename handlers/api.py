@@ -70,11 +70,24 @@ class HandlerState(Protocol):
 
 
 class CallContext(Protocol):
-    vm: VmInfo
-    state: HandlerState  # this VM's document for this handler
-    shared: HandlerState  # one document per handler instance, across every VM (allocators ...)
-    memory: GuestMemory
-    log: logging.Logger
+    @property
+    def vm(self) -> VmInfo: ...
+
+    @property
+    def state(self) -> HandlerState:
+        """This VM's document for this handler."""
+        ...
+
+    @property
+    def shared(self) -> HandlerState:
+        """One document per handler instance across every VM (allocators, registries)."""
+        ...
+
+    @property
+    def memory(self) -> GuestMemory: ...
+
+    @property
+    def log(self) -> logging.Logger: ...
 
     def now_ns(self) -> int:
         """Monotonic clock, nanoseconds."""
@@ -90,6 +103,11 @@ class Handler(abc.ABC):
     """
 
     plugin: ClassVar[str]
+    # True when handle() may start inside the broker's stream task: it then runs without a task
+    # of its own until its first await (none at all when it never awaits). Such a handler must
+    # not call asyncio.current_task(), asyncio.timeout() or anything that binds to the current
+    # task before its first await. False (the default) gives every call its own task.
+    eager: ClassVar[bool] = False
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         unknown = set(config) - set(self.config_keys())

@@ -27,6 +27,7 @@ def _os_random_bits(n: int) -> int:
 
 class TrngHandler(Handler):
     plugin = "trng"
+    eager = True  # never awaits
 
     @classmethod
     def config_keys(cls) -> Sequence[str]:

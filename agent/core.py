@@ -1,0 +1,498 @@
+"""The agent: every VM on this host, their calls in flight, and who answers each one.
+
+A call from a VMM is answered by the agent itself when the compiled policy has a static answer
+for it, otherwise forwarded to the broker with a deadline; when the deadline passes first, the
+VMM gets the rule's fallback and the vCPU runs on. Results from the broker are matched to the
+waiting (VM, vCPU, seq), their guest-memory writes applied, and sent back to the VMM with the
+latency breakdown. Guest-memory reads the broker asks for are served from the agent's mappings
+(SEQPACKET VMMs) or relayed to the VMM (STREAM VMMs), always within the VM's declared regions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent import metrics
+from agent.link import BrokerLink
+from agent.memory import MappedRam, MemoryAccessError, RegionMap, close_fds
+from agent.policy import AgentPolicy, AgentProfile, RuleView
+from agent.vmm import VmmConnection, VmmListener
+from hyperbroker import vmm_protocol as proto
+from hyperbroker.calls import Outcome
+from hyperbroker.smccc import NR_ARGS
+from hyperbroker.tls import TlsFiles
+from hyperbroker.v1 import broker_pb2
+
+log = logging.getLogger("hyperbroker.agent")
+
+CALL_FRAME_SIZE = proto.HEADER.size + proto.CALL.size
+CALL_PREFIX = proto.HEADER.pack(proto.MAGIC, proto.VERSION, proto.MsgType.CALL,
+                                proto.CALL.size, 0)[:12]
+MEMORY_RELAY_TIMEOUT_S = 1.5
+REGISTER_WAIT_S = 10.0
+OUTCOME_LABELS = metrics.OUTCOMES
+ZERO_X = (0,) * NR_ARGS
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    broker: str
+    host_id: str
+    socket_path: Path | None = None
+    stream_socket_path: Path | None = None
+    metrics_listen: str | None = None
+    tls: TlsFiles | None = None
+
+
+class Pending:
+    __slots__ = ("conn", "fid", "flags", "rule", "seq", "t_recv", "t_sent", "tag", "timer",
+                 "vcpu", "vm", "x")
+
+    def __init__(self, vm: AgentVm, conn: VmmConnection, tag: int, vcpu: int, seq: int,
+                 fid: int, flags: int, x: tuple[int, ...], rule: RuleView, t_recv: int) -> None:
+        self.vm = vm
+        self.conn = conn
+        self.tag = tag
+        self.vcpu = vcpu
+        self.seq = seq
+        self.fid = fid
+        self.flags = flags
+        self.x = x
+        self.rule = rule
+        self.t_recv = t_recv
+        self.t_sent = 0
+        self.timer: asyncio.TimerHandle | None = None
+
+
+class AgentVm:
+    def __init__(self, vm_id: int, reg: proto.RegisterVm, conn: VmmConnection,
+                 policy: AgentPolicy, profile: AgentProfile, regions: RegionMap,
+                 ram: MappedRam | None) -> None:
+        self.vm_id = vm_id
+        self.name = reg.name
+        self.profile_name = profile.name
+        self.profile = profile
+        self.policy_version = policy.version
+        self.nr_vcpus = reg.nr_vcpus
+        self.conn = conn
+        self.regions = regions
+        self.ram = ram
+        self.pending: list[Pending | None] = [None] * reg.nr_vcpus
+        self.rejected: str | None = None
+
+    def registration(self) -> broker_pb2.VmRegistered:
+        return broker_pb2.VmRegistered(
+            vm_id=self.vm_id, name=self.name, profile=self.profile_name,
+            policy_version=self.policy_version, nr_vcpus=self.nr_vcpus,
+            regions=[broker_pb2.MemoryRegion(gpa=r.gpa, size=r.size,
+                                             readonly=bool(r.flags & proto.REGION_READONLY))
+                     for r in self.regions.regions])
+
+
+class Agent:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.link = BrokerLink(self, config.broker, config.host_id, config.tls)
+        self.policies: dict[int, AgentPolicy] = {}
+        self.policy: AgentPolicy | None = None
+        self._policy_ready = asyncio.Event()
+        self.vms: dict[int, AgentVm] = {}
+        self.names: dict[str, int] = {}
+        self._next_vm_id = 1
+        self.listeners: list[VmmListener] = []
+        self.connections: set[VmmConnection] = set()
+        self._tasks: set[asyncio.Task[object]] = set()
+        self.late_results = 0
+        self._loop = asyncio.get_running_loop()
+
+    # ---- lifecycle -----------------------------------------------------------------------
+    async def start(self) -> None:
+        if self.config.socket_path:
+            self.listeners.append(VmmListener(self.config.socket_path, True, self.on_frame,
+                                              self.connections.add, self.on_conn_closed))
+        if self.config.stream_socket_path:
+            self.listeners.append(VmmListener(self.config.stream_socket_path, False,
+                                              self.on_frame, self.connections.add,
+                                              self.on_conn_closed))
+        self._spawn(self.link.run())
+
+    async def stop(self) -> None:
+        for listener in self.listeners:
+            listener.close()
+        for conn in list(self.connections):
+            conn.close()
+        await self.link.close()
+        for task in list(self._tasks):
+            task.cancel()
+
+    def _spawn(self, coro: object) -> None:
+        task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ---- broker link callbacks -----------------------------------------------------------
+    @property
+    def policy_version(self) -> int:
+        return self.policy.version if self.policy else 0
+
+    def on_welcome(self, welcome: broker_pb2.BrokerWelcome) -> None:
+        self._install_policy(welcome.policy)
+
+    def _install_policy(self, pb: broker_pb2.CompiledPolicy) -> None:
+        if pb.version not in self.policies:
+            self.policies[pb.version] = AgentPolicy(pb)
+        if self.policy is None or pb.version >= self.policy.version:
+            self.policy = self.policies[pb.version]
+            log.info("policy v%d current (%d profiles)", pb.version, len(pb.profiles))
+        self._policy_ready.set()
+
+    def replay(self, frame: broker_pb2.AgentFrame) -> None:
+        """After (re)connecting: every live VM, then every call still waiting."""
+        for vm in self.vms.values():
+            frame.vms_registered.append(vm.registration())
+        for vm in self.vms.values():
+            for p in vm.pending:
+                if p is not None:
+                    p.t_sent = time.monotonic_ns()
+                    frame.calls.add(vm_id=vm.vm_id, vcpu=p.vcpu, seq=p.seq, function_id=p.fid,
+                                    flags=p.flags, x=p.x)
+
+    def on_link_down(self) -> None:
+        pass  # waiting calls keep their deadlines; they are re-sent on reconnect
+
+    def on_broker_frame(self, frame: broker_pb2.BrokerFrame) -> None:
+        now = time.monotonic_ns()
+        for r in frame.results:
+            self.on_result(r, now)
+        for req in frame.memory_requests:
+            self.on_memory_request(req)
+        for rej in frame.vms_rejected:
+            vm = self.vms.get(rej.vm_id)
+            if vm is not None:
+                vm.rejected = rej.reason
+                log.error("broker rejected vm %s: %s", vm.name, rej.reason)
+        if frame.HasField("policy"):
+            self._install_policy(frame.policy)
+        self.link.flush_soon()
+
+    # ---- VMM connections -----------------------------------------------------------------
+    def on_conn_closed(self, conn: VmmConnection) -> None:
+        self.connections.discard(conn)
+        for vm_id in list(conn.vm_ids):
+            self.destroy_vm(vm_id, "VMM connection closed")
+
+    def on_frame(self, conn: VmmConnection, data: bytes, fds: list[int]) -> None:
+        if len(data) == CALL_FRAME_SIZE and data[:12] == CALL_PREFIX and not fds:
+            v = proto.CALL.unpack_from(data, proto.HEADER.size)
+            tag = int.from_bytes(data[12:16], "little")
+            self.on_call(conn, tag, v[0], v[1], v[2], v[3], v[4], v[6:])
+            return
+        try:
+            frame = proto.decode(data)
+        except proto.ProtocolError as e:
+            close_fds(fds)
+            conn.send_error(e.code, e.msg_type, e.tag, str(e))
+            return
+        msg = frame.message
+        if fds and not isinstance(msg, proto.RegisterVm):
+            close_fds(fds)
+            conn.send_error(errno.EINVAL, frame.type, frame.tag,
+                            "file descriptors are only accepted with REGISTER_VM")
+            return
+        match msg:
+            case proto.CallMsg():
+                self.on_call(conn, frame.tag, msg.vm_id, msg.vcpu, msg.seq, msg.function_id,
+                             msg.exit_flags, msg.x)
+            case proto.RegisterVm():
+                self._spawn(self.register_vm(conn, frame.tag, msg, fds))
+            case proto.FilterReport():
+                self.on_filter_report(conn, frame.tag, msg)
+            case proto.DestroyVm():
+                ok = msg.vm_id in conn.vm_ids
+                if ok:
+                    self.destroy_vm(msg.vm_id, "destroyed by its VMM")
+                conn.send(proto.encode(proto.StatusReply(0 if ok else -errno.ENOENT), frame.tag))
+            case proto.MemReadReply():
+                fut = conn.mem_waiters.pop(frame.tag, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(msg)
+            case proto.Ping():
+                conn.send(proto.encode(proto.Pong(), frame.tag))
+            case proto.ErrorMsg():
+                log.error("vmm reports error for our tag %d (type %#x): %s: %s", frame.tag,
+                          msg.refused_type, errno.errorcode.get(msg.code, msg.code), msg.message)
+                fut = conn.mem_waiters.pop(frame.tag, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(proto.MemReadReply(-msg.code, b""))
+            case proto.Pong():
+                pass
+            case _:
+                conn.send_error(errno.EBADMSG, frame.type, frame.tag,
+                                f"{frame.type.name} is not a message a VMM sends")
+
+    # ---- registration --------------------------------------------------------------------
+    async def register_vm(self, conn: VmmConnection, tag: int, reg: proto.RegisterVm,
+                          fds: list[int]) -> None:
+        def refuse(code: int, message: str) -> None:
+            close_fds(fds)
+            log.warning("refused registration of vm %r: %s", reg.name, message)
+            conn.send(proto.encode(proto.RegisterVmReply(-code, 0, 0, (), message), tag))
+
+        if not reg.name:
+            return refuse(errno.EINVAL, "the VM name is empty")
+        if not 0 < reg.nr_vcpus <= proto.MAX_VCPUS:
+            return refuse(errno.EINVAL, f"nr_vcpus {reg.nr_vcpus} outside 1..{proto.MAX_VCPUS}")
+        if reg.flags & ~proto.REGISTER_MEM_FDS:
+            return refuse(errno.EINVAL, f"unknown flags {reg.flags:#x}")
+        wants_fds = bool(reg.flags & proto.REGISTER_MEM_FDS)
+        if wants_fds and not conn.seqpacket:
+            return refuse(errno.EINVAL, "HB_REGISTER_MEM_FDS needs a SEQPACKET connection")
+        if wants_fds != bool(fds):
+            return refuse(errno.EINVAL, "file descriptors must come exactly with "
+                                        "HB_REGISTER_MEM_FDS")
+        if self.policy is None:
+            try:
+                await asyncio.wait_for(self._policy_ready.wait(), REGISTER_WAIT_S)
+            except TimeoutError:
+                return refuse(errno.EAGAIN, f"no policy from broker {self.config.broker} yet")
+        assert self.policy is not None
+        policy = self.policy
+        profile = policy.profiles.get(reg.profile or "default")
+        if profile is None:
+            return refuse(errno.ENOENT, f"profile {reg.profile or 'default'!r} is not in "
+                                        f"policy v{policy.version} "
+                                        f"(has {sorted(policy.profiles)})")
+        if reg.name in self.names:
+            return refuse(errno.EEXIST, f"a VM named {reg.name!r} is already registered on "
+                                        "this host")
+        if conn.closed:
+            return close_fds(fds)
+        try:
+            regions = RegionMap(reg.regions)
+            ram = MappedRam(regions, fds) if fds else None
+        except MemoryAccessError as e:
+            return refuse(e.code, str(e))
+        finally:
+            close_fds(fds)  # the mappings hold their own references
+        vm_id = self._next_vm_id
+        self._next_vm_id += 1
+        vm = AgentVm(vm_id, reg, conn, policy, profile, regions, ram)
+        self.vms[vm_id] = vm
+        self.names[reg.name] = vm_id
+        conn.vm_ids.add(vm_id)
+        metrics.VMS.inc()
+        if self.link.up:
+            self.link.frame.vms_registered.append(vm.registration())
+            self.link.mark()
+            self.link.flush_soon()
+        conn.send(proto.encode(proto.RegisterVmReply(
+            0, vm_id, policy.version, profile.filters,
+            f"registered {reg.name} under profile {profile.name}"), tag))
+        log.info("vm %s registered as %d (%s, profile %s, policy v%d, %d vCPUs)", reg.name,
+                 vm_id, conn.mode, profile.name, policy.version, reg.nr_vcpus)
+
+    def on_filter_report(self, conn: VmmConnection, tag: int, msg: proto.FilterReport) -> None:
+        vm = self.vms.get(msg.vm_id)
+        if vm is None or msg.vm_id not in conn.vm_ids:
+            conn.send_error(errno.ENOENT, proto.MsgType.FILTER_REPORT, tag,
+                            f"vm_id {msg.vm_id} is not registered on this connection")
+            return
+        failed = [(f, e) for f, e in zip(vm.profile.filters, msg.errnos, strict=False) if e]
+        for f, e in failed:
+            log.error("vm %s: KVM refused filter [%#x, +%d) action %d: %s", vm.name, f.base,
+                      f.nr_functions, f.action, errno.errorcode.get(e, e))
+        if self.link.up:
+            self.link.frame.filter_reports.add(vm_id=vm.vm_id, errnos=msg.errnos)
+            self.link.mark()
+            self.link.flush_soon()
+
+    def destroy_vm(self, vm_id: int, why: str) -> None:
+        vm = self.vms.pop(vm_id, None)
+        if vm is None:
+            return
+        self.names.pop(vm.name, None)
+        vm.conn.vm_ids.discard(vm_id)
+        for i, p in enumerate(vm.pending):
+            if p is not None:
+                if p.timer is not None:
+                    p.timer.cancel()
+                vm.pending[i] = None
+                metrics.IN_FLIGHT.dec()
+        if vm.ram is not None:
+            vm.ram.close()
+        metrics.VMS.dec()
+        if self.link.up:
+            self.link.frame.vms_destroyed.add(vm_id=vm_id)
+            self.link.mark()
+            self.link.flush_soon()
+        log.info("vm %s (%d) gone: %s", vm.name, vm_id, why)
+
+    # ---- calls ---------------------------------------------------------------------------
+    def on_call(self, conn: VmmConnection, tag: int, vm_id: int, vcpu: int, seq: int, fid: int,
+                flags: int, x: tuple[int, ...]) -> None:
+        t_recv = time.monotonic_ns()
+        vm = self.vms.get(vm_id)
+        if vm is None or vm_id not in conn.vm_ids:
+            conn.send_error(errno.ENOENT, proto.MsgType.CALL, tag,
+                            f"vm_id {vm_id} is not registered on this connection")
+            return
+        if vcpu >= vm.nr_vcpus:
+            conn.send_error(errno.EINVAL, proto.MsgType.CALL, tag,
+                            f"vcpu {vcpu} out of range for {vm.name} ({vm.nr_vcpus} vCPUs)")
+            return
+        waiting = vm.pending[vcpu]
+        if waiting is not None:
+            conn.send_error(errno.EBUSY, proto.MsgType.CALL, tag,
+                            f"vcpu {vcpu} of {vm.name} already has call seq {waiting.seq} in "
+                            "flight")
+            return
+        static = vm.profile.static.get(fid)
+        if static is not None:
+            regs, mask = static
+            self._reply(conn, tag, vm_id, vcpu, seq, Outcome.OK, mask, regs,
+                        proto.Timing(agent_ns=time.monotonic_ns() - t_recv,
+                                     source=proto.ResultSource.AGENT), (), t_recv, "agent")
+            return
+        rule = vm.profile.rule_for(fid)
+        p = Pending(vm, conn, tag, vcpu, seq, fid, flags, x, rule, t_recv)
+        if vm.rejected is not None:
+            metrics.FALLBACK_REJECTED.inc()
+            self._fallback(p, Outcome.FALLBACK)
+            return
+        vm.pending[vcpu] = p
+        metrics.IN_FLIGHT.inc()
+        p.timer = self._loop.call_later(rule.deadline_s, self._expire, p)
+        link = self.link
+        if link.up:
+            p.t_sent = t_recv
+            link.frame.calls.add(vm_id=vm_id, vcpu=vcpu, seq=seq, function_id=fid, flags=flags,
+                                 x=x)
+            link.mark()
+            link.flush_soon()
+
+    def _expire(self, p: Pending) -> None:
+        vm = p.vm
+        if vm.pending[p.vcpu] is not p:
+            return
+        vm.pending[p.vcpu] = None
+        metrics.IN_FLIGHT.dec()
+        (metrics.FALLBACK_DEADLINE if self.link.up else metrics.FALLBACK_DISCONNECTED).inc()
+        log.warning("vm %s vcpu %d: fid %#x seq %d got no answer in %.0f ms: fallback (%s)",
+                    vm.name, p.vcpu, p.fid, p.seq, p.rule.deadline_s * 1e3,
+                    "broker slow" if self.link.up else "broker unreachable")
+        self._fallback(p, Outcome.FALLBACK)
+
+    def _fallback(self, p: Pending, outcome: Outcome) -> None:
+        rule = p.rule
+        self._reply(p.conn, p.tag, p.vm.vm_id, p.vcpu, p.seq, outcome, rule.fallback_mask,
+                    rule.fallback,
+                    proto.Timing(agent_ns=time.monotonic_ns() - p.t_recv,
+                                 source=proto.ResultSource.FALLBACK), (), p.t_recv, "fallback")
+
+    def on_result(self, r: broker_pb2.Result, now: int) -> None:
+        vm = self.vms.get(r.vm_id)
+        p = vm.pending[r.vcpu] if vm is not None and r.vcpu < vm.nr_vcpus else None
+        if vm is None or p is None or p.seq != r.seq:
+            self.late_results += 1
+            return  # answered by its fallback already, or a duplicate after a reconnect
+        if p.timer is not None:
+            p.timer.cancel()
+        vm.pending[r.vcpu] = None
+        metrics.IN_FLIGHT.dec()
+        outcome = Outcome(r.outcome)
+        if r.memory_writes:
+            try:
+                self._apply_writes(vm, r.memory_writes)
+            except MemoryAccessError as e:
+                log.error("vm %s: broker result for fid %#x carries a bad write (%s); fallback",
+                          vm.name, p.fid, e)
+                self._fallback(p, Outcome.INTERNAL_ERROR)
+                return
+        t = r.timing
+        broker_ns = t.queued_ns + t.handler_ns
+        link_ns = max(0, now - p.t_sent - broker_ns)
+        metrics.LINK_RTT.observe(link_ns / 1e9)
+        done = time.monotonic_ns()
+        timing = proto.Timing(
+            agent_ns=max(0, done - p.t_recv - (now - p.t_sent)), link_ns=link_ns,
+            broker_queue_ns=t.queued_ns, handler_ns=t.handler_ns, memory_ns=t.memory_ns,
+            memory_round_trips=t.memory_round_trips, source=proto.ResultSource.BROKER)
+        self._reply(p.conn, p.tag, vm.vm_id, p.vcpu, p.seq, outcome, r.mask, tuple(r.x),
+                    timing, tuple(r.actions), p.t_recv, "broker")
+
+    def _reply(self, conn: VmmConnection, tag: int, vm_id: int, vcpu: int, seq: int,
+               outcome: Outcome, mask: int, regs: tuple[int, ...], timing: proto.Timing,
+               actions: tuple[broker_pb2.VmmAction, ...], t_recv: int, source: str) -> None:
+        x = regs + ZERO_X[len(regs):] if len(regs) < NR_ARGS else regs[:NR_ARGS]
+        payload = proto.RESULT.pack(
+            vm_id, vcpu, seq, outcome, mask & ((1 << NR_ARGS) - 1), *x,
+            timing.agent_ns, timing.link_ns, timing.broker_queue_ns, timing.handler_ns,
+            timing.memory_ns, timing.memory_round_trips, timing.source, len(actions), 0,
+        ) + b"".join(proto.ACTION.pack(a.kind, a.vcpu, a.address, a.value) for a in actions)
+        conn.send(proto.header(proto.MsgType.RESULT, tag, len(payload)) + payload)
+        metrics.OBSERVE[source, OUTCOME_LABELS[outcome]]((time.monotonic_ns() - t_recv) / 1e9)
+
+    # ---- guest memory --------------------------------------------------------------------
+    def _apply_writes(self, vm: AgentVm, writes: object) -> None:
+        items = list(writes)  # type: ignore[call-overload]
+        for w in items:  # check all before applying any
+            vm.regions.locate(w.gpa, len(w.data), write=True)
+        for w in items:
+            if vm.ram is not None:
+                vm.ram.write(w.gpa, w.data)
+            else:
+                for off in range(0, len(w.data), proto.MAX_MEM_CHUNK):
+                    chunk = w.data[off : off + proto.MAX_MEM_CHUNK]
+                    vm.conn.send(proto.encode(proto.MemWrite(vm.vm_id, w.gpa + off, chunk),
+                                              vm.conn.next_tag()))
+            metrics.MEMORY_WRITE.inc(len(w.data))
+
+    def on_memory_request(self, req: broker_pb2.MemoryRequest) -> None:
+        vm = self.vms.get(req.vm_id)
+
+        def reply(data: bytes = b"", error: int = 0, message: str = "") -> None:
+            if self.link.up:
+                self.link.frame.memory_replies.add(request_id=req.request_id, data=data,
+                                                   error=error, message=message)
+                self.link.mark()
+                self.link.flush_soon()
+
+        if vm is None:
+            return reply(error=errno.ENOENT, message=f"vm {req.vm_id} is not on this host")
+        if not 0 < req.length <= proto.MAX_MEM_CHUNK:
+            return reply(error=errno.EMSGSIZE,
+                         message=f"reads are 1..{proto.MAX_MEM_CHUNK} bytes")
+        try:
+            vm.regions.locate(req.gpa, req.length, write=False)
+        except MemoryAccessError as e:
+            return reply(error=e.code, message=str(e))
+        if vm.ram is not None:
+            data = vm.ram.read(req.gpa, req.length)
+            metrics.MEMORY_READ.inc(len(data))
+            return reply(data)
+
+        async def relay() -> None:
+            conn = vm.conn
+            tag = conn.next_tag()
+            fut: asyncio.Future[proto.MemReadReply] = self._loop.create_future()
+            conn.mem_waiters[tag] = fut
+            conn.send(proto.encode(proto.MemRead(vm.vm_id, req.gpa, req.length), tag))
+            try:
+                answer = await asyncio.wait_for(fut, MEMORY_RELAY_TIMEOUT_S)
+            except (TimeoutError, ConnectionError) as e:
+                conn.mem_waiters.pop(tag, None)
+                return reply(error=errno.ETIMEDOUT, message=f"VMM did not serve the read: {e}")
+            if answer.status != 0:
+                return reply(error=-answer.status, message="VMM refused the read")
+            if len(answer.data) != req.length:
+                return reply(error=errno.EIO, message=f"VMM returned {len(answer.data)} bytes")
+            metrics.MEMORY_READ.inc(len(answer.data))
+            reply(answer.data)
+
+        self._spawn(relay())
+

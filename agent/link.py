@@ -1,0 +1,167 @@
+"""The agent's one stream to the broker: batching, reconnection, replay.
+
+Whatever is pending when the writer runs (calls, registrations, memory replies) leaves as one
+frame. When the stream breaks the agent redials with jittered exponential backoff, says hello
+again, re-registers every live VM and re-sends every call still waiting, with its sequence
+number, so the broker can answer a call it already ran from the vCPU's last-result record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+import grpc
+
+from agent import metrics
+from hyperbroker import __version__
+from hyperbroker.tls import TlsFiles
+from hyperbroker.v1 import broker_pb2, broker_pb2_grpc
+
+log = logging.getLogger("hyperbroker.agent.link")
+
+PROTOCOL_VERSION = 1
+
+
+class LinkOwner(Protocol):
+    def on_welcome(self, welcome: broker_pb2.BrokerWelcome) -> None: ...
+    def on_broker_frame(self, frame: broker_pb2.BrokerFrame) -> None: ...
+    def replay(self, frame: broker_pb2.AgentFrame) -> None: ...
+    def on_link_down(self) -> None: ...
+    @property
+    def policy_version(self) -> int: ...
+
+
+class BrokerLink:
+    def __init__(self, owner: LinkOwner, target: str, host: str, tls: TlsFiles | None = None,
+                 *, backoff_initial_s: float = 0.05, backoff_max_s: float = 5.0) -> None:
+        self.owner = owner
+        self.target = target
+        self.host = host
+        self.backoff_initial_s = backoff_initial_s
+        self.backoff_max_s = backoff_max_s
+        options = [
+            ("grpc.keepalive_time_ms", 10_000),
+            ("grpc.keepalive_timeout_ms", 5_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 2_000),
+            ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+        ]
+        if tls is not None:
+            self.channel = grpc.aio.secure_channel(target, tls.channel_credentials(), options)
+        else:
+            self.channel = grpc.aio.insecure_channel(target, options)
+        self.stub = broker_pb2_grpc.BrokerStub(self.channel)
+        self.up = False
+        self.connects = 0
+        self.frame = broker_pb2.AgentFrame()
+        self._dirty = False
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._call: grpc.aio.StreamStreamCall[broker_pb2.AgentFrame,
+                                              broker_pb2.BrokerFrame] | None = None
+        self.on_up: Callable[[], None] | None = None
+
+    # -- building the outbound frame (only while up; replay rebuilds it after a reconnect) --
+    def mark(self) -> None:
+        self._dirty = True
+
+    def flush_soon(self) -> None:
+        if self._dirty:
+            self._wake.set()
+
+    async def run(self) -> None:
+        attempt = 0
+        while not self._stopping:
+            started = time.monotonic()
+            try:
+                await self._session()
+            except asyncio.CancelledError:
+                raise
+            except grpc.aio.AioRpcError as e:
+                if self.up or attempt == 0:
+                    log.warning("broker stream to %s ended: %s %s", self.target, e.code().name,
+                                e.details())
+            except Exception:
+                log.exception("broker stream to %s failed", self.target)
+            finally:
+                if self.up:
+                    self.up = False
+                    metrics.STREAM_UP.set(0)
+                    self.owner.on_link_down()
+            if self._stopping:
+                break
+            if time.monotonic() - started > 10:
+                attempt = 0
+            delay = min(self.backoff_max_s, self.backoff_initial_s * 2 ** attempt)
+            attempt += 1
+            await asyncio.sleep(delay * random.uniform(0.5, 1.5))
+
+    async def _session(self) -> None:
+        call = self.stub.Connect()
+        self._call = call
+        try:
+            await call.write(broker_pb2.AgentFrame(hello=broker_pb2.AgentHello(
+                host=self.host, agent_version=__version__, protocol=PROTOCOL_VERSION,
+                policy_version=self.owner.policy_version, resumed=self.connects > 0)))
+            first = await call.read()
+            if first is grpc.aio.EOF:
+                raise ConnectionError("broker closed the stream before its welcome")
+            assert isinstance(first, broker_pb2.BrokerFrame)
+            if not first.HasField("welcome"):
+                raise ConnectionError("broker's first frame carries no welcome")
+            self.owner.on_welcome(first.welcome)
+            self.frame = broker_pb2.AgentFrame()
+            self.owner.replay(self.frame)
+            self._dirty = True
+            self.up = True
+            if self.connects:
+                metrics.RECONNECTS.inc()
+            self.connects += 1
+            metrics.STREAM_UP.set(1)
+            log.info("broker stream to %s up (broker %s, policy v%d)", self.target,
+                     first.welcome.broker_id, first.welcome.policy.version)
+            if self.on_up is not None:
+                self.on_up()
+            writer = asyncio.create_task(self._writer(call))
+            try:
+                while True:
+                    frame = await call.read()
+                    if frame is grpc.aio.EOF:
+                        break
+                    assert isinstance(frame, broker_pb2.BrokerFrame)
+                    if frame.HasField("drain"):
+                        log.info("broker asks to drain: %s", frame.drain.reason)
+                    self.owner.on_broker_frame(frame)
+                    if writer.done():
+                        writer.result()  # raises what broke the writer
+                        break
+            finally:
+                writer.cancel()
+        finally:
+            self._call = None
+            call.cancel()
+
+    async def _writer(self, call: grpc.aio.StreamStreamCall[broker_pb2.AgentFrame,
+                                                             broker_pb2.BrokerFrame]) -> None:
+        self._wake.set()
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if not self._dirty:
+                continue
+            frame, self.frame, self._dirty = self.frame, broker_pb2.AgentFrame(), False
+            await call.write(frame)
+
+    async def close(self) -> None:
+        self._stopping = True
+        if self._call is not None:
+            self._call.cancel()
+        await self.channel.close()

@@ -1,0 +1,97 @@
+"""Guest memory as the agent sees it: the VM's regions, and the mappings of their fds.
+
+Every access is checked against the regions the VMM declared at registration; an access
+that is not wholly inside one region is refused (EFAULT), a write to a read-only one too.
+In SEQPACKET mode the regions arrive as file descriptors and are mmapped here, so guest-memory
+traffic never involves the VMM; in stream mode the agent relays through the VMM instead
+(agent.vmm) and only uses the region map for checks.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+from collections.abc import Sequence
+
+from hyperbroker.vmm_protocol import REGION_READONLY, MemRegion
+
+
+class MemoryAccessError(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class RegionMap:
+    def __init__(self, regions: Sequence[MemRegion]) -> None:
+        ordered = sorted(regions, key=lambda r: r.gpa)
+        for r in ordered:
+            if r.size == 0 or r.gpa + r.size > 1 << 64:
+                raise MemoryAccessError(errno.EINVAL,
+                                        f"region at {r.gpa:#x} of {r.size:#x} bytes is empty or "
+                                        "wraps")
+        for a, b in zip(ordered, ordered[1:], strict=False):
+            if b.gpa < a.end:
+                raise MemoryAccessError(errno.EINVAL,
+                                        f"regions at {a.gpa:#x} and {b.gpa:#x} overlap")
+        self.regions = tuple(ordered)
+
+    def locate(self, gpa: int, length: int, write: bool) -> tuple[int, int]:
+        """(region index, offset) of [gpa, gpa+length), which must lie inside one region."""
+        end = gpa + length
+        for i, r in enumerate(self.regions):
+            if r.gpa <= gpa and end <= r.end:
+                if write and r.flags & REGION_READONLY:
+                    raise MemoryAccessError(errno.EACCES,
+                                            f"[{gpa:#x}, {end:#x}) is read-only guest memory")
+                return i, gpa - r.gpa
+        raise MemoryAccessError(errno.EFAULT, f"[{gpa:#x}, {end:#x}) is not guest RAM of this VM")
+
+
+class MappedRam:
+    """The VM's regions mmapped from the fds the VMM passed with SCM_RIGHTS."""
+
+    def __init__(self, regions: RegionMap, fds: Sequence[int]) -> None:
+        if len(fds) != len(regions.regions):
+            raise MemoryAccessError(errno.EINVAL,
+                                    f"{len(fds)} file descriptors for {len(regions.regions)} "
+                                    "regions")
+        self.regions = regions
+        self.maps: list[mmap.mmap] = []
+        try:
+            for r, fd in zip(regions.regions, fds, strict=True):
+                if r.mmap_offset % mmap.ALLOCATIONGRANULARITY:
+                    raise MemoryAccessError(errno.EINVAL,
+                                            f"mmap_offset {r.mmap_offset:#x} is not page-aligned")
+                prot = mmap.PROT_READ | (0 if r.flags & REGION_READONLY else mmap.PROT_WRITE)
+                try:
+                    self.maps.append(mmap.mmap(fd, r.size, mmap.MAP_SHARED, prot,
+                                               offset=r.mmap_offset))
+                except (OSError, ValueError) as e:
+                    raise MemoryAccessError(errno.EINVAL,
+                                            f"cannot map region at {r.gpa:#x}: {e}") from None
+        except BaseException:
+            self.close()
+            raise
+
+    def read(self, gpa: int, length: int) -> bytes:
+        i, off = self.regions.locate(gpa, length, write=False)
+        return self.maps[i][off : off + length]
+
+    def write(self, gpa: int, data: bytes) -> None:
+        i, off = self.regions.locate(gpa, len(data), write=True)
+        self.maps[i][off : off + len(data)] = data
+
+    def close(self) -> None:
+        for m in self.maps:
+            m.close()
+        self.maps.clear()
+
+
+def close_fds(fds: Sequence[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass

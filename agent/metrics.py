@@ -1,0 +1,38 @@
+"""The agent's Prometheus metrics; children bound once so the hot path only observes."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from broker.metrics import LATENCY_BUCKETS
+
+CALL_DURATION = Histogram(
+    "hyperbroker_agent_call_duration_seconds",
+    "Call received from the VMM to result sent back, by who answered and outcome",
+    ["source", "outcome"],
+    buckets=LATENCY_BUCKETS,
+)
+SOURCES = ("broker", "agent", "fallback")
+OUTCOMES = ("ok", "guest_error", "denied", "fallback", "internal_error")
+OBSERVE = {
+    (s, o): CALL_DURATION.labels(s, o).observe for s in SOURCES for o in OUTCOMES
+}
+IN_FLIGHT = Gauge("hyperbroker_agent_calls_in_flight", "Calls waiting for the broker")
+FALLBACKS = Counter("hyperbroker_agent_fallbacks_total", "Calls answered with the rule's fallback",
+                    ["reason"])
+FALLBACK_DEADLINE = FALLBACKS.labels("deadline")
+FALLBACK_DISCONNECTED = FALLBACKS.labels("disconnected")
+FALLBACK_REJECTED = FALLBACKS.labels("rejected")
+STREAM_UP = Gauge("hyperbroker_agent_broker_stream_up", "1 while the broker stream is open")
+RECONNECTS = Counter("hyperbroker_agent_reconnects_total", "Broker streams re-opened")
+VMS = Gauge("hyperbroker_agent_vms", "VMs registered on this host")
+VMM_CONNECTIONS = Gauge("hyperbroker_agent_vmm_connections", "VMM sockets connected")
+PROTOCOL_ERRORS = Counter("hyperbroker_agent_protocol_errors_total",
+                          "Frames from VMMs refused, by errno name", ["code"])
+MEMORY_BYTES = Counter("hyperbroker_agent_memory_bytes_total", "Guest-memory bytes moved",
+                       ["direction"])
+MEMORY_READ = MEMORY_BYTES.labels("read")
+MEMORY_WRITE = MEMORY_BYTES.labels("write")
+LINK_RTT = Histogram("hyperbroker_agent_link_rtt_seconds",
+                     "Agent -> broker -> agent time per call, minus the broker's own time",
+                     buckets=LATENCY_BUCKETS)

@@ -1,0 +1,36 @@
+"""The agent process: listen for VMMs, keep the broker stream, stop cleanly on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from prometheus_client import start_http_server
+
+from agent.core import Agent, AgentConfig
+from broker.server import split_hostport
+
+log = logging.getLogger("hyperbroker.agent")
+
+
+async def run_agent(config: AgentConfig) -> int:
+    agent = Agent(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await agent.start()
+    metrics_port = None
+    if config.metrics_listen:
+        addr, port = split_hostport(config.metrics_listen)
+        httpd, _ = start_http_server(port, addr)
+        metrics_port = httpd.server_port
+    print(f"hyperbroker agent {config.host_id} ready: broker {config.broker}"
+          + (f" socket {config.socket_path}" if config.socket_path else "")
+          + (f" stream-socket {config.stream_socket_path}" if config.stream_socket_path else "")
+          + (f" metrics on :{metrics_port}" if metrics_port else ""), flush=True)
+    await stop.wait()
+    log.info("stopping")
+    await agent.stop()
+    return 0

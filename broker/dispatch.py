@@ -1,0 +1,576 @@
+"""Sessions and dispatch: from a received call to a queued result, once per (vCPU, seq).
+
+A HostSession is one agent's host: its VMs, the frame being built for it and the stream that
+currently carries it (a reconnecting agent gets the same session back, so results finished while
+it was away go out on the new stream). A VmSession is one VM under the policy version it
+registered with; each vCPU keeps its last (seq, result) so a re-sent call is answered from the
+record instead of being run twice. The Dispatcher routes a call through the VM's profile to a
+handler, runs it (eagerly where the handler allows), folds failures into the rule's fallback,
+and batches state writes so they are committed before the results that depend on them leave.
+This module knows handlers only through handlers.api and the wire only through broker_pb2.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Coroutine, Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from broker import metrics
+from broker.drive import run_eagerly
+from broker.policies import PolicyRegistry, PolicyVersion
+from broker.store import Store, StoreBatch
+from handlers.api import GuestMemoryError, Handler, JsonValue, VmInfo
+from hyperbroker.calls import Call, Outcome, Result
+from hyperbroker.smccc import NOT_SUPPORTED_U64
+from hyperbroker.v1 import broker_pb2
+
+log = logging.getLogger("hyperbroker.broker")
+
+MAX_MEMORY_READ = 64 * 1024  # per read, as HB_MAX_MEM_CHUNK
+MAX_MEMORY_PER_CALL = 1024 * 1024  # reads plus writes, per call
+MEMORY_TIMEOUT_S = 2.0
+DISPATCH_CACHE_LIMIT = 4096
+OUTCOME_NAMES = [o.name.lower() for o in Outcome]
+NO_SEQ = -1
+
+
+class FrameWriter(Protocol):
+    async def write(self, frame: broker_pb2.BrokerFrame) -> None: ...
+
+
+@dataclass(slots=True)
+class DispatchInfo:
+    """Everything the hot path needs for one function ID under one profile, bound once."""
+
+    handler: Handler | None
+    handler_name: str
+    function: str
+    fallback: Result
+    timeout_s: float
+    observe: list[Callable[[float], None]]  # indexed by Outcome
+
+
+class VcpuRecord:
+    __slots__ = ("calls", "in_flight_seq", "last_result", "last_seq")
+
+    def __init__(self) -> None:
+        self.last_seq = NO_SEQ
+        self.last_result: broker_pb2.Result | None = None
+        self.in_flight_seq = NO_SEQ
+        self.calls = 0
+
+
+class VmSession:
+    def __init__(self, host: str, reg: broker_pb2.VmRegistered, pv: PolicyVersion) -> None:
+        self.vm_id = reg.vm_id
+        self.name = reg.name
+        self.key = f"{host}/{reg.name}"
+        self.profile = reg.profile or "default"
+        self.pv = pv
+        self.nr_vcpus = reg.nr_vcpus
+        self.regions = tuple((r.gpa, r.gpa + r.size, r.readonly) for r in reg.regions)
+        self.vcpus = [VcpuRecord() for _ in range(reg.nr_vcpus)]
+        self.info = VmInfo(host, reg.name, reg.nr_vcpus, self.profile, pv.version)
+        self.states: dict[str, StateDoc] = {}
+        self.calls = 0
+        self.cache: dict[int, DispatchInfo] = pv.caches.setdefault(self.profile, {})  # type: ignore[assignment]
+
+    def check_range(self, gpa: int, length: int, write: bool) -> None:
+        end = gpa + length
+        for base, limit, readonly in self.regions:
+            if base <= gpa and end <= limit:
+                if write and readonly:
+                    raise GuestMemoryError(f"[{gpa:#x}, {end:#x}) is read-only guest memory")
+                return
+        raise GuestMemoryError(f"[{gpa:#x}, {end:#x}) is not inside one of {self.name}'s regions")
+
+
+class StateDoc:
+    """One JSON document in the store, cached as text; puts go to the pending batch."""
+
+    __slots__ = ("key", "raw")
+
+    def __init__(self, key: tuple[str, str] | str, raw: str | None) -> None:
+        self.key = key
+        self.raw = raw
+
+
+class StateView:
+    """A handler's view of one StateDoc during one call: a put marks the call durable."""
+
+    __slots__ = ("_ctx", "_doc")
+
+    def __init__(self, doc: StateDoc, ctx: CallCtx) -> None:
+        self._doc = doc
+        self._ctx = ctx
+
+    def get(self) -> JsonValue:
+        raw = self._doc.raw
+        return None if raw is None else json.loads(raw)
+
+    def put(self, value: JsonValue) -> None:
+        raw = json.dumps(value, separators=(",", ":"), sort_keys=True)
+        self._doc.raw = raw
+        batch = self._ctx.dispatcher.batch
+        if isinstance(self._doc.key, tuple):
+            batch.vm_state[self._doc.key] = raw
+        else:
+            batch.shared_state[self._doc.key] = raw
+        self._ctx.durable = True
+
+
+class CallCtx:
+    """handlers.api.CallContext for one call (or one lifecycle hook when `call` is None)."""
+
+    __slots__ = (
+        "dispatcher", "host", "vm", "handler_name", "durable", "writes", "memory_ns",
+        "memory_round_trips", "memory_bytes", "_log",
+    )
+
+    def __init__(self, dispatcher: Dispatcher, host: HostSession, vm: VmSession,
+                 handler_name: str) -> None:
+        self.dispatcher = dispatcher
+        self.host = host
+        self.vm = vm
+        self.handler_name = handler_name
+        self.durable = False
+        self.writes: list[broker_pb2.MemoryWrite] = []
+        self.memory_ns = 0
+        self.memory_round_trips = 0
+        self.memory_bytes = 0
+        self._log: logging.Logger | None = None
+
+    # handlers.api.CallContext
+    @property
+    def state(self) -> StateView:
+        key = (self.vm.key, self.handler_name)
+        doc = self.vm.states.get(self.handler_name)
+        if doc is None:
+            doc = StateDoc(key, self.dispatcher.store.load_vm_state(*key))
+            self.vm.states[self.handler_name] = doc
+        return StateView(doc, self)
+
+    @property
+    def shared(self) -> StateView:
+        return StateView(self.dispatcher.shared_doc(self.handler_name), self)
+
+    @property
+    def memory(self) -> CallCtx:
+        return self
+
+    @property
+    def log(self) -> logging.Logger:
+        if self._log is None:
+            self._log = logging.getLogger(f"hyperbroker.handler.{self.handler_name}")
+        return self._log
+
+    def now_ns(self) -> int:
+        return time.monotonic_ns()
+
+    # handlers.api.GuestMemory
+    async def read(self, gpa: int, length: int) -> bytes:
+        if not 0 < length <= MAX_MEMORY_READ:
+            raise GuestMemoryError(f"a read is 1..{MAX_MEMORY_READ} bytes, not {length}")
+        self._account(length)
+        self.vm.check_range(gpa, length, write=False)
+        t0 = time.monotonic_ns()
+        try:
+            data = await self.host.read_memory(self.vm.vm_id, gpa, length)
+        finally:
+            self.memory_ns += time.monotonic_ns() - t0
+            self.memory_round_trips += 1
+        metrics.MEMORY_READ_BYTES.inc(len(data))
+        return data
+
+    def write(self, gpa: int, data: bytes) -> None:
+        if not data:
+            return
+        self._account(len(data))
+        self.vm.check_range(gpa, len(data), write=True)
+        self.writes.append(broker_pb2.MemoryWrite(gpa=gpa, data=bytes(data)))
+        metrics.MEMORY_WRITE_BYTES.inc(len(data))
+
+    def _account(self, n: int) -> None:
+        self.memory_bytes += n
+        if self.memory_bytes > MAX_MEMORY_PER_CALL:
+            raise GuestMemoryError(f"more than {MAX_MEMORY_PER_CALL} bytes of guest memory in one call")
+
+
+class HostSession:
+    """One agent's host, across its reconnections."""
+
+    def __init__(self, host: str) -> None:
+        self.host = host
+        self.vms: dict[int, VmSession] = {}
+        self.writer: FrameWriter | None = None
+        self.peer = ""
+        self.connected_since_ns = 0
+        self.calls = 0
+        self._frame = broker_pb2.BrokerFrame()
+        self._dirty = False
+        self._wake = asyncio.Event()
+        self._memory: dict[int, tuple[broker_pb2.MemoryRequest, asyncio.Future[bytes]]] = {}
+        self._next_request = 1
+        self.stream_generation = 0
+
+    # Outbound frame, built in place and swapped out by the writer.
+    def new_result(self) -> broker_pb2.Result:
+        self._dirty = True
+        return self._frame.results.add()
+
+    def queue_copy(self, result: broker_pb2.Result) -> None:
+        self._frame.results.add().CopyFrom(result)
+        self._dirty = True
+
+    def queue_policy(self, compiled: broker_pb2.CompiledPolicy) -> None:
+        self._frame.policy.CopyFrom(compiled)
+        self._dirty = True
+        self.wake()
+
+    def queue_rejected(self, vm_id: int, reason: str) -> None:
+        self._frame.vms_rejected.add(vm_id=vm_id, reason=reason)
+        self._dirty = True
+
+    def wake(self) -> None:
+        if self._dirty:
+            self._wake.set()
+
+    def take_frame(self) -> broker_pb2.BrokerFrame | None:
+        if not self._dirty:
+            return None
+        frame, self._frame, self._dirty = self._frame, broker_pb2.BrokerFrame(), False
+        return frame
+
+    def attach(self, writer: FrameWriter, peer: str) -> None:
+        self.writer = writer
+        self.peer = peer
+        self.connected_since_ns = time.time_ns()
+        self.stream_generation += 1
+        # Guest-memory requests the old stream never answered go out again on this one.
+        for request, fut in self._memory.values():
+            if not fut.done():
+                self._frame.memory_requests.append(request)
+                self._dirty = True
+        self.wake()
+
+    def detach(self, writer: FrameWriter) -> None:
+        if self.writer is writer:
+            self.writer = None
+
+    async def run_writer(self, writer: FrameWriter, flush_store: Callable[[], None]) -> None:
+        """Write whatever is pending as one frame, for as long as `writer` is current."""
+        while True:
+            await self._wake.wait()
+            if self.writer is not writer:
+                return  # superseded: leave the wake-up for the current writer
+            self._wake.clear()
+            frame = self.take_frame()
+            if frame is None:
+                continue
+            flush_store()  # state the results depend on is durable before they leave
+            await writer.write(frame)
+            metrics.FRAMES_OUT.inc()
+
+    async def read_memory(self, vm_id: int, gpa: int, length: int) -> bytes:
+        request_id = self._next_request
+        self._next_request += 1
+        request = broker_pb2.MemoryRequest(request_id=request_id, vm_id=vm_id, gpa=gpa,
+                                           length=length)
+        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._memory[request_id] = (request, fut)
+        self._frame.memory_requests.append(request)
+        self._dirty = True
+        self.wake()
+        metrics.MEMORY_REQUESTS.inc()
+        try:
+            return await asyncio.wait_for(fut, MEMORY_TIMEOUT_S)
+        except TimeoutError:
+            raise GuestMemoryError(
+                f"agent {self.host} did not answer a {length}-byte read within "
+                f"{MEMORY_TIMEOUT_S} s"
+            ) from None
+        finally:
+            self._memory.pop(request_id, None)
+
+    def memory_reply(self, reply: broker_pb2.MemoryReply) -> None:
+        entry = self._memory.get(reply.request_id)
+        if entry is None or entry[1].done():
+            return  # answered already, or timed out
+        request, fut = entry
+        if reply.error:
+            fut.set_exception(GuestMemoryError(
+                f"agent refused read of [{request.gpa:#x}, +{request.length}): "
+                f"errno {reply.error} {reply.message}"))
+        elif len(reply.data) != request.length:
+            fut.set_exception(GuestMemoryError(
+                f"agent returned {len(reply.data)} bytes for a {request.length}-byte read"))
+        else:
+            fut.set_result(reply.data)
+
+
+class Dispatcher:
+    def __init__(self, store: Store, policies: PolicyRegistry) -> None:
+        self.store = store
+        self.policies = policies
+        self.batch = StoreBatch()
+        self.hosts: dict[str, HostSession] = {}
+        self._shared: dict[str, StateDoc] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.in_flight = 0
+        self.calls = 0
+        self.duplicates = 0
+        self.handler_errors = 0
+        self.recent: dict[tuple[str, str, str], deque[float]] = {}
+        self._no_handler: dict[str, DispatchInfo] = {}
+
+    # ---- state ---------------------------------------------------------------------------
+    def shared_doc(self, handler_name: str) -> StateDoc:
+        doc = self._shared.get(handler_name)
+        if doc is None:
+            doc = StateDoc(handler_name, self.store.load_shared_state(handler_name))
+            self._shared[handler_name] = doc
+        return doc
+
+    def flush_store(self) -> None:
+        if self.batch:
+            batch, self.batch = self.batch, StoreBatch()
+            self.store.commit(batch)
+
+    # ---- hosts and VMs -------------------------------------------------------------------
+    def host(self, name: str) -> HostSession:
+        session = self.hosts.get(name)
+        if session is None:
+            session = self.hosts[name] = HostSession(name)
+        return session
+
+    def register_vm(self, host: HostSession, reg: broker_pb2.VmRegistered) -> None:
+        pv = self.policies.get(reg.policy_version)
+        if pv is None:
+            host.queue_rejected(reg.vm_id, f"policy version {reg.policy_version} is unknown to "
+                                           "this broker")
+            return
+        if (reg.profile or "default") not in pv.policy.profiles:
+            host.queue_rejected(reg.vm_id, f"profile {reg.profile!r} is not in policy version "
+                                           f"{reg.policy_version}")
+            return
+        if not 0 < reg.nr_vcpus <= 512:
+            host.queue_rejected(reg.vm_id, f"nr_vcpus {reg.nr_vcpus} outside 1..512")
+            return
+        old = host.vms.get(reg.vm_id)
+        if old is not None and old.name == reg.name:
+            return  # a re-registration after reconnecting: the session lives on
+        vm = VmSession(host.host, reg, pv)
+        for vcpu, (seq, blob) in self.store.load_last_results(vm.key).items():
+            if vcpu < vm.nr_vcpus:
+                rec = vm.vcpus[vcpu]
+                rec.last_seq = seq
+                rec.last_result = broker_pb2.Result.FromString(blob)
+                rec.last_result.vm_id = vm.vm_id  # the agent may have given it a new handle
+        host.vms[reg.vm_id] = vm
+        metrics.VMS.inc()
+        log.info("vm %s registered (id %d, profile %s, policy v%d, %d vCPUs)", vm.key,
+                 vm.vm_id, vm.profile, pv.version, vm.nr_vcpus)
+
+    def destroy_vm(self, host: HostSession, vm_id: int) -> None:
+        vm = host.vms.pop(vm_id, None)
+        if vm is None:
+            return
+        metrics.VMS.dec()
+        task = asyncio.ensure_future(self._cleanup_vm(host, vm))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _cleanup_vm(self, host: HostSession, vm: VmSession) -> None:
+        """Run every handler's vm_destroyed hook, then drop the VM's records."""
+        policy = vm.pv.policy
+        profile = policy.profiles[vm.profile]
+        used = {r.handler for r in profile.rules if r.handler}
+        for name in sorted(used):
+            ctx = CallCtx(self, host, vm, name)
+            try:
+                await policy.handlers[name].vm_destroyed(ctx)
+            except Exception:
+                log.exception("handler %s failed to clean up vm %s", name, vm.key)
+        for key in [k for k in self.batch.vm_state if k[0] == vm.key]:
+            del self.batch.vm_state[key]
+        for key in [k for k in self.batch.last_results if k[0] == vm.key]:
+            del self.batch.last_results[key]
+        self.flush_store()
+        self.store.forget_vm(vm.key)
+        log.info("vm %s destroyed", vm.key)
+
+    # ---- calls ---------------------------------------------------------------------------
+    def dispatch_info(self, vm: VmSession, fid: int) -> DispatchInfo:
+        info = vm.cache.get(fid)
+        if info is not None:
+            return info
+        policy = vm.pv.policy
+        profile = policy.profiles[vm.profile]
+        entry = profile.lookup(fid)
+        if entry is None:
+            info = self._unrouted(policy.function_name(fid))
+        else:
+            handler = policy.handlers[entry.handler]
+            function = policy.function_name(fid)
+            children = [
+                metrics.CALL_DURATION.labels(entry.handler, function, o).observe
+                for o in OUTCOME_NAMES
+            ]
+            info = DispatchInfo(handler, entry.handler, function, entry.rule.fallback,
+                                entry.rule.deadline_us / 1e6 * 4 + 1.0, children)
+        if len(vm.cache) < DISPATCH_CACHE_LIMIT:
+            vm.cache[fid] = info
+        return info
+
+    def _unrouted(self, function: str) -> DispatchInfo:
+        info = self._no_handler.get(function)
+        if info is None:
+            children = [
+                metrics.CALL_DURATION.labels("none", function, o).observe for o in OUTCOME_NAMES
+            ]
+            info = DispatchInfo(None, "none", function, Result.regs(NOT_SUPPORTED_U64), 0.0,
+                                children)
+            self._no_handler[function] = info
+        return info
+
+    def on_calls(self, host: HostSession, calls: Iterable[broker_pb2.Call], t_frame: int) -> None:
+        n = 0
+        for c in calls:
+            n += 1
+            self.dispatch(host, c, t_frame)
+        metrics.BATCH_SIZE.observe(n)
+        host.wake()
+
+    def dispatch(self, host: HostSession, c: broker_pb2.Call, t_frame: int) -> None:
+        self.calls += 1
+        host.calls += 1
+        vm = host.vms.get(c.vm_id)
+        if vm is None or c.vcpu >= vm.nr_vcpus:
+            log.warning("host %s: call for unknown vm %d / vcpu %d refused", host.host, c.vm_id,
+                        c.vcpu)
+            self._answer(host, c, Result.regs(NOT_SUPPORTED_U64, outcome=Outcome.DENIED))
+            return
+        rec = vm.vcpus[c.vcpu]
+        seq = c.seq
+        if seq == rec.last_seq and rec.last_result is not None:
+            self.duplicates += 1
+            metrics.DUPLICATE_CALLS.inc()
+            host.queue_copy(rec.last_result)
+            return
+        if seq == rec.in_flight_seq:
+            self.duplicates += 1
+            metrics.DUPLICATE_CALLS.inc()
+            return  # the running call's result goes to the host's current stream
+        info = self.dispatch_info(vm, c.function_id)
+        vm.calls += 1
+        rec.calls += 1
+        handler = info.handler
+        if handler is None:
+            t_now = time.monotonic_ns()
+            self._finish(host, vm, rec, c, info, None, Result.regs(NOT_SUPPORTED_U64,
+                         outcome=Outcome.DENIED), None, t_frame, t_now)
+            return
+        call = Call(c.vcpu, seq, c.function_id, tuple(c.x), c.flags)
+        ctx = CallCtx(self, host, vm, info.handler_name)
+        rec.in_flight_seq = seq
+        self.in_flight += 1
+        metrics.CALLS_IN_FLIGHT.inc()
+        t_start = time.monotonic_ns()
+
+        def done(result: Result | None, exc: BaseException | None) -> None:
+            self.in_flight -= 1
+            metrics.CALLS_IN_FLIGHT.dec()
+            self._finish(host, vm, rec, c, info, ctx, result, exc, t_frame, t_start)
+            host.wake()
+
+        if handler.eager:
+            task = run_eagerly(handler.handle(call, ctx), done)
+        else:
+            task = asyncio.ensure_future(self._run(handler.handle(call, ctx), info.timeout_s))
+            task.add_done_callback(lambda t: done(*_task_outcome(t)))
+        if task is not None:
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    @staticmethod
+    async def _run(coro: Coroutine[Any, Any, Result], timeout_s: float) -> Result:
+        async with asyncio.timeout(timeout_s):
+            return await coro
+
+    def _finish(self, host: HostSession, vm: VmSession, rec: VcpuRecord, c: broker_pb2.Call,
+                info: DispatchInfo, ctx: CallCtx | None, result: Result | None,
+                exc: BaseException | None, t_frame: int, t_start: int) -> None:
+        if exc is not None or not isinstance(result, Result):
+            self.handler_errors += 1
+            metrics.HANDLER_ERRORS.labels(info.handler_name).inc()
+            if exc is None:
+                log.error("handler %s returned %r for %s, not a Result", info.handler_name,
+                          result, info.function)
+            elif isinstance(exc, TimeoutError):
+                log.error("handler %s: %s on vm %s timed out", info.handler_name, info.function,
+                          vm.key)
+            else:
+                log.error("handler %s failed on %s from vm %s vcpu %d", info.handler_name,
+                          info.function, vm.key, c.vcpu, exc_info=exc)
+            fb = info.fallback
+            result = Result(fb.x, fb.mask, Outcome.INTERNAL_ERROR)
+            if ctx is not None:
+                ctx.writes.clear()  # a failed call changes no guest memory
+        t_end = time.monotonic_ns()
+        pb = host.new_result()
+        pb.vm_id = c.vm_id
+        pb.vcpu = c.vcpu
+        pb.seq = c.seq
+        pb.mask = result.mask
+        pb.x.extend(result.x)
+        pb.outcome = result.outcome  # type: ignore[assignment]
+        if result.actions:
+            for a in result.actions:
+                pb.actions.add(kind=a.kind, vcpu=a.vcpu, address=a.address, value=a.value)
+        timing = pb.timing
+        timing.queued_ns = t_start - t_frame
+        timing.handler_ns = t_end - t_start
+        if ctx is not None:
+            if ctx.writes:
+                pb.memory_writes.extend(ctx.writes)
+            if ctx.memory_round_trips:
+                timing.memory_ns = ctx.memory_ns
+                timing.memory_round_trips = ctx.memory_round_trips
+            if ctx.durable:
+                self.batch.last_results[(vm.key, c.vcpu)] = (c.seq, pb.SerializeToString())
+        rec.last_seq = c.seq
+        rec.last_result = pb
+        rec.in_flight_seq = NO_SEQ
+        seconds = (t_end - t_frame) / 1e9
+        info.observe[result.outcome](seconds)
+        key = (info.handler_name, info.function, OUTCOME_NAMES[result.outcome])
+        window = self.recent.get(key)
+        if window is None:
+            window = self.recent[key] = deque(maxlen=2048)
+        window.append(seconds)
+
+    def _answer(self, host: HostSession, c: broker_pb2.Call, result: Result) -> None:
+        pb = host.new_result()
+        pb.vm_id, pb.vcpu, pb.seq, pb.mask = c.vm_id, c.vcpu, c.seq, result.mask
+        pb.x.extend(result.x)
+        pb.outcome = result.outcome  # type: ignore[assignment]
+
+    async def drain(self, timeout_s: float) -> None:
+        """Wait for running handlers (and VM clean-ups) to finish, at most `timeout_s`."""
+        pending = [t for t in self._tasks if not t.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=timeout_s)
+        self.flush_store()
+
+
+def _task_outcome(task: asyncio.Task[Result]) -> tuple[Result | None, BaseException | None]:
+    if task.cancelled():
+        return None, asyncio.CancelledError()
+    exc = task.exception()
+    return (None, exc) if exc is not None else (task.result(), None)

@@ -1,0 +1,84 @@
+"""Policy versions at run time: which compiled policy each VM lives under.
+
+A VM keeps the policy version it registered with for its whole life (its kernel filter is
+frozen once a vCPU has run), so the broker holds every version still in use, loads old ones from
+the store on demand, and applies a new version only to VMs registered after it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from broker import metrics
+from broker.policy import Policy, load_policy, to_proto
+from broker.store import Store
+from handlers.api import Handler
+from hyperbroker.v1 import broker_pb2
+
+log = logging.getLogger("hyperbroker.broker.policy")
+
+
+@dataclass
+class PolicyVersion:
+    version: int
+    policy: Policy
+    compiled: broker_pb2.CompiledPolicy
+    # Per profile: function ID -> dispatch information, filled on first use (broker.dispatch).
+    caches: dict[str, dict[int, object]] = field(default_factory=dict)
+
+
+class PolicyRegistry:
+    def __init__(self, store: Store, plugins: Mapping[str, type[Handler]]) -> None:
+        self.store = store
+        self.plugins = plugins
+        self._versions: dict[int, PolicyVersion] = {}
+        self.current: PolicyVersion | None = None
+
+    def validate(self, text: str) -> Policy:
+        """Load and check `text`; raises broker.policy.PolicyInvalid listing every error."""
+        return load_policy(text, self.plugins)
+
+    def apply(self, text: str) -> PolicyVersion:
+        """Make `text` the current policy; the same text as the current one keeps its version."""
+        policy = self.validate(text)
+        digest = hashlib.sha256(text.encode()).hexdigest()
+        latest = self.store.latest_policy()
+        if latest is not None and latest.digest == digest:
+            version = latest.version
+        else:
+            version = self.store.add_policy(text, digest)
+            log.info("policy version %d applied (sha256 %s)", version, digest[:12])
+        pv = self._versions.get(version) or PolicyVersion(version, policy, to_proto(policy, version))
+        self._versions[version] = pv
+        self.current = pv
+        metrics.POLICY_VERSION.set(version)
+        return pv
+
+    def resume_latest(self) -> PolicyVersion | None:
+        """Serve the newest stored version (a restart without --policy)."""
+        latest = self.store.latest_policy()
+        if latest is None:
+            return None
+        self.current = self.get(latest.version)
+        if self.current is not None:
+            metrics.POLICY_VERSION.set(self.current.version)
+        return self.current
+
+    def get(self, version: int) -> PolicyVersion | None:
+        """The version a VM registered with; loaded from the store when not in memory."""
+        pv = self._versions.get(version)
+        if pv is not None:
+            return pv
+        stored = self.store.get_policy(version)
+        if stored is None:
+            return None
+        policy = load_policy(stored.text, self.plugins)
+        pv = PolicyVersion(version, policy, to_proto(policy, version))
+        self._versions[version] = pv
+        return pv
+
+    def all_handlers(self) -> list[Handler]:
+        return [h for pv in self._versions.values() for h in pv.policy.handlers.values()]

@@ -1,0 +1,143 @@
+"""The broker process: start, serve, and on SIGTERM drain in-flight calls and stop.
+
+Order on the way up: store, policy, dispatcher, gRPC services (Broker, Admin, health,
+reflection), metrics endpoint. On the way down: health NOT_SERVING, no new streams, a Drain
+frame to every agent, in-flight handlers finish (bounded by the grace period), pending results
+and state are flushed, the server stops, handlers close, the store closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from broker.dispatch import Dispatcher
+from broker.policies import PolicyRegistry
+from broker.policy import PolicyError, PolicyInvalid
+from broker.service import AdminService, BrokerService
+from broker.store import MemoryStore, SqliteStore, Store
+from handlers.api import discover_plugins
+from hyperbroker.tls import TlsFiles
+from hyperbroker.v1 import admin_pb2, admin_pb2_grpc, broker_pb2, broker_pb2_grpc
+
+log = logging.getLogger("hyperbroker.broker")
+
+SERVICE_NAMES = (
+    broker_pb2.DESCRIPTOR.services_by_name["Broker"].full_name,
+    admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
+)
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    listen: str = "127.0.0.1:50051"
+    policy_path: Path | None = None
+    state_dir: Path | None = None  # None: in-memory store
+    metrics_listen: str | None = None
+    tls: TlsFiles | None = None
+    drain_grace_s: float = 5.0
+    reuse_port: bool = False
+
+
+def split_hostport(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+class BrokerServer:
+    def __init__(self, config: BrokerConfig) -> None:
+        self.config = config
+        self.store: Store = SqliteStore(config.state_dir) if config.state_dir else MemoryStore()
+        self.policies = PolicyRegistry(self.store, discover_plugins())
+        if config.policy_path is not None:
+            self.policies.apply(config.policy_path.read_text())
+        elif self.policies.resume_latest() is None:
+            raise PolicyInvalid([PolicyError(
+                "no policy: give --policy FILE (the state directory holds none yet)", "", ())])
+        self.dispatcher = Dispatcher(self.store, self.policies)
+        self.broker_service = BrokerService(
+            self.dispatcher, f"{socket.gethostname()}:{os.getpid()}",
+            require_identity=config.tls is not None)
+        self.health = health.aio.HealthServicer()
+        self.server = grpc.aio.server(options=[
+            ("grpc.keepalive_time_ms", 20_000),
+            ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.so_reuseport", 1 if config.reuse_port else 0),
+            ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+        ])
+        broker_pb2_grpc.add_BrokerServicer_to_server(self.broker_service, self.server)
+        admin_pb2_grpc.add_AdminServicer_to_server(AdminService(self.dispatcher), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        if config.tls is not None:
+            self.port = self.server.add_secure_port(config.listen, config.tls.server_credentials())
+        else:
+            self.port = self.server.add_insecure_port(config.listen)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {config.listen}")
+        self.metrics_port: int | None = None
+        self._stop = asyncio.Event()
+
+    async def start(self) -> None:
+        await self.server.start()
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self.config.metrics_listen:
+            addr, port = split_hostport(self.config.metrics_listen)
+            httpd, _ = start_http_server(port, addr)
+            self.metrics_port = httpd.server_port
+        host, _ = split_hostport(self.config.listen)
+        pv = self.policies.current
+        assert pv is not None
+        print(f"hyperbroker broker listening on {host}:{self.port} policy v{pv.version}"
+              + (f" metrics on :{self.metrics_port}" if self.metrics_port else ""), flush=True)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def wait_and_drain(self) -> None:
+        await self._stop.wait()
+        log.info("draining: no new streams, finishing in-flight calls")
+        await self.health.enter_graceful_shutdown()
+        self.broker_service.drain()
+        await self.dispatcher.drain(self.config.drain_grace_s)
+        for session in self.dispatcher.hosts.values():
+            session.wake()
+        await asyncio.sleep(0.05)  # let the writers send the last results and the drain frame
+        await self.server.stop(grace=1.0)
+        for handler in self.policies.all_handlers():
+            try:
+                await handler.close()
+            except Exception:
+                log.exception("handler %s failed to close", handler.plugin)
+        self.dispatcher.flush_store()
+        self.store.close()
+        log.info("stopped")
+
+
+async def serve(config: BrokerConfig) -> int:
+    try:
+        server = BrokerServer(config)
+    except PolicyInvalid as e:
+        print(f"hyperbroker serve: policy refused:\n{e}", file=sys.stderr)
+        return 2
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, server.stop)
+    await server.start()
+    await server.wait_and_drain()
+    return 0

@@ -1,0 +1,231 @@
+"""The gRPC services: Broker (one bidi stream per agent) and Admin (operators).
+
+Connect reads frames and hands their contents to the Dispatcher; a writer task per stream sends
+what the dispatcher queued for that host, one frame per batch. The first frame each way is the
+hello / welcome. Under mTLS the host an agent claims must be named by its certificate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import statistics
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+
+from broker import metrics
+from broker.dispatch import Dispatcher, HostSession
+from broker.policy import PolicyInvalid, to_json
+from hyperbroker import __version__
+from hyperbroker.v1 import admin_pb2, admin_pb2_grpc, broker_pb2, broker_pb2_grpc
+
+log = logging.getLogger("hyperbroker.broker")
+
+PROTOCOL_VERSION = 1
+MAX_BATCH = 1024
+
+
+class StreamWriter:
+    def __init__(self, context: grpc.aio.ServicerContext[broker_pb2.AgentFrame,
+                                                         broker_pb2.BrokerFrame]) -> None:
+        self._context = context
+
+    async def write(self, frame: broker_pb2.BrokerFrame) -> None:
+        await self._context.write(frame)
+
+
+def peer_names(context: grpc.aio.ServicerContext[object, object]) -> set[str]:
+    """The names a TLS client certificate gives its holder: SAN entries and the CN."""
+    auth = context.auth_context()
+    names: set[str] = set()
+    for key in ("x509_subject_alternative_name", "x509_common_name"):
+        for raw in auth.get(key, []):
+            names.add(raw.decode(errors="replace"))
+    return names
+
+
+def host_matches(host: str, names: set[str]) -> bool:
+    return host in names or any(n.endswith("/" + host) for n in names if "://" in n)
+
+
+class BrokerService(broker_pb2_grpc.BrokerServicer):
+    def __init__(self, dispatcher: Dispatcher, broker_id: str, *, require_identity: bool) -> None:
+        self.dispatcher = dispatcher
+        self.broker_id = broker_id
+        self.require_identity = require_identity
+        self.draining = False
+
+    async def Connect(  # noqa: N802 - gRPC method name
+        self,
+        request_iterator: AsyncIterator[broker_pb2.AgentFrame],
+        context: grpc.aio.ServicerContext[broker_pb2.AgentFrame, broker_pb2.BrokerFrame],
+    ) -> None:
+        first = await context.read()
+        if first is grpc.aio.EOF:
+            return
+        assert isinstance(first, broker_pb2.AgentFrame)
+        if not first.HasField("hello"):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "the first frame of a stream must carry AgentHello")
+        hello = first.hello
+        if hello.protocol != PROTOCOL_VERSION:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"agent protocol {hello.protocol}, broker speaks {PROTOCOL_VERSION}")
+        if not hello.host or len(hello.host) > 253:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "AgentHello.host must be 1..253 chars")
+        if self.require_identity:
+            names = peer_names(context)
+            if not host_matches(hello.host, names):
+                log.warning("agent at %s claims host %r; its certificate names %s",
+                            context.peer(), hello.host, sorted(names))
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                    f"certificate does not name host {hello.host!r}")
+        if self.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "broker is draining")
+        policies = self.dispatcher.policies
+        assert policies.current is not None
+        await context.write(broker_pb2.BrokerFrame(welcome=broker_pb2.BrokerWelcome(
+            broker_id=self.broker_id, protocol=PROTOCOL_VERSION,
+            policy=policies.current.compiled, max_batch=MAX_BATCH)))
+        session = self.dispatcher.host(hello.host)
+        if session.writer is not None:
+            log.warning("host %s reconnected while its previous stream was still open; "
+                        "the new stream takes over", hello.host)
+        writer = StreamWriter(context)
+        session.attach(writer, context.peer())
+        metrics.AGENTS_CONNECTED.inc()
+        log.info("agent for host %s connected from %s (resumed=%s)", hello.host, context.peer(),
+                 hello.resumed)
+        writer_task = asyncio.create_task(session.run_writer(writer, self.dispatcher.flush_store))
+        try:
+            while True:
+                frame = await context.read()
+                if frame is grpc.aio.EOF:
+                    break
+                assert isinstance(frame, broker_pb2.AgentFrame)
+                self.on_frame(session, frame)
+                if writer_task.done():
+                    break  # the stream cannot be written any more
+        finally:
+            session.detach(writer)
+            writer_task.cancel()
+            metrics.AGENTS_CONNECTED.dec()
+            log.info("agent stream for host %s closed", hello.host)
+
+    def on_frame(self, session: HostSession, frame: broker_pb2.AgentFrame) -> None:
+        t_frame = time.monotonic_ns()
+        metrics.FRAMES_IN.inc()
+        dispatcher = self.dispatcher
+        for reg in frame.vms_registered:
+            dispatcher.register_vm(session, reg)
+        for gone in frame.vms_destroyed:
+            dispatcher.destroy_vm(session, gone.vm_id)
+        for reply in frame.memory_replies:
+            session.memory_reply(reply)
+        for report in frame.filter_reports:
+            failed = [e for e in report.errnos if e]
+            if failed:
+                log.error("host %s vm %d: the kernel refused filter records: errnos %s",
+                          session.host, report.vm_id, list(report.errnos))
+        if frame.calls:
+            dispatcher.on_calls(session, frame.calls, t_frame)
+        session.wake()
+
+    def drain(self) -> None:
+        self.draining = True
+        for session in self.dispatcher.hosts.values():
+            if session.writer is not None:
+                session._frame.drain.reason = "broker stopping"  # noqa: SLF001
+                session._dirty = True  # noqa: SLF001
+                session.wake()
+
+
+class AdminService(admin_pb2_grpc.AdminServicer):
+    def __init__(self, dispatcher: Dispatcher) -> None:
+        self.dispatcher = dispatcher
+
+    def _report(self, text: str, apply: bool) -> admin_pb2.PolicyReport:
+        policies = self.dispatcher.policies
+        try:
+            if apply:
+                pv = policies.apply(text)
+                for session in self.dispatcher.hosts.values():
+                    session.queue_policy(pv.compiled)
+                return admin_pb2.PolicyReport(ok=True, version=pv.version,
+                                              compiled_json=json.dumps(to_json(pv.policy)))
+            policy = policies.validate(text)
+            return admin_pb2.PolicyReport(ok=True, compiled_json=json.dumps(to_json(policy)))
+        except PolicyInvalid as e:
+            return admin_pb2.PolicyReport(ok=False, errors=[
+                admin_pb2.PolicyError(message=err.message, errno_name=err.errno_name,
+                                      rules=list(err.rules)) for err in e.errors])
+
+    async def ValidatePolicy(self, request: admin_pb2.PolicyText,  # noqa: N802
+                             context: grpc.aio.ServicerContext[object, object]
+                             ) -> admin_pb2.PolicyReport:
+        return self._report(request.yaml, apply=False)
+
+    async def ApplyPolicy(self, request: admin_pb2.PolicyText,  # noqa: N802
+                          context: grpc.aio.ServicerContext[object, object]
+                          ) -> admin_pb2.PolicyReport:
+        return self._report(request.yaml, apply=True)
+
+    async def GetPolicy(self, request: admin_pb2.GetPolicyRequest,  # noqa: N802
+                        context: grpc.aio.ServicerContext[object, object]) -> admin_pb2.PolicyText:
+        policies = self.dispatcher.policies
+        version = request.version or (policies.current.version if policies.current else 0)
+        stored = self.dispatcher.store.get_policy(version)
+        if stored is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no policy version {version}")
+        assert stored is not None
+        return admin_pb2.PolicyText(yaml=stored.text, version=stored.version)
+
+    async def ListHosts(self, request: admin_pb2.ListHostsRequest,  # noqa: N802
+                        context: grpc.aio.ServicerContext[object, object]
+                        ) -> admin_pb2.ListHostsResponse:
+        return admin_pb2.ListHostsResponse(hosts=[
+            admin_pb2.HostInfo(host=s.host, connected=s.writer is not None, vms=len(s.vms),
+                               calls=s.calls, peer=s.peer,
+                               connected_since_unix_ns=s.connected_since_ns)
+            for s in sorted(self.dispatcher.hosts.values(), key=lambda s: s.host)])
+
+    async def ListVms(self, request: admin_pb2.ListVmsRequest,  # noqa: N802
+                      context: grpc.aio.ServicerContext[object, object]
+                      ) -> admin_pb2.ListVmsResponse:
+        out = []
+        for s in sorted(self.dispatcher.hosts.values(), key=lambda s: s.host):
+            if request.host and s.host != request.host:
+                continue
+            for vm in sorted(s.vms.values(), key=lambda v: v.name):
+                out.append(admin_pb2.VmInfo(
+                    host=s.host, name=vm.name, vm_id=vm.vm_id, profile=vm.profile,
+                    policy_version=vm.pv.version, nr_vcpus=vm.nr_vcpus, calls=vm.calls,
+                    connected=s.writer is not None,
+                    vcpus=[admin_pb2.VcpuInfo(vcpu=i, last_seq=max(r.last_seq, 0),
+                                              calls=r.calls, in_flight=r.in_flight_seq >= 0)
+                           for i, r in enumerate(vm.vcpus)]))
+        return admin_pb2.ListVmsResponse(vms=out)
+
+    async def GetStats(self, request: admin_pb2.GetStatsRequest,  # noqa: N802
+                       context: grpc.aio.ServicerContext[object, object]) -> admin_pb2.Stats:
+        d = self.dispatcher
+        functions = []
+        for (handler, function, outcome), window in sorted(d.recent.items()):
+            samples = sorted(window)
+            if not samples:
+                continue
+            functions.append(admin_pb2.FunctionStats(
+                handler=handler, function=function, outcome=outcome, calls=len(samples),
+                p50_us=statistics.median(samples) * 1e6,
+                p99_us=samples[min(len(samples) - 1, int(len(samples) * 0.99))] * 1e6))
+        return admin_pb2.Stats(
+            calls=d.calls, duplicates=d.duplicates, handler_errors=d.handler_errors,
+            agents=sum(1 for s in d.hosts.values() if s.writer is not None),
+            vms=sum(len(s.vms) for s in d.hosts.values()), functions=functions,
+            policy_version=d.policies.current.version if d.policies.current else 0)
+
+
+__all__ = ["AdminService", "BrokerService", "__version__"]

@@ -1,0 +1,60 @@
+"""`hyperbroker call`: register a throwaway VM, make one call, print the decoded result."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from hyperbroker import smccc
+from hyperbroker.calls import Outcome
+from hyperbroker.kvm import KVM_HYPERCALL_EXIT_SMC
+from hyperbroker.vmm_client import AgentError, GuestRam, VmmClient
+from hyperbroker.vmm_protocol import ResultMsg, ResultSource
+
+SMCCC_ERRORS = {-1: "NOT_SUPPORTED", -2: "NOT_REQUIRED / INVALID_PARAMETERS",
+                -3: "INVALID_PARAMETER / NO_ENTROPY"}
+FUNCTION_NAMES = {v: k for k, v in smccc.KNOWN_FUNCTIONS.items()}
+
+
+def format_result(fid: int, r: ResultMsg) -> str:
+    name = FUNCTION_NAMES.get(fid, smccc.default_function_name(fid))
+    lines = [f"{name} ({fid:#010x}) -> {Outcome(r.outcome).name.lower()}, answered by "
+             f"{ResultSource(r.timing.source).name.lower()}"]
+    for i in range(smccc.NR_ARGS):
+        if r.reg_mask >> i & 1:
+            v = r.x[i]
+            signed = smccc.to_s64(v)
+            note = f"  ({signed}: {SMCCC_ERRORS[signed]})" if signed in SMCCC_ERRORS else ""
+            lines.append(f"  x{i:<2} = {v:#018x}{note}")
+    t = r.timing
+    lines.append(
+        "  latency: agent {:.1f} us, link {:.1f} us, broker queue {:.1f} us, handler {:.1f} us"
+        .format(t.agent_ns / 1e3, t.link_ns / 1e3, t.broker_queue_ns / 1e3, t.handler_ns / 1e3)
+        + (f", guest memory {t.memory_ns / 1e3:.1f} us in {t.memory_round_trips} round trips"
+           if t.memory_round_trips else ""))
+    for a in r.actions:
+        lines.append(f"  action: {a.kind.name} vcpu={a.vcpu} address={a.address:#x} "
+                     f"value={a.value:#x}")
+    return "\n".join(lines)
+
+
+async def run_call(args: argparse.Namespace) -> int:
+    fid = smccc.parse_function(args.function)
+    call_args = [int(a, 0) & smccc.U64_MASK for a in args.args]
+    client = await VmmClient.connect(args.socket, args.mode)
+    ram = GuestRam(0x4000_0000, 2 * 1024 * 1024)
+    try:
+        reg = await client.register(args.name, args.vcpu + 1, args.profile, ram)
+        try:
+            result = await client.call(reg.vm_id, args.vcpu, fid, call_args,
+                                       KVM_HYPERCALL_EXIT_SMC if args.smc else 0)
+        finally:
+            await client.destroy(reg.vm_id)
+    except AgentError as e:
+        print(f"hyperbroker call: agent refused: {e}", file=sys.stderr)
+        return 1
+    finally:
+        client.close()
+        ram.close()
+    print(format_result(fid, result))
+    return 0

@@ -1,0 +1,197 @@
+"""The `hyperbroker` command: serve, agent, policy, call, status, demo, bench."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import socket
+import sys
+from collections.abc import Coroutine, Sequence
+from pathlib import Path
+from typing import Any
+
+from hyperbroker import __version__
+from hyperbroker.smccc import to_s64
+from hyperbroker.tls import TlsFiles
+
+
+def run_async(coro: Coroutine[Any, Any, int]) -> int:
+    """Run on uvloop (grpc.aio works on it and it is faster), one loop per process."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency; keep working without it
+        return asyncio.run(coro)
+    return int(uvloop.run(coro))
+
+
+def _tls_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tls-cert", help="PEM certificate (mTLS)")
+    p.add_argument("--tls-key", help="PEM private key (mTLS)")
+    p.add_argument("--tls-ca", help="PEM CA bundle that signs the peers (mTLS)")
+
+
+def _tls(args: argparse.Namespace) -> TlsFiles | None:
+    return TlsFiles.from_args(args.tls_cert, args.tls_key, args.tls_ca)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from broker.server import BrokerConfig, serve
+
+    config = BrokerConfig(
+        listen=args.listen,
+        policy_path=Path(args.policy) if args.policy else None,
+        state_dir=None if args.memory_store else Path(args.state_dir),
+        metrics_listen=args.metrics_listen,
+        tls=_tls(args),
+        drain_grace_s=args.drain_grace,
+        reuse_port=args.reuse_port,
+    )
+    return run_async(serve(config))
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    from agent.core import AgentConfig
+    from agent.server import run_agent
+
+    if not args.socket and not args.stream_socket:
+        print("hyperbroker agent: give --socket and/or --stream-socket", file=sys.stderr)
+        return 2
+    config = AgentConfig(
+        broker=args.broker, host_id=args.host_id,
+        socket_path=Path(args.socket) if args.socket else None,
+        stream_socket_path=Path(args.stream_socket) if args.stream_socket else None,
+        metrics_listen=args.metrics_listen, tls=_tls(args))
+    return run_async(run_agent(config))
+
+
+def cmd_policy_check(args: argparse.Namespace) -> int:
+    from broker import policy_cli
+
+    return policy_cli.run(args)
+
+
+def cmd_call(args: argparse.Namespace) -> int:
+    from hyperbroker.callcmd import run_call
+
+    return run_async(run_call(args))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from hyperbroker.admin_client import run_status
+
+    return run_async(run_status(args))
+
+
+def cmd_policy_apply(args: argparse.Namespace) -> int:
+    from hyperbroker.admin_client import run_apply
+
+    return run_async(run_apply(args))
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    if args.real_kvm:
+        from hyperbroker import kvm_bed
+
+        return kvm_bed.run_demo(args.duration)
+    from hyperbroker.demo import run_demo
+
+    return run_demo(args.duration, args.vms)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from hyperbroker.bench import run_bench
+
+    return run_bench(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hyperbroker",
+        description="Broker arm64 SMCCC hypercalls forwarded by KVM to one policy-driven service.")
+    parser.add_argument("--version", action="version", version=f"hyperbroker {__version__}")
+    parser.add_argument("--log-level", default=os.environ.get("HYPERBROKER_LOG", "info"),
+                        choices=["debug", "info", "warning", "error"])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the broker")
+    p.add_argument("--listen", default="127.0.0.1:50051", help="gRPC address (Broker, Admin)")
+    p.add_argument("--policy", help="policy YAML; without it the newest stored version is served")
+    p.add_argument("--state-dir", default="state", help="SQLite state directory")
+    p.add_argument("--memory-store", action="store_true", help="keep state in memory only")
+    p.add_argument("--metrics-listen", help="Prometheus endpoint, e.g. 127.0.0.1:9464")
+    p.add_argument("--drain-grace", type=float, default=5.0,
+                   help="seconds in-flight calls get on SIGTERM")
+    p.add_argument("--reuse-port", action="store_true",
+                   help="SO_REUSEPORT: several broker processes share one port")
+    _tls_args(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("agent", help="run the per-host agent")
+    p.add_argument("--broker", default="127.0.0.1:50051", help="broker address")
+    p.add_argument("--host-id", default=socket.gethostname(), help="this host's identity")
+    p.add_argument("--socket", help="SOCK_SEQPACKET path for VMMs (guest RAM by fd)")
+    p.add_argument("--stream-socket", help="SOCK_STREAM path for VMMs (guest RAM by messages)")
+    p.add_argument("--metrics-listen", help="Prometheus endpoint, e.g. 127.0.0.1:9465")
+    _tls_args(p)
+    p.set_defaults(func=cmd_agent)
+
+    p = sub.add_parser("policy", help="check or apply a policy")
+    psub = p.add_subparsers(dest="policy_command", required=True)
+    pc = psub.add_parser("check", help="validate a policy file and print what it compiles to")
+    from broker import policy_cli
+
+    policy_cli.add_arguments(pc)
+    pc.set_defaults(func=cmd_policy_check)
+    pa = psub.add_parser("apply", help="make a policy file current on a running broker")
+    pa.add_argument("file")
+    pa.add_argument("--broker", default="127.0.0.1:50051")
+    _tls_args(pa)
+    pa.set_defaults(func=cmd_policy_apply)
+
+    p = sub.add_parser("call", help="act as a VMM for one call against a running agent")
+    p.add_argument("--socket", required=True, help="the agent's VMM socket")
+    p.add_argument("--mode", choices=["auto", "seqpacket", "stream"], default="auto")
+    p.add_argument("--name", default=f"call-{os.getpid()}", help="VM name to register")
+    p.add_argument("--profile", default="", help="policy profile (default: 'default')")
+    p.add_argument("--vcpu", type=int, default=0)
+    p.add_argument("--smc", action="store_true", help="mark the exit as SMC (default HVC)")
+    p.add_argument("function", help="a name (TRNG_VERSION ...) or a function ID (0x84000050)")
+    p.add_argument("args", nargs="*", help="x1.. as integers (0x.. allowed)")
+    p.set_defaults(func=cmd_call)
+
+    p = sub.add_parser("status", help="hosts, VMs and per-function latency of a running broker")
+    p.add_argument("--broker", default="127.0.0.1:50051")
+    p.add_argument("--watch", type=float, default=0.0, help="refresh every N seconds")
+    _tls_args(p)
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("demo", help="broker, agent and simulated guests, with live latency")
+    p.add_argument("--duration", type=float, default=10.0)
+    p.add_argument("--vms", type=int, default=3)
+    p.add_argument("--real-kvm", action="store_true",
+                   help="boot a real arm64 guest under KVM (QEMU) instead of simulated ones")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("bench", help="full-path benchmark against a bare gRPC baseline")
+    p.add_argument("--calls", type=int, default=4000, help="calls per measurement")
+    p.add_argument("--inflight", type=int, nargs="+", default=[1, 64])
+    p.add_argument("--json", help="also write the figures to this JSON file")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args))
+    except ValueError as e:
+        print(f"hyperbroker: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
