@@ -13,9 +13,12 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import struct
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from agent import metrics
 from agent.link import BrokerLink
@@ -31,6 +34,17 @@ from hyperbroker.v1 import broker_pb2
 log = logging.getLogger("hyperbroker.agent")
 
 CALL_FRAME_SIZE = proto.HEADER.size + proto.CALL.size
+CALL_KEY = struct.Struct("<IIQI")  # vm_id, vcpu, seq, function_id: the head of struct hb_call
+RESULT_SIZE = proto.RESULT.size
+RESULT_KEY = struct.Struct("<IIQ")  # vm_id, vcpu, seq: the head of struct hb_result
+NR_ACTIONS = struct.Struct("<I")
+# Offsets in struct hb_result (include/hyperbroker/vmm_protocol.h).
+OUTCOME_OFFSET = 16
+AGENT_TIMES_OFFSET = 168  # timing.agent_ns, timing.link_ns
+AGENT_TIMES = struct.Struct("<QQ")
+BROKER_TIMES_OFFSET = 184  # timing.broker_queue_ns, timing.handler_ns
+BROKER_TIMES = struct.Struct("<QQ")
+NR_ACTIONS_OFFSET = 216
 CALL_PREFIX = proto.HEADER.pack(proto.MAGIC, proto.VERSION, proto.MsgType.CALL,
                                 proto.CALL.size, 0)[:12]
 MEMORY_RELAY_TIMEOUT_S = 1.5
@@ -50,19 +64,18 @@ class AgentConfig:
 
 
 class Pending:
-    __slots__ = ("conn", "fid", "flags", "rule", "seq", "t_recv", "t_sent", "tag", "timer",
-                 "vcpu", "vm", "x")
+    __slots__ = ("conn", "fid", "record", "rule", "seq", "t_recv", "t_sent", "tag", "timer",
+                 "vcpu", "vm")
 
     def __init__(self, vm: AgentVm, conn: VmmConnection, tag: int, vcpu: int, seq: int,
-                 fid: int, flags: int, x: tuple[int, ...], rule: RuleView, t_recv: int) -> None:
+                 fid: int, record: bytes, rule: RuleView, t_recv: int) -> None:
         self.vm = vm
         self.conn = conn
         self.tag = tag
         self.vcpu = vcpu
         self.seq = seq
         self.fid = fid
-        self.flags = flags
-        self.x = x
+        self.record = record  # the VMM's hb_call record, forwarded as is
         self.rule = rule
         self.t_recv = t_recv
         self.t_sent = 0
@@ -106,7 +119,7 @@ class Agent:
         self._next_vm_id = 1
         self.listeners: list[VmmListener] = []
         self.connections: set[VmmConnection] = set()
-        self._tasks: set[asyncio.Task[object]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
         self.late_results = 0
         self._loop = asyncio.get_running_loop()
 
@@ -130,8 +143,8 @@ class Agent:
         for task in list(self._tasks):
             task.cancel()
 
-    def _spawn(self, coro: object) -> None:
-        task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+    def _spawn(self, coro: Coroutine[Any, Any, object]) -> None:
+        task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -151,7 +164,7 @@ class Agent:
             log.info("policy v%d current (%d profiles)", pb.version, len(pb.profiles))
         self._policy_ready.set()
 
-    def replay(self, frame: broker_pb2.AgentFrame) -> None:
+    def replay(self, frame: broker_pb2.AgentFrame, calls: list[bytes]) -> None:
         """After (re)connecting: every live VM, then every call still waiting."""
         for vm in self.vms.values():
             frame.vms_registered.append(vm.registration())
@@ -159,16 +172,28 @@ class Agent:
             for p in vm.pending:
                 if p is not None:
                     p.t_sent = time.monotonic_ns()
-                    frame.calls.add(vm_id=vm.vm_id, vcpu=p.vcpu, seq=p.seq, function_id=p.fid,
-                                    flags=p.flags, x=p.x)
+                    calls.append(p.record)
 
     def on_link_down(self) -> None:
         pass  # waiting calls keep their deadlines; they are re-sent on reconnect
 
     def on_broker_frame(self, frame: broker_pb2.BrokerFrame) -> None:
         now = time.monotonic_ns()
-        for r in frame.results:
-            self.on_result(r, now)
+        blob = frame.results
+        if blob:
+            writes = ({(w.vm_id, w.vcpu, w.seq): w for w in frame.memory_writes}
+                      if frame.memory_writes else None)
+            off, size = 0, len(blob)
+            while off + RESULT_SIZE <= size:
+                vm_id, vcpu, seq = RESULT_KEY.unpack_from(blob, off)
+                (nr_actions,) = NR_ACTIONS.unpack_from(blob, off + NR_ACTIONS_OFFSET)
+                end = off + RESULT_SIZE + nr_actions * proto.ACTION.size
+                if end > size:
+                    log.error("broker frame has a truncated result record; dropped")
+                    break
+                self.on_result(blob[off:end], vm_id, vcpu, seq,
+                               writes.get((vm_id, vcpu, seq)) if writes else None, now)
+                off = end
         for req in frame.memory_requests:
             self.on_memory_request(req)
         for rej in frame.vms_rejected:
@@ -188,9 +213,9 @@ class Agent:
 
     def on_frame(self, conn: VmmConnection, data: bytes, fds: list[int]) -> None:
         if len(data) == CALL_FRAME_SIZE and data[:12] == CALL_PREFIX and not fds:
-            v = proto.CALL.unpack_from(data, proto.HEADER.size)
+            vm_id, vcpu, seq, fid = CALL_KEY.unpack_from(data, proto.HEADER.size)
             tag = int.from_bytes(data[12:16], "little")
-            self.on_call(conn, tag, v[0], v[1], v[2], v[3], v[4], v[6:])
+            self.on_call(conn, tag, vm_id, vcpu, seq, fid, data[proto.HEADER.size:])
             return
         try:
             frame = proto.decode(data)
@@ -207,7 +232,7 @@ class Agent:
         match msg:
             case proto.CallMsg():
                 self.on_call(conn, frame.tag, msg.vm_id, msg.vcpu, msg.seq, msg.function_id,
-                             msg.exit_flags, msg.x)
+                             data[proto.HEADER.size:])
             case proto.RegisterVm():
                 self._spawn(self.register_vm(conn, frame.tag, msg, fds))
             case proto.FilterReport():
@@ -334,7 +359,7 @@ class Agent:
 
     # ---- calls ---------------------------------------------------------------------------
     def on_call(self, conn: VmmConnection, tag: int, vm_id: int, vcpu: int, seq: int, fid: int,
-                flags: int, x: tuple[int, ...]) -> None:
+                record: bytes) -> None:
         t_recv = time.monotonic_ns()
         vm = self.vms.get(vm_id)
         if vm is None or vm_id not in conn.vm_ids:
@@ -356,10 +381,10 @@ class Agent:
             regs, mask = static
             self._reply(conn, tag, vm_id, vcpu, seq, Outcome.OK, mask, regs,
                         proto.Timing(agent_ns=time.monotonic_ns() - t_recv,
-                                     source=proto.ResultSource.AGENT), (), t_recv, "agent")
+                                     source=proto.ResultSource.AGENT), t_recv, "agent")
             return
         rule = vm.profile.rule_for(fid)
-        p = Pending(vm, conn, tag, vcpu, seq, fid, flags, x, rule, t_recv)
+        p = Pending(vm, conn, tag, vcpu, seq, fid, record, rule, t_recv)
         if vm.rejected is not None:
             metrics.FALLBACK_REJECTED.inc()
             self._fallback(p, Outcome.FALLBACK)
@@ -370,8 +395,7 @@ class Agent:
         link = self.link
         if link.up:
             p.t_sent = t_recv
-            link.frame.calls.add(vm_id=vm_id, vcpu=vcpu, seq=seq, function_id=fid, flags=flags,
-                                 x=x)
+            link.calls.append(record)
             link.mark()
             link.flush_soon()
 
@@ -392,48 +416,46 @@ class Agent:
         self._reply(p.conn, p.tag, p.vm.vm_id, p.vcpu, p.seq, outcome, rule.fallback_mask,
                     rule.fallback,
                     proto.Timing(agent_ns=time.monotonic_ns() - p.t_recv,
-                                 source=proto.ResultSource.FALLBACK), (), p.t_recv, "fallback")
+                                 source=proto.ResultSource.FALLBACK), p.t_recv, "fallback")
 
-    def on_result(self, r: broker_pb2.Result, now: int) -> None:
-        vm = self.vms.get(r.vm_id)
-        p = vm.pending[r.vcpu] if vm is not None and r.vcpu < vm.nr_vcpus else None
-        if vm is None or p is None or p.seq != r.seq:
+    def on_result(self, record: bytes, vm_id: int, vcpu: int, seq: int,
+                  writes: broker_pb2.ResultWrites | None, now: int) -> None:
+        vm = self.vms.get(vm_id)
+        p = vm.pending[vcpu] if vm is not None and vcpu < vm.nr_vcpus else None
+        if vm is None or p is None or p.seq != seq:
             self.late_results += 1
             return  # answered by its fallback already, or a duplicate after a reconnect
         if p.timer is not None:
             p.timer.cancel()
-        vm.pending[r.vcpu] = None
+        vm.pending[vcpu] = None
         metrics.IN_FLIGHT.dec()
-        outcome = Outcome(r.outcome)
-        if r.memory_writes:
+        if writes is not None:
             try:
-                self._apply_writes(vm, r.memory_writes)
+                self._apply_writes(vm, writes.writes)
             except MemoryAccessError as e:
                 log.error("vm %s: broker result for fid %#x carries a bad write (%s); fallback",
                           vm.name, p.fid, e)
                 self._fallback(p, Outcome.INTERNAL_ERROR)
                 return
-        t = r.timing
-        broker_ns = t.queued_ns + t.handler_ns
-        link_ns = max(0, now - p.t_sent - broker_ns)
+        queued_ns, handler_ns = BROKER_TIMES.unpack_from(record, BROKER_TIMES_OFFSET)
+        link_ns = max(0, now - p.t_sent - queued_ns - handler_ns)
         metrics.LINK_RTT.observe(link_ns / 1e9)
-        done = time.monotonic_ns()
-        timing = proto.Timing(
-            agent_ns=max(0, done - p.t_recv - (now - p.t_sent)), link_ns=link_ns,
-            broker_queue_ns=t.queued_ns, handler_ns=t.handler_ns, memory_ns=t.memory_ns,
-            memory_round_trips=t.memory_round_trips, source=proto.ResultSource.BROKER)
-        self._reply(p.conn, p.tag, vm.vm_id, p.vcpu, p.seq, outcome, r.mask, tuple(r.x),
-                    timing, tuple(r.actions), p.t_recv, "broker")
+        out = bytearray(record)
+        agent_ns = max(0, time.monotonic_ns() - p.t_recv - (now - p.t_sent))
+        AGENT_TIMES.pack_into(out, AGENT_TIMES_OFFSET, agent_ns, link_ns)
+        p.conn.send(proto.header(proto.MsgType.RESULT, p.tag, len(out)) + out)
+        outcome = record[OUTCOME_OFFSET] if record[OUTCOME_OFFSET] < len(OUTCOME_LABELS) else 4
+        metrics.OBSERVE["broker", OUTCOME_LABELS[outcome]]((time.monotonic_ns() - p.t_recv) / 1e9)
 
     def _reply(self, conn: VmmConnection, tag: int, vm_id: int, vcpu: int, seq: int,
                outcome: Outcome, mask: int, regs: tuple[int, ...], timing: proto.Timing,
-               actions: tuple[broker_pb2.VmmAction, ...], t_recv: int, source: str) -> None:
+               t_recv: int, source: str) -> None:
+        """A RESULT the agent makes itself: a static answer or a fallback."""
         x = regs + ZERO_X[len(regs):] if len(regs) < NR_ARGS else regs[:NR_ARGS]
         payload = proto.RESULT.pack(
             vm_id, vcpu, seq, outcome, mask & ((1 << NR_ARGS) - 1), *x,
             timing.agent_ns, timing.link_ns, timing.broker_queue_ns, timing.handler_ns,
-            timing.memory_ns, timing.memory_round_trips, timing.source, len(actions), 0,
-        ) + b"".join(proto.ACTION.pack(a.kind, a.vcpu, a.address, a.value) for a in actions)
+            timing.memory_ns, timing.memory_round_trips, timing.source, 0, 0)
         conn.send(proto.header(proto.MsgType.RESULT, tag, len(payload)) + payload)
         metrics.OBSERVE[source, OUTCOME_LABELS[outcome]]((time.monotonic_ns() - t_recv) / 1e9)
 

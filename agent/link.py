@@ -30,7 +30,7 @@ PROTOCOL_VERSION = 1
 class LinkOwner(Protocol):
     def on_welcome(self, welcome: broker_pb2.BrokerWelcome) -> None: ...
     def on_broker_frame(self, frame: broker_pb2.BrokerFrame) -> None: ...
-    def replay(self, frame: broker_pb2.AgentFrame) -> None: ...
+    def replay(self, frame: broker_pb2.AgentFrame, calls: list[bytes]) -> None: ...
     def on_link_down(self) -> None: ...
     @property
     def policy_version(self) -> int: ...
@@ -62,6 +62,7 @@ class BrokerLink:
         self.up = False
         self.connects = 0
         self.frame = broker_pb2.AgentFrame()
+        self.calls: list[bytes] = []  # hb_call records for the frame being built
         self._dirty = False
         self._wake = asyncio.Event()
         self._stopping = False
@@ -119,7 +120,8 @@ class BrokerLink:
                 raise ConnectionError("broker's first frame carries no welcome")
             self.owner.on_welcome(first.welcome)
             self.frame = broker_pb2.AgentFrame()
-            self.owner.replay(self.frame)
+            self.calls = []
+            self.owner.replay(self.frame, self.calls)
             self._dirty = True
             self.up = True
             if self.connects:
@@ -158,6 +160,9 @@ class BrokerLink:
             if not self._dirty:
                 continue
             frame, self.frame, self._dirty = self.frame, broker_pb2.AgentFrame(), False
+            if self.calls:
+                frame.calls = b"".join(self.calls)
+                self.calls = []
             await call.write(frame)
 
     async def close(self) -> None:

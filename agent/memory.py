@@ -9,7 +9,9 @@ traffic never involves the VMM; in stream mode the agent relays through the VMM 
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import itertools
 import mmap
 import os
 from collections.abc import Sequence
@@ -31,7 +33,7 @@ class RegionMap:
                 raise MemoryAccessError(errno.EINVAL,
                                         f"region at {r.gpa:#x} of {r.size:#x} bytes is empty or "
                                         "wraps")
-        for a, b in zip(ordered, ordered[1:], strict=False):
+        for a, b in itertools.pairwise(ordered):
             if b.gpa < a.end:
                 raise MemoryAccessError(errno.EINVAL,
                                         f"regions at {a.gpa:#x} and {b.gpa:#x} overlap")
@@ -91,7 +93,5 @@ class MappedRam:
 
 def close_fds(fds: Sequence[int]) -> None:
     for fd in fds:
-        try:
+        with contextlib.suppress(OSError):
             os.close(fd)
-        except OSError:
-            pass

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -212,7 +213,5 @@ class VmmListener:
     def close(self) -> None:
         self._loop.remove_reader(self.sock.fileno())
         self.sock.close()
-        try:
+        with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
-        except FileNotFoundError:
-            pass

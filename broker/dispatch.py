@@ -15,9 +15,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import struct
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -27,8 +28,9 @@ from broker.policies import PolicyRegistry, PolicyVersion
 from broker.store import Store, StoreBatch
 from handlers.api import GuestMemoryError, Handler, JsonValue, VmInfo
 from hyperbroker.calls import Call, Outcome, Result
-from hyperbroker.smccc import NOT_SUPPORTED_U64
+from hyperbroker.smccc import NOT_SUPPORTED_U64, NR_ARGS
 from hyperbroker.v1 import broker_pb2
+from hyperbroker.vmm_protocol import ACTION, CALL, RESULT, ResultSource
 
 log = logging.getLogger("hyperbroker.broker")
 
@@ -38,6 +40,9 @@ MEMORY_TIMEOUT_S = 2.0
 DISPATCH_CACHE_LIMIT = 4096
 OUTCOME_NAMES = [o.name.lower() for o in Outcome]
 NO_SEQ = -1
+ZERO_X = (0,) * NR_ARGS
+SOURCE_BROKER = int(ResultSource.BROKER)
+STORED_LEN = struct.Struct("<I")
 
 
 class FrameWriter(Protocol):
@@ -53,17 +58,30 @@ class DispatchInfo:
     function: str
     fallback: Result
     timeout_s: float
-    observe: list[Callable[[float], None]]  # indexed by Outcome
+    observe: list[Callable[..., None]]  # Histogram.observe of each Outcome's child
 
 
 class VcpuRecord:
-    __slots__ = ("calls", "in_flight_seq", "last_result", "last_seq")
+    __slots__ = ("calls", "in_flight_seq", "last_result", "last_seq", "last_writes")
 
     def __init__(self) -> None:
         self.last_seq = NO_SEQ
-        self.last_result: broker_pb2.Result | None = None
+        self.last_result: bytes | None = None  # the hb_result record (with its actions)
+        self.last_writes: broker_pb2.ResultWrites | None = None
         self.in_flight_seq = NO_SEQ
         self.calls = 0
+
+
+def stored_result(record: bytes, writes: broker_pb2.ResultWrites | None) -> bytes:
+    """A last-result record as the store keeps it: length, hb_result record, its writes."""
+    return STORED_LEN.pack(len(record)) + record + (writes.SerializeToString() if writes else b"")
+
+
+def load_stored_result(blob: bytes) -> tuple[bytes, broker_pb2.ResultWrites | None]:
+    (n,) = STORED_LEN.unpack_from(blob)
+    record = blob[STORED_LEN.size : STORED_LEN.size + n]
+    rest = blob[STORED_LEN.size + n :]
+    return record, broker_pb2.ResultWrites.FromString(rest) if rest else None
 
 
 class VmSession:
@@ -79,7 +97,8 @@ class VmSession:
         self.info = VmInfo(host, reg.name, reg.nr_vcpus, self.profile, pv.version)
         self.states: dict[str, StateDoc] = {}
         self.calls = 0
-        self.cache: dict[int, DispatchInfo] = pv.caches.setdefault(self.profile, {})  # type: ignore[assignment]
+        cache = pv.caches.setdefault(self.profile, {})
+        self.cache: dict[int, DispatchInfo] = cache  # type: ignore[assignment]
 
     def check_range(self, gpa: int, length: int, write: bool) -> None:
         end = gpa + length
@@ -129,15 +148,23 @@ class CallCtx:
     """handlers.api.CallContext for one call (or one lifecycle hook when `call` is None)."""
 
     __slots__ = (
-        "dispatcher", "host", "vm", "handler_name", "durable", "writes", "memory_ns",
-        "memory_round_trips", "memory_bytes", "_log",
+        "_log",
+        "dispatcher",
+        "durable",
+        "handler_name",
+        "host",
+        "memory_bytes",
+        "memory_ns",
+        "memory_round_trips",
+        "session",
+        "writes",
     )
 
-    def __init__(self, dispatcher: Dispatcher, host: HostSession, vm: VmSession,
+    def __init__(self, dispatcher: Dispatcher, host: HostSession, session: VmSession,
                  handler_name: str) -> None:
         self.dispatcher = dispatcher
         self.host = host
-        self.vm = vm
+        self.session = session
         self.handler_name = handler_name
         self.durable = False
         self.writes: list[broker_pb2.MemoryWrite] = []
@@ -148,12 +175,16 @@ class CallCtx:
 
     # handlers.api.CallContext
     @property
+    def vm(self) -> VmInfo:
+        return self.session.info
+
+    @property
     def state(self) -> StateView:
-        key = (self.vm.key, self.handler_name)
-        doc = self.vm.states.get(self.handler_name)
+        key = (self.session.key, self.handler_name)
+        doc = self.session.states.get(self.handler_name)
         if doc is None:
             doc = StateDoc(key, self.dispatcher.store.load_vm_state(*key))
-            self.vm.states[self.handler_name] = doc
+            self.session.states[self.handler_name] = doc
         return StateView(doc, self)
 
     @property
@@ -178,10 +209,10 @@ class CallCtx:
         if not 0 < length <= MAX_MEMORY_READ:
             raise GuestMemoryError(f"a read is 1..{MAX_MEMORY_READ} bytes, not {length}")
         self._account(length)
-        self.vm.check_range(gpa, length, write=False)
+        self.session.check_range(gpa, length, write=False)
         t0 = time.monotonic_ns()
         try:
-            data = await self.host.read_memory(self.vm.vm_id, gpa, length)
+            data = await self.host.read_memory(self.session.vm_id, gpa, length)
         finally:
             self.memory_ns += time.monotonic_ns() - t0
             self.memory_round_trips += 1
@@ -192,14 +223,15 @@ class CallCtx:
         if not data:
             return
         self._account(len(data))
-        self.vm.check_range(gpa, len(data), write=True)
+        self.session.check_range(gpa, len(data), write=True)
         self.writes.append(broker_pb2.MemoryWrite(gpa=gpa, data=bytes(data)))
         metrics.MEMORY_WRITE_BYTES.inc(len(data))
 
     def _account(self, n: int) -> None:
         self.memory_bytes += n
         if self.memory_bytes > MAX_MEMORY_PER_CALL:
-            raise GuestMemoryError(f"more than {MAX_MEMORY_PER_CALL} bytes of guest memory in one call")
+            raise GuestMemoryError(
+                f"more than {MAX_MEMORY_PER_CALL} bytes of guest memory in one call")
 
 
 class HostSession:
@@ -213,19 +245,19 @@ class HostSession:
         self.connected_since_ns = 0
         self.calls = 0
         self._frame = broker_pb2.BrokerFrame()
+        self._results: list[bytes] = []
         self._dirty = False
+        self.writing = False
         self._wake = asyncio.Event()
         self._memory: dict[int, tuple[broker_pb2.MemoryRequest, asyncio.Future[bytes]]] = {}
         self._next_request = 1
         self.stream_generation = 0
 
     # Outbound frame, built in place and swapped out by the writer.
-    def new_result(self) -> broker_pb2.Result:
-        self._dirty = True
-        return self._frame.results.add()
-
-    def queue_copy(self, result: broker_pb2.Result) -> None:
-        self._frame.results.add().CopyFrom(result)
+    def queue_result(self, record: bytes, writes: broker_pb2.ResultWrites | None) -> None:
+        self._results.append(record)
+        if writes is not None:
+            self._frame.memory_writes.append(writes)
         self._dirty = True
 
     def queue_policy(self, compiled: broker_pb2.CompiledPolicy) -> None:
@@ -245,6 +277,9 @@ class HostSession:
         if not self._dirty:
             return None
         frame, self._frame, self._dirty = self._frame, broker_pb2.BrokerFrame(), False
+        if self._results:
+            frame.results = b"".join(self._results)
+            self._results = []
         return frame
 
     def attach(self, writer: FrameWriter, peer: str) -> None:
@@ -264,18 +299,30 @@ class HostSession:
             self.writer = None
 
     async def run_writer(self, writer: FrameWriter, flush_store: Callable[[], None]) -> None:
-        """Write whatever is pending as one frame, for as long as `writer` is current."""
+        """Write what handlers finish later, for as long as `writer` is current."""
         while True:
             await self._wake.wait()
             if self.writer is not writer:
                 return  # superseded: leave the wake-up for the current writer
             self._wake.clear()
-            frame = self.take_frame()
-            if frame is None:
-                continue
-            flush_store()  # state the results depend on is durable before they leave
-            await writer.write(frame)
-            metrics.FRAMES_OUT.inc()
+            if not self.writing:
+                await self.write_pending(writer, flush_store)
+
+    async def write_pending(self, writer: FrameWriter, flush_store: Callable[[], None]) -> None:
+        """Write everything pending, one frame per round, until nothing is left.
+
+        The stream reader calls this right after dispatching a frame (most results are ready
+        by then), which saves waking the writer task; `writing` keeps the two from writing at
+        once, and whoever writes loops until the frame being built is empty.
+        """
+        self.writing = True
+        try:
+            while (frame := self.take_frame()) is not None:
+                flush_store()  # state the results depend on is durable before they leave
+                await writer.write(frame)
+                metrics.FRAMES_OUT.inc()
+        finally:
+            self.writing = False
 
     async def read_memory(self, vm_id: int, gpa: int, length: int) -> bytes:
         request_id = self._next_request
@@ -369,9 +416,13 @@ class Dispatcher:
         for vcpu, (seq, blob) in self.store.load_last_results(vm.key).items():
             if vcpu < vm.nr_vcpus:
                 rec = vm.vcpus[vcpu]
+                record, writes = load_stored_result(blob)
+                # The agent may have given the VM a new handle since: rewrite it.
+                rec.last_result = struct.pack("<I", vm.vm_id) + record[4:]
+                if writes is not None:
+                    writes.vm_id = vm.vm_id
                 rec.last_seq = seq
-                rec.last_result = broker_pb2.Result.FromString(blob)
-                rec.last_result.vm_id = vm.vm_id  # the agent may have given it a new handle
+                rec.last_writes = writes
         host.vms[reg.vm_id] = vm
         metrics.VMS.inc()
         log.info("vm %s registered (id %d, profile %s, policy v%d, %d vCPUs)", vm.key,
@@ -397,10 +448,10 @@ class Dispatcher:
                 await policy.handlers[name].vm_destroyed(ctx)
             except Exception:
                 log.exception("handler %s failed to clean up vm %s", name, vm.key)
-        for key in [k for k in self.batch.vm_state if k[0] == vm.key]:
-            del self.batch.vm_state[key]
-        for key in [k for k in self.batch.last_results if k[0] == vm.key]:
-            del self.batch.last_results[key]
+        for state_key in [k for k in self.batch.vm_state if k[0] == vm.key]:
+            del self.batch.vm_state[state_key]
+        for result_key in [k for k in self.batch.last_results if k[0] == vm.key]:
+            del self.batch.last_results[result_key]
         self.flush_store()
         self.store.forget_vm(vm.key)
         log.info("vm %s destroyed", vm.key)
@@ -439,44 +490,50 @@ class Dispatcher:
             self._no_handler[function] = info
         return info
 
-    def on_calls(self, host: HostSession, calls: Iterable[broker_pb2.Call], t_frame: int) -> None:
+    def on_calls(self, host: HostSession, records: bytes, t_frame: int) -> None:
+        """Dispatch every `struct hb_call` record of a frame."""
+        if len(records) % CALL.size:
+            log.error("host %s sent %d bytes of call records, not a multiple of %d; dropped",
+                      host.host, len(records), CALL.size)
+            return
         n = 0
-        for c in calls:
+        for v in CALL.iter_unpack(records):
             n += 1
-            self.dispatch(host, c, t_frame)
+            self.dispatch(host, v[0], v[1], v[2], v[3], v[4], v[6:], t_frame)
         metrics.BATCH_SIZE.observe(n)
         host.wake()
 
-    def dispatch(self, host: HostSession, c: broker_pb2.Call, t_frame: int) -> None:
+    def dispatch(self, host: HostSession, vm_id: int, vcpu: int, seq: int, fid: int, flags: int,
+                 x: tuple[int, ...], t_frame: int) -> None:
         self.calls += 1
         host.calls += 1
-        vm = host.vms.get(c.vm_id)
-        if vm is None or c.vcpu >= vm.nr_vcpus:
-            log.warning("host %s: call for unknown vm %d / vcpu %d refused", host.host, c.vm_id,
-                        c.vcpu)
-            self._answer(host, c, Result.regs(NOT_SUPPORTED_U64, outcome=Outcome.DENIED))
+        vm = host.vms.get(vm_id)
+        if vm is None or vcpu >= vm.nr_vcpus:
+            log.warning("host %s: call for unknown vm %d / vcpu %d refused", host.host, vm_id,
+                        vcpu)
+            host.queue_result(self._record(vm_id, vcpu, seq, Result.regs(
+                NOT_SUPPORTED_U64, outcome=Outcome.DENIED), 0, 0, None), None)
             return
-        rec = vm.vcpus[c.vcpu]
-        seq = c.seq
+        rec = vm.vcpus[vcpu]
         if seq == rec.last_seq and rec.last_result is not None:
             self.duplicates += 1
             metrics.DUPLICATE_CALLS.inc()
-            host.queue_copy(rec.last_result)
+            host.queue_result(rec.last_result, rec.last_writes)
             return
         if seq == rec.in_flight_seq:
             self.duplicates += 1
             metrics.DUPLICATE_CALLS.inc()
             return  # the running call's result goes to the host's current stream
-        info = self.dispatch_info(vm, c.function_id)
+        info = self.dispatch_info(vm, fid)
         vm.calls += 1
         rec.calls += 1
         handler = info.handler
         if handler is None:
             t_now = time.monotonic_ns()
-            self._finish(host, vm, rec, c, info, None, Result.regs(NOT_SUPPORTED_U64,
-                         outcome=Outcome.DENIED), None, t_frame, t_now)
+            self._finish(host, vm, rec, vcpu, seq, info, None, Result.regs(
+                NOT_SUPPORTED_U64, outcome=Outcome.DENIED), None, t_frame, t_now)
             return
-        call = Call(c.vcpu, seq, c.function_id, tuple(c.x), c.flags)
+        call = Call(vcpu, seq, fid, x, flags)
         ctx = CallCtx(self, host, vm, info.handler_name)
         rec.in_flight_seq = seq
         self.in_flight += 1
@@ -486,7 +543,7 @@ class Dispatcher:
         def done(result: Result | None, exc: BaseException | None) -> None:
             self.in_flight -= 1
             metrics.CALLS_IN_FLIGHT.dec()
-            self._finish(host, vm, rec, c, info, ctx, result, exc, t_frame, t_start)
+            self._finish(host, vm, rec, vcpu, seq, info, ctx, result, exc, t_frame, t_start)
             host.wake()
 
         if handler.eager:
@@ -503,7 +560,7 @@ class Dispatcher:
         async with asyncio.timeout(timeout_s):
             return await coro
 
-    def _finish(self, host: HostSession, vm: VmSession, rec: VcpuRecord, c: broker_pb2.Call,
+    def _finish(self, host: HostSession, vm: VmSession, rec: VcpuRecord, vcpu: int, seq: int,
                 info: DispatchInfo, ctx: CallCtx | None, result: Result | None,
                 exc: BaseException | None, t_frame: int, t_start: int) -> None:
         if exc is not None or not isinstance(result, Result):
@@ -517,35 +574,24 @@ class Dispatcher:
                           vm.key)
             else:
                 log.error("handler %s failed on %s from vm %s vcpu %d", info.handler_name,
-                          info.function, vm.key, c.vcpu, exc_info=exc)
+                          info.function, vm.key, vcpu, exc_info=exc)
             fb = info.fallback
             result = Result(fb.x, fb.mask, Outcome.INTERNAL_ERROR)
             if ctx is not None:
                 ctx.writes.clear()  # a failed call changes no guest memory
         t_end = time.monotonic_ns()
-        pb = host.new_result()
-        pb.vm_id = c.vm_id
-        pb.vcpu = c.vcpu
-        pb.seq = c.seq
-        pb.mask = result.mask
-        pb.x.extend(result.x)
-        pb.outcome = result.outcome  # type: ignore[assignment]
-        if result.actions:
-            for a in result.actions:
-                pb.actions.add(kind=a.kind, vcpu=a.vcpu, address=a.address, value=a.value)
-        timing = pb.timing
-        timing.queued_ns = t_start - t_frame
-        timing.handler_ns = t_end - t_start
-        if ctx is not None:
-            if ctx.writes:
-                pb.memory_writes.extend(ctx.writes)
-            if ctx.memory_round_trips:
-                timing.memory_ns = ctx.memory_ns
-                timing.memory_round_trips = ctx.memory_round_trips
-            if ctx.durable:
-                self.batch.last_results[(vm.key, c.vcpu)] = (c.seq, pb.SerializeToString())
-        rec.last_seq = c.seq
-        rec.last_result = pb
+        writes = None
+        if ctx is not None and ctx.writes:
+            writes = broker_pb2.ResultWrites(vm_id=vm.vm_id, vcpu=vcpu, seq=seq,
+                                             writes=ctx.writes)
+        record = self._record(vm.vm_id, vcpu, seq, result, t_start - t_frame, t_end - t_start,
+                              ctx)
+        host.queue_result(record, writes)
+        if ctx is not None and ctx.durable:
+            self.batch.last_results[(vm.key, vcpu)] = (seq, stored_result(record, writes))
+        rec.last_seq = seq
+        rec.last_result = record
+        rec.last_writes = writes
         rec.in_flight_seq = NO_SEQ
         seconds = (t_end - t_frame) / 1e9
         info.observe[result.outcome](seconds)
@@ -555,11 +601,20 @@ class Dispatcher:
             window = self.recent[key] = deque(maxlen=2048)
         window.append(seconds)
 
-    def _answer(self, host: HostSession, c: broker_pb2.Call, result: Result) -> None:
-        pb = host.new_result()
-        pb.vm_id, pb.vcpu, pb.seq, pb.mask = c.vm_id, c.vcpu, c.seq, result.mask
-        pb.x.extend(result.x)
-        pb.outcome = result.outcome  # type: ignore[assignment]
+    @staticmethod
+    def _record(vm_id: int, vcpu: int, seq: int, result: Result, queued_ns: int,
+                handler_ns: int, ctx: CallCtx | None) -> bytes:
+        """The `struct hb_result` record (and its actions) the agent hands to the VMM."""
+        x = result.x
+        if len(x) != NR_ARGS:
+            x = (x + ZERO_X)[:NR_ARGS]
+        mem_ns, mem_trips = (ctx.memory_ns, ctx.memory_round_trips) if ctx is not None else (0, 0)
+        record = RESULT.pack(vm_id, vcpu, seq, result.outcome, result.mask, *x, 0, 0, queued_ns,
+                             handler_ns, mem_ns, mem_trips, SOURCE_BROKER, len(result.actions), 0)
+        if result.actions:
+            record += b"".join(ACTION.pack(a.kind, a.vcpu, a.address, a.value)
+                               for a in result.actions)
+        return record
 
     async def drain(self, timeout_s: float) -> None:
         """Wait for running handlers (and VM clean-ups) to finish, at most `timeout_s`."""

@@ -51,7 +51,9 @@ class PolicyRegistry:
         else:
             version = self.store.add_policy(text, digest)
             log.info("policy version %d applied (sha256 %s)", version, digest[:12])
-        pv = self._versions.get(version) or PolicyVersion(version, policy, to_proto(policy, version))
+        pv = self._versions.get(version)
+        if pv is None:
+            pv = PolicyVersion(version, policy, to_proto(policy, version))
         self._versions[version] = pv
         self.current = pv
         metrics.POLICY_VERSION.set(version)

@@ -58,7 +58,7 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
         self.require_identity = require_identity
         self.draining = False
 
-    async def Connect(  # noqa: N802 - gRPC method name
+    async def Connect(
         self,
         request_iterator: AsyncIterator[broker_pb2.AgentFrame],
         context: grpc.aio.ServicerContext[broker_pb2.AgentFrame, broker_pb2.BrokerFrame],
@@ -72,10 +72,12 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
                                 "the first frame of a stream must carry AgentHello")
         hello = first.hello
         if hello.protocol != PROTOCOL_VERSION:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                f"agent protocol {hello.protocol}, broker speaks {PROTOCOL_VERSION}")
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"agent protocol {hello.protocol}, broker speaks {PROTOCOL_VERSION}")
         if not hello.host or len(hello.host) > 253:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "AgentHello.host must be 1..253 chars")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "AgentHello.host must be 1..253 characters")
         if self.require_identity:
             names = peer_names(context)
             if not host_matches(hello.host, names):
@@ -107,6 +109,8 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
                     break
                 assert isinstance(frame, broker_pb2.AgentFrame)
                 self.on_frame(session, frame)
+                if not session.writing:
+                    await session.write_pending(writer, self.dispatcher.flush_store)
                 if writer_task.done():
                     break  # the stream cannot be written any more
         finally:
@@ -138,8 +142,8 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
         self.draining = True
         for session in self.dispatcher.hosts.values():
             if session.writer is not None:
-                session._frame.drain.reason = "broker stopping"  # noqa: SLF001
-                session._dirty = True  # noqa: SLF001
+                session._frame.drain.reason = "broker stopping"
+                session._dirty = True
                 session.wake()
 
 
@@ -163,17 +167,17 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                 admin_pb2.PolicyError(message=err.message, errno_name=err.errno_name,
                                       rules=list(err.rules)) for err in e.errors])
 
-    async def ValidatePolicy(self, request: admin_pb2.PolicyText,  # noqa: N802
+    async def ValidatePolicy(self, request: admin_pb2.PolicyText,
                              context: grpc.aio.ServicerContext[object, object]
                              ) -> admin_pb2.PolicyReport:
         return self._report(request.yaml, apply=False)
 
-    async def ApplyPolicy(self, request: admin_pb2.PolicyText,  # noqa: N802
+    async def ApplyPolicy(self, request: admin_pb2.PolicyText,
                           context: grpc.aio.ServicerContext[object, object]
                           ) -> admin_pb2.PolicyReport:
         return self._report(request.yaml, apply=True)
 
-    async def GetPolicy(self, request: admin_pb2.GetPolicyRequest,  # noqa: N802
+    async def GetPolicy(self, request: admin_pb2.GetPolicyRequest,
                         context: grpc.aio.ServicerContext[object, object]) -> admin_pb2.PolicyText:
         policies = self.dispatcher.policies
         version = request.version or (policies.current.version if policies.current else 0)
@@ -183,7 +187,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         assert stored is not None
         return admin_pb2.PolicyText(yaml=stored.text, version=stored.version)
 
-    async def ListHosts(self, request: admin_pb2.ListHostsRequest,  # noqa: N802
+    async def ListHosts(self, request: admin_pb2.ListHostsRequest,
                         context: grpc.aio.ServicerContext[object, object]
                         ) -> admin_pb2.ListHostsResponse:
         return admin_pb2.ListHostsResponse(hosts=[
@@ -192,7 +196,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                                connected_since_unix_ns=s.connected_since_ns)
             for s in sorted(self.dispatcher.hosts.values(), key=lambda s: s.host)])
 
-    async def ListVms(self, request: admin_pb2.ListVmsRequest,  # noqa: N802
+    async def ListVms(self, request: admin_pb2.ListVmsRequest,
                       context: grpc.aio.ServicerContext[object, object]
                       ) -> admin_pb2.ListVmsResponse:
         out = []
@@ -209,7 +213,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                            for i, r in enumerate(vm.vcpus)]))
         return admin_pb2.ListVmsResponse(vms=out)
 
-    async def GetStats(self, request: admin_pb2.GetStatsRequest,  # noqa: N802
+    async def GetStats(self, request: admin_pb2.GetStatsRequest,
                        context: grpc.aio.ServicerContext[object, object]) -> admin_pb2.Stats:
         d = self.dispatcher
         functions = []

@@ -93,10 +93,10 @@ class MemoryStore:
         self.commits += 1
 
     def forget_vm(self, vm_key: str) -> None:
-        for k in [k for k in self._vm if k[0] == vm_key]:
-            del self._vm[k]
-        for k in [k for k in self._last if k[0] == vm_key]:
-            del self._last[k]
+        for state_key in [k for k in self._vm if k[0] == vm_key]:
+            del self._vm[state_key]
+        for result_key in [k for k in self._last if k[0] == vm_key]:
+            del self._last[result_key]
 
     def close(self) -> None:
         pass

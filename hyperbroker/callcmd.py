@@ -18,8 +18,9 @@ FUNCTION_NAMES = {v: k for k, v in smccc.KNOWN_FUNCTIONS.items()}
 
 def format_result(fid: int, r: ResultMsg) -> str:
     name = FUNCTION_NAMES.get(fid, smccc.default_function_name(fid))
-    lines = [f"{name} ({fid:#010x}) -> {Outcome(r.outcome).name.lower()}, answered by "
-             f"{ResultSource(r.timing.source).name.lower()}"]
+    outcome = Outcome(r.outcome).name.lower()
+    source = ResultSource(r.timing.source).name.lower()
+    lines = [f"{name} ({fid:#010x}) -> {outcome}, answered by {source}"]
     for i in range(smccc.NR_ARGS):
         if r.reg_mask >> i & 1:
             v = r.x[i]
@@ -28,8 +29,8 @@ def format_result(fid: int, r: ResultMsg) -> str:
             lines.append(f"  x{i:<2} = {v:#018x}{note}")
     t = r.timing
     lines.append(
-        "  latency: agent {:.1f} us, link {:.1f} us, broker queue {:.1f} us, handler {:.1f} us"
-        .format(t.agent_ns / 1e3, t.link_ns / 1e3, t.broker_queue_ns / 1e3, t.handler_ns / 1e3)
+        f"  latency: agent {t.agent_ns / 1e3:.1f} us, link {t.link_ns / 1e3:.1f} us, "
+        f"broker queue {t.broker_queue_ns / 1e3:.1f} us, handler {t.handler_ns / 1e3:.1f} us"
         + (f", guest memory {t.memory_ns / 1e3:.1f} us in {t.memory_round_trips} round trips"
            if t.memory_round_trips else ""))
     for a in r.actions:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from hyperbroker.kvm import KVM_HYPERCALL_EXIT_SMC
 from hyperbroker.smccc import (
@@ -34,9 +35,11 @@ class Conduit(enum.IntEnum):
     SMC = 1
 
 
-@dataclass(frozen=True, slots=True)
-class Call:
-    """One guest SMCCC call as the VMM saw it at KVM_EXIT_HYPERCALL."""
+class Call(NamedTuple):
+    """One guest SMCCC call as the VMM saw it at KVM_EXIT_HYPERCALL.
+
+    A NamedTuple rather than a dataclass: the broker builds one per hypercall.
+    """
 
     vcpu: int
     seq: int

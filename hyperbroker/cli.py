@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 from hyperbroker import __version__
-from hyperbroker.smccc import to_s64
 from hyperbroker.tls import TlsFiles
 
 
@@ -94,7 +93,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.real_kvm:
         from hyperbroker import kvm_bed
 
-        return kvm_bed.run_demo(args.duration)
+        return int(kvm_bed.run_demo(args.duration))
     from hyperbroker.demo import run_demo
 
     return run_demo(args.duration, args.vms)
@@ -175,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("bench", help="full-path benchmark against a bare gRPC baseline")
-    p.add_argument("--calls", type=int, default=4000, help="calls per measurement")
+    p.add_argument("--calls", type=int, default=3000, help="calls per measurement")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians reported)")
     p.add_argument("--inflight", type=int, nargs="+", default=[1, 64])
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.set_defaults(func=cmd_bench)

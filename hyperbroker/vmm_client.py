@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from hyperbroker import vmm_protocol as proto
+from hyperbroker.kvm import SmcccFilter
 from hyperbroker.smccc import NR_ARGS
 
 
@@ -63,7 +64,7 @@ class GuestRam:
 class Registration:
     vm_id: int
     policy_version: int
-    filters: tuple[proto.SmcccFilter, ...]
+    filters: tuple[SmcccFilter, ...]
     message: str
     seq: list[int] = field(default_factory=list)
 

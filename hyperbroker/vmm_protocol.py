@@ -459,7 +459,7 @@ class StreamFramer:
         buf = self._buf
         offset = 0
         while len(buf) - offset >= HEADER.size:
-            magic, version, msg_type, length, tag = HEADER.unpack_from(buf, offset)
+            magic, _version, _type, length, _tag = HEADER.unpack_from(buf, offset)
             if magic != MAGIC or length > MAX_PAYLOAD:
                 del buf[:offset]
                 parse_header(bytes(buf[: HEADER.size]))  # raises with the precise reason

@@ -7,24 +7,11 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
-class Outcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
-    __slots__ = ()
-    OUTCOME_OK: _ClassVar[Outcome]
-    OUTCOME_GUEST_ERROR: _ClassVar[Outcome]
-    OUTCOME_DENIED: _ClassVar[Outcome]
-    OUTCOME_FALLBACK: _ClassVar[Outcome]
-    OUTCOME_INTERNAL_ERROR: _ClassVar[Outcome]
-
 class FilterAction(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     FILTER_ACTION_HANDLE: _ClassVar[FilterAction]
     FILTER_ACTION_DENY: _ClassVar[FilterAction]
     FILTER_ACTION_FWD_TO_USER: _ClassVar[FilterAction]
-OUTCOME_OK: Outcome
-OUTCOME_GUEST_ERROR: Outcome
-OUTCOME_DENIED: Outcome
-OUTCOME_FALLBACK: Outcome
-OUTCOME_INTERNAL_ERROR: Outcome
 FILTER_ACTION_HANDLE: FilterAction
 FILTER_ACTION_DENY: FilterAction
 FILTER_ACTION_FWD_TO_USER: FilterAction
@@ -41,11 +28,11 @@ class AgentFrame(_message.Message):
     hello: AgentHello
     vms_registered: _containers.RepeatedCompositeFieldContainer[VmRegistered]
     vms_destroyed: _containers.RepeatedCompositeFieldContainer[VmDestroyed]
-    calls: _containers.RepeatedCompositeFieldContainer[Call]
+    calls: bytes
     memory_replies: _containers.RepeatedCompositeFieldContainer[MemoryReply]
     filter_reports: _containers.RepeatedCompositeFieldContainer[FilterReport]
     keepalive: Keepalive
-    def __init__(self, hello: _Optional[_Union[AgentHello, _Mapping]] = ..., vms_registered: _Optional[_Iterable[_Union[VmRegistered, _Mapping]]] = ..., vms_destroyed: _Optional[_Iterable[_Union[VmDestroyed, _Mapping]]] = ..., calls: _Optional[_Iterable[_Union[Call, _Mapping]]] = ..., memory_replies: _Optional[_Iterable[_Union[MemoryReply, _Mapping]]] = ..., filter_reports: _Optional[_Iterable[_Union[FilterReport, _Mapping]]] = ..., keepalive: _Optional[_Union[Keepalive, _Mapping]] = ...) -> None: ...
+    def __init__(self, hello: _Optional[_Union[AgentHello, _Mapping]] = ..., vms_registered: _Optional[_Iterable[_Union[VmRegistered, _Mapping]]] = ..., vms_destroyed: _Optional[_Iterable[_Union[VmDestroyed, _Mapping]]] = ..., calls: _Optional[bytes] = ..., memory_replies: _Optional[_Iterable[_Union[MemoryReply, _Mapping]]] = ..., filter_reports: _Optional[_Iterable[_Union[FilterReport, _Mapping]]] = ..., keepalive: _Optional[_Union[Keepalive, _Mapping]] = ...) -> None: ...
 
 class AgentHello(_message.Message):
     __slots__ = ("host", "agent_version", "protocol", "policy_version", "resumed")
@@ -101,22 +88,6 @@ class FilterReport(_message.Message):
     errnos: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, vm_id: _Optional[int] = ..., errnos: _Optional[_Iterable[int]] = ...) -> None: ...
 
-class Call(_message.Message):
-    __slots__ = ("vm_id", "vcpu", "seq", "function_id", "flags", "x")
-    VM_ID_FIELD_NUMBER: _ClassVar[int]
-    VCPU_FIELD_NUMBER: _ClassVar[int]
-    SEQ_FIELD_NUMBER: _ClassVar[int]
-    FUNCTION_ID_FIELD_NUMBER: _ClassVar[int]
-    FLAGS_FIELD_NUMBER: _ClassVar[int]
-    X_FIELD_NUMBER: _ClassVar[int]
-    vm_id: int
-    vcpu: int
-    seq: int
-    function_id: int
-    flags: int
-    x: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, vm_id: _Optional[int] = ..., vcpu: _Optional[int] = ..., seq: _Optional[int] = ..., function_id: _Optional[int] = ..., flags: _Optional[int] = ..., x: _Optional[_Iterable[int]] = ...) -> None: ...
-
 class MemoryReply(_message.Message):
     __slots__ = ("request_id", "data", "error", "message")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
@@ -145,51 +116,17 @@ class MemoryWrite(_message.Message):
     data: bytes
     def __init__(self, gpa: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
-class VmmAction(_message.Message):
-    __slots__ = ("kind", "vcpu", "address", "value")
-    KIND_FIELD_NUMBER: _ClassVar[int]
-    VCPU_FIELD_NUMBER: _ClassVar[int]
-    ADDRESS_FIELD_NUMBER: _ClassVar[int]
-    VALUE_FIELD_NUMBER: _ClassVar[int]
-    kind: int
-    vcpu: int
-    address: int
-    value: int
-    def __init__(self, kind: _Optional[int] = ..., vcpu: _Optional[int] = ..., address: _Optional[int] = ..., value: _Optional[int] = ...) -> None: ...
-
-class Timing(_message.Message):
-    __slots__ = ("queued_ns", "handler_ns", "memory_ns", "memory_round_trips")
-    QUEUED_NS_FIELD_NUMBER: _ClassVar[int]
-    HANDLER_NS_FIELD_NUMBER: _ClassVar[int]
-    MEMORY_NS_FIELD_NUMBER: _ClassVar[int]
-    MEMORY_ROUND_TRIPS_FIELD_NUMBER: _ClassVar[int]
-    queued_ns: int
-    handler_ns: int
-    memory_ns: int
-    memory_round_trips: int
-    def __init__(self, queued_ns: _Optional[int] = ..., handler_ns: _Optional[int] = ..., memory_ns: _Optional[int] = ..., memory_round_trips: _Optional[int] = ...) -> None: ...
-
-class Result(_message.Message):
-    __slots__ = ("vm_id", "vcpu", "seq", "mask", "x", "outcome", "memory_writes", "actions", "timing")
+class ResultWrites(_message.Message):
+    __slots__ = ("vm_id", "vcpu", "seq", "writes")
     VM_ID_FIELD_NUMBER: _ClassVar[int]
     VCPU_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
-    MASK_FIELD_NUMBER: _ClassVar[int]
-    X_FIELD_NUMBER: _ClassVar[int]
-    OUTCOME_FIELD_NUMBER: _ClassVar[int]
-    MEMORY_WRITES_FIELD_NUMBER: _ClassVar[int]
-    ACTIONS_FIELD_NUMBER: _ClassVar[int]
-    TIMING_FIELD_NUMBER: _ClassVar[int]
+    WRITES_FIELD_NUMBER: _ClassVar[int]
     vm_id: int
     vcpu: int
     seq: int
-    mask: int
-    x: _containers.RepeatedScalarFieldContainer[int]
-    outcome: Outcome
-    memory_writes: _containers.RepeatedCompositeFieldContainer[MemoryWrite]
-    actions: _containers.RepeatedCompositeFieldContainer[VmmAction]
-    timing: Timing
-    def __init__(self, vm_id: _Optional[int] = ..., vcpu: _Optional[int] = ..., seq: _Optional[int] = ..., mask: _Optional[int] = ..., x: _Optional[_Iterable[int]] = ..., outcome: _Optional[_Union[Outcome, str]] = ..., memory_writes: _Optional[_Iterable[_Union[MemoryWrite, _Mapping]]] = ..., actions: _Optional[_Iterable[_Union[VmmAction, _Mapping]]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ...) -> None: ...
+    writes: _containers.RepeatedCompositeFieldContainer[MemoryWrite]
+    def __init__(self, vm_id: _Optional[int] = ..., vcpu: _Optional[int] = ..., seq: _Optional[int] = ..., writes: _Optional[_Iterable[_Union[MemoryWrite, _Mapping]]] = ...) -> None: ...
 
 class MemoryRequest(_message.Message):
     __slots__ = ("request_id", "vm_id", "gpa", "length")
@@ -292,7 +229,7 @@ class Drain(_message.Message):
     def __init__(self, reason: _Optional[str] = ...) -> None: ...
 
 class BrokerFrame(_message.Message):
-    __slots__ = ("welcome", "results", "memory_requests", "policy", "vms_rejected", "keepalive", "drain")
+    __slots__ = ("welcome", "results", "memory_requests", "policy", "vms_rejected", "keepalive", "drain", "memory_writes")
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     MEMORY_REQUESTS_FIELD_NUMBER: _ClassVar[int]
@@ -300,11 +237,13 @@ class BrokerFrame(_message.Message):
     VMS_REJECTED_FIELD_NUMBER: _ClassVar[int]
     KEEPALIVE_FIELD_NUMBER: _ClassVar[int]
     DRAIN_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_WRITES_FIELD_NUMBER: _ClassVar[int]
     welcome: BrokerWelcome
-    results: _containers.RepeatedCompositeFieldContainer[Result]
+    results: bytes
     memory_requests: _containers.RepeatedCompositeFieldContainer[MemoryRequest]
     policy: CompiledPolicy
     vms_rejected: _containers.RepeatedCompositeFieldContainer[VmRejected]
     keepalive: Keepalive
     drain: Drain
-    def __init__(self, welcome: _Optional[_Union[BrokerWelcome, _Mapping]] = ..., results: _Optional[_Iterable[_Union[Result, _Mapping]]] = ..., memory_requests: _Optional[_Iterable[_Union[MemoryRequest, _Mapping]]] = ..., policy: _Optional[_Union[CompiledPolicy, _Mapping]] = ..., vms_rejected: _Optional[_Iterable[_Union[VmRejected, _Mapping]]] = ..., keepalive: _Optional[_Union[Keepalive, _Mapping]] = ..., drain: _Optional[_Union[Drain, _Mapping]] = ...) -> None: ...
+    memory_writes: _containers.RepeatedCompositeFieldContainer[ResultWrites]
+    def __init__(self, welcome: _Optional[_Union[BrokerWelcome, _Mapping]] = ..., results: _Optional[bytes] = ..., memory_requests: _Optional[_Iterable[_Union[MemoryRequest, _Mapping]]] = ..., policy: _Optional[_Union[CompiledPolicy, _Mapping]] = ..., vms_rejected: _Optional[_Iterable[_Union[VmRejected, _Mapping]]] = ..., keepalive: _Optional[_Union[Keepalive, _Mapping]] = ..., drain: _Optional[_Union[Drain, _Mapping]] = ..., memory_writes: _Optional[_Iterable[_Union[ResultWrites, _Mapping]]] = ...) -> None: ...

@@ -1,0 +1,77 @@
+"""`hyperbroker status` and `hyperbroker policy apply`: the Admin API from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+import grpc
+
+from hyperbroker.tls import TlsFiles
+from hyperbroker.v1 import admin_pb2, admin_pb2_grpc
+
+
+def channel(address: str, args: argparse.Namespace) -> grpc.aio.Channel:
+    tls = TlsFiles.from_args(args.tls_cert, args.tls_key, args.tls_ca)
+    if tls is None:
+        return grpc.aio.insecure_channel(address)
+    return grpc.aio.secure_channel(address, tls.channel_credentials())
+
+
+def render_status(hosts: admin_pb2.ListHostsResponse, vms: admin_pb2.ListVmsResponse,
+                  stats: admin_pb2.Stats) -> str:
+    out = [f"policy v{stats.policy_version}: {stats.calls} calls, {stats.duplicates} duplicates, "
+           f"{stats.handler_errors} handler errors; {stats.agents} agents, {stats.vms} VMs"]
+    out.append("")
+    out.append(f"{'host':24} {'up':3} {'vms':>4} {'calls':>10}  peer")
+    for h in hosts.hosts:
+        out.append(f"{h.host:24} {'yes' if h.connected else 'no':3} {h.vms:>4} {h.calls:>10}  "
+                   f"{h.peer}")
+    out.append("")
+    out.append(f"{'vm':32} {'profile':12} {'policy':>6} {'vcpus':>5} {'calls':>10}")
+    for v in vms.vms:
+        out.append(f"{v.host + '/' + v.name:32} {v.profile:12} {'v' + str(v.policy_version):>6} "
+                   f"{v.nr_vcpus:>5} {v.calls:>10}")
+    out.append("")
+    out.append(f"{'handler':10} {'function':28} {'outcome':14} {'calls':>7} {'p50 us':>9} "
+               f"{'p99 us':>9}   (the last 2048 calls of each)")
+    for f in stats.functions:
+        out.append(f"{f.handler:10} {f.function:28} {f.outcome:14} {f.calls:>7} "
+                   f"{f.p50_us:>9.1f} {f.p99_us:>9.1f}")
+    return "\n".join(out)
+
+
+async def run_status(args: argparse.Namespace) -> int:
+    async with channel(args.broker, args) as ch:
+        stub = admin_pb2_grpc.AdminStub(ch)
+        while True:
+            try:
+                hosts = await stub.ListHosts(admin_pb2.ListHostsRequest(), timeout=5)
+                vms = await stub.ListVms(admin_pb2.ListVmsRequest(), timeout=5)
+                stats = await stub.GetStats(admin_pb2.GetStatsRequest(), timeout=5)
+            except grpc.aio.AioRpcError as e:
+                print(f"hyperbroker status: {args.broker}: {e.code().name} {e.details()}",
+                      file=sys.stderr)
+                return 1
+            text = render_status(hosts, vms, stats)
+            if not args.watch:
+                print(text)
+                return 0
+            print("\x1b[2J\x1b[H" + text, flush=True)
+            await asyncio.sleep(args.watch)
+
+
+async def run_apply(args: argparse.Namespace) -> int:
+    text = Path(args.file).read_text()
+    async with channel(args.broker, args) as ch:
+        report = await admin_pb2_grpc.AdminStub(ch).ApplyPolicy(admin_pb2.PolicyText(yaml=text),
+                                                               timeout=10)
+    if not report.ok:
+        for err in report.errors:
+            print(f"error: {err.message}" + (f" [{err.errno_name}]" if err.errno_name else ""),
+                  file=sys.stderr)
+        return 1
+    print(f"policy v{report.version} is current; VMs registered from now on get it")
+    return 0

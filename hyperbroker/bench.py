@@ -1,0 +1,288 @@
+"""`hyperbroker bench`: the full forwarded-call path against a bare gRPC baseline, in one run.
+
+Full path: a simulated VMM (this process) → agent socket (SEQPACKET) → agent → gRPC stream →
+broker → TRNG handler (RND64, so nothing is answered by the agent's static table) → back, with
+real broker and agent processes and the broker's default SQLite store. Baseline: a bare grpc.aio
+bidi echo stream between this process and a subprocess, with messages the size of one call.
+Both run on uvloop. Absolute figures depend on the machine; the ratios are what to compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import grpc
+
+from hyperbroker import vmm_protocol as proto
+from hyperbroker.procs import start_agent, start_broker
+from hyperbroker.v1 import broker_pb2
+from hyperbroker.vmm_client import GuestRam, VmmClient
+
+RND64 = 0xC400_0053
+BENCH_POLICY = """\
+handlers:
+  trng: {}
+profiles:
+  default:
+    rules:
+      - {name: trng, abi: trng, action: forward, handler: trng, deadline_ms: 1000}
+"""
+ECHO_METHOD = "/bench.Echo/Stream"
+TIMES = struct.Struct("<QQQQ")  # hb_timing: agent_ns, link_ns, broker_queue_ns, handler_ns
+
+
+@dataclass
+class Figures:
+    name: str
+    inflight: int
+    calls: int
+    p50_us: float
+    p99_us: float
+    per_s: float
+    breakdown_us: dict[str, float] | None = None
+
+
+def _figures(name: str, inflight: int, lat_ns: list[int], wall_s: float) -> Figures:
+    lat = sorted(lat_ns)
+    return Figures(name, inflight, len(lat), statistics.median(lat) / 1e3,
+                   lat[min(len(lat) - 1, int(len(lat) * 0.99))] / 1e3, len(lat) / wall_s)
+
+
+# ---- baseline: bare grpc.aio bidi echo ---------------------------------------------------------
+async def _echo_server(port_file: str) -> None:
+    async def stream(request_iterator: object, context: grpc.aio.ServicerContext[bytes, bytes]
+                     ) -> None:
+        while True:
+            msg = await context.read()
+            if msg is grpc.aio.EOF:
+                return
+            await context.write(msg)
+
+    handler = grpc.method_handlers_generic_handler("bench.Echo", {
+        "Stream": grpc.stream_stream_rpc_method_handler(stream)})
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    Path(port_file).write_text(str(port))
+    await server.wait_for_termination()
+
+
+def call_sized_message() -> bytes:
+    """An AgentFrame carrying one call with realistic registers: the baseline's message."""
+    record = proto.CALL.pack(1, 3, 123456, RND64, 0, time.monotonic_ns(), RND64, 192, *[0] * 16)
+    return broker_pb2.AgentFrame(calls=record).SerializeToString()
+
+
+class EchoBaseline:
+    """A bare grpc.aio bidi echo stream to a subprocess server, kept open across rounds."""
+
+    async def __aenter__(self) -> EchoBaseline:
+        self._tmp = tempfile.TemporaryDirectory()
+        port_file = os.path.join(self._tmp.name, "port")
+        self._proc = subprocess.Popen([sys.executable, "-m", "hyperbroker.bench",
+                                       "--echo-server", port_file])
+        for _ in range(400):
+            if os.path.exists(port_file) and Path(port_file).read_text():
+                break
+            await asyncio.sleep(0.05)
+        port = int(Path(port_file).read_text())
+        self._channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        self._stream = self._channel.stream_stream(ECHO_METHOD)()
+        self._msg = call_sized_message()
+        return self
+
+    async def run(self, n: int) -> Figures:
+        stream, msg = self._stream, self._msg
+        for _ in range(100):  # warm-up
+            await stream.write(msg)
+            await stream.read()
+        lat: list[int] = []
+        t0 = time.perf_counter()
+        for _ in range(n):
+            t = time.perf_counter_ns()
+            await stream.write(msg)
+            await stream.read()
+            lat.append(time.perf_counter_ns() - t)
+        return _figures("grpc echo ping-pong (baseline)", 1, lat, time.perf_counter() - t0)
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._stream.cancel()
+        await self._channel.close()
+        self._proc.terminate()
+        self._proc.wait()
+        self._tmp.cleanup()
+
+
+# ---- full path ---------------------------------------------------------------------------------
+class LoadGenerator:
+    """Drives calls over one SEQPACKET connection with as little Python per call as possible."""
+
+    def __init__(self, client: VmmClient) -> None:
+        self.sock = client.sock
+        self.loop = asyncio.get_running_loop()
+        self.loop.remove_reader(self.sock.fileno())  # take the socket over from the client
+        self.waiters: dict[int, asyncio.Future[int]] = {}
+        self.loop.add_reader(self.sock.fileno(), self._readable)
+        self.errors = 0
+        self.timings: list[tuple[int, int, int, int]] = []  # agent, link, queue, handler ns
+
+    def _readable(self) -> None:
+        while True:
+            try:
+                data = self.sock.recv(65536)
+            except BlockingIOError:
+                return
+            tag = int.from_bytes(data[12:16], "little")
+            fut = self.waiters.pop(tag, None)
+            if data[6] == proto.MsgType.RESULT:
+                if data[16 + 16] != 0:  # outcome OK
+                    self.errors += 1
+                self.timings.append(TIMES.unpack_from(data, 16 + 168))
+            elif data[6] != proto.MsgType.PONG:
+                self.errors += 1
+            if fut is not None:
+                fut.set_result(time.perf_counter_ns())
+
+    async def ping(self, n: int) -> list[int]:
+        """VMM <-> agent round trips alone: PING is answered by the agent itself."""
+        lat = []
+        for i in range(n):
+            tag = 0xFF00_0000 + i
+            fut = self.loop.create_future()
+            self.waiters[tag] = fut
+            t = time.perf_counter_ns()
+            self.sock.send(proto.encode(proto.Ping(), tag))
+            lat.append(await fut - t)
+        return lat
+
+    async def vcpu(self, vm_id: int, vcpu: int, tag_base: int, n: int, lat: list[int]) -> None:
+        x = [RND64, 192] + [0] * 16
+        pack = proto.CALL.pack
+        header = proto.HEADER.pack
+        for seq in range(1, n + 1):
+            tag = tag_base + seq
+            fut = self.loop.create_future()
+            self.waiters[tag] = fut
+            frame = header(proto.MAGIC, proto.VERSION, proto.MsgType.CALL, proto.CALL.size, tag)
+            t = time.perf_counter_ns()
+            self.sock.send(frame + pack(vm_id, vcpu, seq, RND64, 0, 0, *x))
+            lat.append(await fut - t)
+
+
+async def full_path(agent_socket: Path, inflight: int, n: int, name: str) -> Figures:
+    client = await VmmClient.connect(str(agent_socket), "seqpacket")
+    ram = GuestRam(0x4000_0000, 1 << 20)
+    reg = await client.register(f"bench-{name}-{inflight}", inflight, "", ram)
+    gen = LoadGenerator(client)
+    per_vcpu = max(1, n // inflight)
+    warm: list[int] = []
+    await asyncio.gather(*(gen.vcpu(reg.vm_id, v, v << 24, 20, warm) for v in range(inflight)))
+    lat: list[int] = []
+    t0 = time.perf_counter()
+    await asyncio.gather(*(gen.vcpu(reg.vm_id, v, (v << 24) + 1000, per_vcpu, lat)
+                           for v in range(inflight)))
+    wall = time.perf_counter() - t0
+    timings = gen.timings[-len(lat):]
+    ping = await gen.ping(500) if inflight == 1 else []
+    gen.loop.remove_reader(client.sock.fileno())
+    client.sock.close()
+    ram.close()
+    if gen.errors:
+        raise RuntimeError(f"{gen.errors} calls did not end OK")
+    fig = _figures(f"VMM -> agent -> broker -> TRNG, {inflight} in flight", inflight, lat, wall)
+    fig.breakdown_us = {
+        name: statistics.median(t[i] for t in timings) / 1e3
+        for i, name in enumerate(("agent", "link", "broker_queue", "handler"))
+    }
+    if ping:
+        fig.breakdown_us["vmm_agent_ping_rtt"] = statistics.median(ping) / 1e3
+    return fig
+
+
+async def _bench(calls: int, inflights: list[int], rounds: int) -> list[list[Figures]]:
+    """`rounds` rounds, each measuring the baseline and every in-flight level back to back,
+    so that a noisy neighbour slows both sides of a ratio alike."""
+    out: list[list[Figures]] = []
+    with tempfile.TemporaryDirectory(prefix="hb-bench-") as tmp:
+        policy = Path(tmp) / "policy.yaml"
+        policy.write_text(BENCH_POLICY)
+        broker = start_broker(policy, Path(tmp) / "state", metrics=False)
+        agent = start_agent(broker.address, "bench-host", Path(tmp), metrics=False)
+        try:
+            async with EchoBaseline() as echo:
+                for r in range(rounds):
+                    row = [await echo.run(calls)]
+                    for k in inflights:
+                        row.append(await full_path(agent.socket, k, calls, f"r{r}"))
+                    out.append(row)
+        finally:
+            agent.process.stop()
+            broker.process.stop()
+    return out
+
+
+def _median_figures(column: list[Figures]) -> Figures:
+    return Figures(column[0].name, column[0].inflight, sum(f.calls for f in column),
+                   statistics.median(f.p50_us for f in column),
+                   statistics.median(f.p99_us for f in column),
+                   statistics.median(f.per_s for f in column))
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from hyperbroker.cli import run_async
+
+    rows: list[list[Figures]] = []
+
+    async def go() -> int:
+        rows.extend(await _bench(args.calls, args.inflight, args.rounds))
+        return 0
+
+    run_async(go())
+    out = [_median_figures([row[i] for row in rows]) for i in range(len(rows[0]))]
+    print(f"{args.rounds} rounds of {args.calls} calls each; medians over rounds")
+    print(f"{'path':58} {'in flight':>9} {'p50 us':>8} {'p99 us':>8} {'per s':>9}")
+    for f in out:
+        print(f"{f.name:58} {f.inflight:>9} {f.p50_us:>8.1f} {f.p99_us:>8.1f} {f.per_s:>9.0f}")
+    for f in out[1:]:
+        parts = [r.breakdown_us for r in (row[out.index(f)] for row in rows) if r.breakdown_us]
+        if parts:
+            keys = parts[0].keys()
+            print(f"  {f.inflight} in flight, median breakdown (us): " + ", ".join(
+                f"{k} {statistics.median(p[k] for p in parts):.1f}" for k in keys))
+    print()
+    ratios: dict[int, dict[str, float]] = {}
+    for i, f in enumerate(out[1:], start=1):
+        # The ratio of each round, then the median: both sides of a ratio share their round.
+        p50_ratio = statistics.median(row[i].p50_us / row[0].p50_us for row in rows)
+        rate_ratio = statistics.median(row[i].per_s / row[0].per_s for row in rows)
+        ratios[f.inflight] = {"p50_vs_baseline_rtt": p50_ratio, "rate_vs_baseline_rate": rate_ratio}
+        print(f"{f.inflight:>3} in flight: p50 = {p50_ratio:.2f} x baseline round trip, "
+              f"calls/s = {rate_ratio:.2f} x baseline messages/s")
+    if args.json:
+        Path(args.json).write_text(json.dumps(
+            {"rounds": [[asdict(f) for f in row] for row in rows],
+             "medians": [asdict(f) for f in out], "ratios": ratios}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--echo-server":
+        from hyperbroker.cli import run_async as _run
+
+        async def _serve() -> int:
+            await _echo_server(sys.argv[2])
+            return 0
+
+        sys.exit(_run(_serve()))

@@ -1,0 +1,132 @@
+"""Start broker and agent processes for the demo, the benchmark and the end-to-end tests.
+
+Each process prints one "ready" line on stdout (with the port it bound when asked for port 0);
+`start_*` waits for that line, so callers never race a process that is still starting, and
+`ManagedProcess.stop` always ends the process (SIGTERM, then SIGKILL) and collects its output.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class ManagedProcess:
+    name: str
+    proc: subprocess.Popen[str]
+    lines: list[str] = field(default_factory=list)
+    _reader: threading.Thread | None = None
+
+    def start_reader(self) -> None:
+        def pump() -> None:
+            assert self.proc.stdout is not None
+            for line in self.proc.stdout:
+                self.lines.append(line.rstrip("\n"))
+
+        self._reader = threading.Thread(target=pump, daemon=True)
+        self._reader.start()
+
+    def wait_for(self, pattern: str, timeout: float = 20.0) -> re.Match[str]:
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        seen = 0
+        while time.monotonic() < deadline:
+            for line in self.lines[seen:]:
+                m = rx.search(line)
+                if m:
+                    return m
+            seen = len(self.lines)
+            if self.proc.poll() is not None:
+                time.sleep(0.05)
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n"
+                                   + "\n".join(self.lines[-30:]))
+            time.sleep(0.01)
+        raise TimeoutError(f"{self.name} did not print /{pattern}/ within {timeout} s:\n"
+                           + "\n".join(self.lines[-30:]))
+
+    def signal(self, sig: int) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 10.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self._reader is not None:
+            self._reader.join(timeout=2)
+        return self.proc.returncode
+
+
+def _spawn(name: str, args: list[str], env: dict[str, str] | None = None) -> ManagedProcess:
+    full_env = dict(os.environ)
+    full_env.setdefault("PYTHONUNBUFFERED", "1")
+    if env:
+        full_env.update(env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hyperbroker.cli", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env,
+        start_new_session=True)
+    mp = ManagedProcess(name, proc)
+    mp.start_reader()
+    return mp
+
+
+@dataclass
+class Broker:
+    process: ManagedProcess
+    port: int
+    metrics_port: int | None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+def start_broker(policy: Path | None, state_dir: Path | None, *, port: int = 0,
+                 metrics: bool = True, log_level: str = "warning",
+                 extra: list[str] | None = None, env: dict[str, str] | None = None) -> Broker:
+    args = ["--log-level", log_level, "serve", "--listen", f"127.0.0.1:{port}"]
+    if policy is not None:
+        args += ["--policy", str(policy)]
+    args += ["--state-dir", str(state_dir)] if state_dir else ["--memory-store"]
+    if metrics:
+        args += ["--metrics-listen", "127.0.0.1:0"]
+    mp = _spawn("broker", args + (extra or []), env)
+    m = mp.wait_for(r"listening on [\d.]+:(\d+) policy v\d+(?: metrics on :(\d+))?")
+    return Broker(mp, int(m.group(1)), int(m.group(2)) if m.group(2) else None)
+
+
+@dataclass
+class AgentProcess:
+    process: ManagedProcess
+    socket: Path
+    stream_socket: Path
+    metrics_port: int | None
+
+
+def start_agent(broker_address: str, host_id: str, socket_dir: Path | None = None, *,
+                metrics: bool = True, log_level: str = "warning",
+                extra: list[str] | None = None, env: dict[str, str] | None = None
+                ) -> AgentProcess:
+    d = socket_dir or Path(tempfile.mkdtemp(prefix="hb-agent-"))
+    sock, stream = d / f"{host_id}.sock", d / f"{host_id}-stream.sock"
+    args = ["--log-level", log_level, "agent", "--broker", broker_address, "--host-id", host_id,
+            "--socket", str(sock), "--stream-socket", str(stream)]
+    if metrics:
+        args += ["--metrics-listen", "127.0.0.1:0"]
+    mp = _spawn(f"agent-{host_id}", args + (extra or []), env)
+    m = mp.wait_for(r"ready: .*?(?:metrics on :(\d+))?$")
+    return AgentProcess(mp, sock, stream, int(m.group(1)) if m.group(1) else None)
