@@ -28,7 +28,7 @@ def run_eagerly(coro: Coroutine[Any, Any, T], done: Done[T]) -> asyncio.Task[T] 
     except StopIteration as stop:
         done(stop.value, None)
         return None
-    except BaseException as exc:  # noqa: BLE001 - handed to `done`, which decides
+    except BaseException as exc:
         done(None, exc)
         return None
     current = [yielded]
