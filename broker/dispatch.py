@@ -94,7 +94,8 @@ class VmSession:
         self.nr_vcpus = reg.nr_vcpus
         self.regions = tuple((r.gpa, r.gpa + r.size, r.readonly) for r in reg.regions)
         self.vcpus = [VcpuRecord() for _ in range(reg.nr_vcpus)]
-        self.info = VmInfo(host, reg.name, reg.nr_vcpus, self.profile, pv.version)
+        self.info = VmInfo(host, reg.name, reg.nr_vcpus, self.profile, pv.version,
+                           tuple((r.gpa, r.size) for r in reg.regions))
         self.states: dict[str, StateDoc] = {}
         self.calls = 0
         cache = pv.caches.setdefault(self.profile, {})

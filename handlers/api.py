@@ -40,6 +40,7 @@ class VmInfo:
     nr_vcpus: int
     profile: str
     policy_version: int
+    regions: tuple[tuple[int, int], ...] = ()  # guest RAM as (gpa, size), from registration
 
     @property
     def key(self) -> str:
@@ -146,6 +147,9 @@ class Handler(abc.ABC):
 
     async def vm_destroyed(self, ctx: CallContext) -> None:  # noqa: B027 - optional hook
         """The VM is gone for good: release what it held (sessions, shares, records)."""
+
+    async def vm_reset(self, ctx: CallContext) -> None:  # noqa: B027 - optional hook
+        """The VM was reset (a SYSTEM_RESET action was carried out): forget per-boot state."""
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """The broker is stopping or this policy version is retired: release connections."""

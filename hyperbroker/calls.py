@@ -62,10 +62,11 @@ class ActionKind(enum.IntEnum):
     CPU_OFF = 2  # vcpu
     CPU_SUSPEND = 3  # vcpu, address = entry point, value = context id
     SYSTEM_OFF = 4
-    SYSTEM_RESET = 5  # value = reset type (PSCI SYSTEM_RESET2), address = cookie
+    SYSTEM_RESET = 5  # a cold reset (PSCI SYSTEM_RESET)
     SYSTEM_SUSPEND = 6  # vcpu, address = entry point, value = context id
     INJECT_IRQ = 7  # vcpu, value = interrupt number, address = level (0 or 1)
     SYSTEM_OFF2 = 8  # value = off type (PSCI SYSTEM_OFF2), address = cookie
+    SYSTEM_RESET2 = 9  # value = reset type (PSCI SYSTEM_RESET2), address = cookie
 
 
 @dataclass(frozen=True, slots=True)

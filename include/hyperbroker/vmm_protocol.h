@@ -146,10 +146,11 @@ enum hb_action_kind {
 	HB_ACTION_CPU_OFF        = 2, /* vcpu */
 	HB_ACTION_CPU_SUSPEND    = 3, /* vcpu; address = entry point; value = context id */
 	HB_ACTION_SYSTEM_OFF     = 4,
-	HB_ACTION_SYSTEM_RESET   = 5, /* value = reset type, address = cookie (SYSTEM_RESET2) */
+	HB_ACTION_SYSTEM_RESET   = 5, /* cold reset (PSCI SYSTEM_RESET) */
 	HB_ACTION_SYSTEM_SUSPEND = 6, /* vcpu; address = entry point; value = context id */
 	HB_ACTION_INJECT_IRQ     = 7, /* vcpu; value = INTID; address = level */
-	HB_ACTION_SYSTEM_OFF2    = 8, /* value = off type, address = cookie */
+	HB_ACTION_SYSTEM_OFF2    = 8, /* value = off type, address = cookie (PSCI SYSTEM_OFF2) */
+	HB_ACTION_SYSTEM_RESET2  = 9, /* value = reset type, address = cookie (PSCI SYSTEM_RESET2) */
 };
 
 struct hb_action {

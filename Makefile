@@ -1,0 +1,45 @@
+# hyperbroker: every target sets itself up from the project's own files.
+#   make demo   create the virtualenv, install, run the demo
+#   make test   the same set-up, then lint, type-check and the whole test suite
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+
+.PHONY: venv demo test lint typecheck unit proto proto-check bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: venv
+	$(BIN)/hyperbroker demo --duration 10
+
+test: venv lint typecheck
+	$(BIN)/pytest -q
+
+unit: venv
+	$(BIN)/pytest -q -m "not slow"
+
+lint: venv
+	$(BIN)/ruff check .
+
+typecheck: venv
+	$(BIN)/mypy
+
+proto: venv
+	$(BIN)/python scripts/gen_proto.py
+
+proto-check: venv
+	$(BIN)/python scripts/gen_proto.py --check
+
+bench: venv
+	$(BIN)/hyperbroker bench
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

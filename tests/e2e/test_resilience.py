@@ -1,0 +1,182 @@
+"""Failures on the path: a broker killed or stopped mid-call, restarted on its state, drained.
+
+Every call must end, with its result or its rule's fallback, within the rule's deadline; a
+re-sent call must be answered once; handlers must find their state where they left it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from hyperbroker import vmm_protocol as proto
+from hyperbroker.calls import Outcome
+from hyperbroker.procs import start_agent, start_broker
+from hyperbroker.smccc import to_s64
+from hyperbroker.v1 import broker_pb2, broker_pb2_grpc
+from hyperbroker.vmm_client import VmmClient
+from hyperbroker.vmm_protocol import ResultSource
+
+from .conftest import plugin_env
+
+pytestmark = pytest.mark.slow
+
+TRNG_RND64, INCREMENT, SLOW_INCREMENT = 0xC400_0053, 0x8200_0001, 0x8200_0002
+
+
+def restart(port: int, policy: Path, state: Path) -> object:
+    return start_broker(policy, state, port=port, env=plugin_env(), log_level="info")
+
+
+async def test_a_killed_broker_mid_calls_leaves_no_call_unanswered(
+        tmp_path: Path, policy_file: Path) -> None:
+    broker = start_broker(policy_file, tmp_path / "state", env=plugin_env())
+    agent = start_agent(broker.address, "host-k", tmp_path)
+    client = await VmmClient.connect(str(agent.socket), "seqpacket")
+    reg = await client.register("vm-k", 4)
+    outcomes: list[tuple[int, Outcome, ResultSource, float]] = []
+    stop = asyncio.Event()
+
+    async def vcpu(v: int) -> None:
+        fid, args = (SLOW_INCREMENT, [150]) if v == 0 else (TRNG_RND64, [64])
+        while not stop.is_set():
+            t = time.monotonic()
+            r = await client.call(reg.vm_id, v, fid, args, timeout=10)
+            outcomes.append((fid, r.outcome, ResultSource(r.timing.source), time.monotonic() - t))
+            await asyncio.sleep(0.01)
+
+    tasks = [asyncio.create_task(vcpu(v)) for v in range(4)]
+    try:
+        await asyncio.sleep(0.5)
+        broker.process.signal(signal.SIGKILL)
+        broker.process.stop()
+        await asyncio.sleep(1.0)  # calls now end with their fallback
+        during = len(outcomes)
+        broker = restart(broker.port, policy_file, tmp_path / "state")  # type: ignore[assignment]
+        await asyncio.sleep(1.5)  # the agent reconnects with backoff
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), 10)
+    finally:
+        client.close()
+        agent.process.stop()
+        broker.process.stop()  # type: ignore[attr-defined]
+    fallbacks = [o for o in outcomes if o[2] == ResultSource.FALLBACK]
+    assert fallbacks, "the broker was down for a second: some calls must have fallen back"
+    for fid, outcome, _, seconds in fallbacks:
+        deadline = 3.0 if fid == SLOW_INCREMENT else 0.3
+        assert outcome == Outcome.FALLBACK
+        assert seconds < deadline + 0.25, (hex(fid), seconds)
+    after = outcomes[during:]
+    assert any(o[2] == ResultSource.BROKER and o[1] == Outcome.OK for o in after[-8:]), \
+        "calls are served again once the broker is back"
+
+
+async def fake_agent(address: str, host: str, vm_name: str, version: int = 1
+                     ) -> tuple[grpc.aio.Channel, object]:
+    channel = grpc.aio.insecure_channel(address)
+    stream = broker_pb2_grpc.BrokerStub(channel).Connect()
+    await stream.write(broker_pb2.AgentFrame(hello=broker_pb2.AgentHello(host=host, protocol=1)))
+    welcome = await stream.read()
+    assert welcome.welcome.policy.version >= version
+    await stream.write(broker_pb2.AgentFrame(vms_registered=[broker_pb2.VmRegistered(
+        vm_id=7, name=vm_name, profile="default", policy_version=version, nr_vcpus=1)]))
+    return channel, stream
+
+
+async def call_once(stream: object, seq: int, fid: int = INCREMENT) -> proto.ResultMsg:
+    record = proto.CALL.pack(7, 0, seq, fid, 0, 0, fid, *[0] * 17)
+    await stream.write(broker_pb2.AgentFrame(calls=record))  # type: ignore[attr-defined]
+    while True:
+        frame = await stream.read()  # type: ignore[attr-defined]
+        if frame.results:
+            return proto.decode(proto.header(proto.MsgType.RESULT, 0, len(frame.results))
+                                + frame.results).message  # type: ignore[return-value]
+
+
+async def test_a_restarted_broker_answers_a_resent_call_from_its_record(
+        tmp_path: Path, policy_file: Path) -> None:
+    """Side effects happen once: the re-sent seq gets the recorded answer, not a new run."""
+    state = tmp_path / "state"
+    broker = start_broker(policy_file, state, env=plugin_env())
+    channel, stream = await fake_agent(broker.address, "host-r", "vm-r")
+    first = await call_once(stream, 5)
+    assert first.outcome == Outcome.OK and first.x[1] == 1
+    await channel.close()
+    broker.process.signal(signal.SIGKILL)
+    broker.process.stop()
+    broker = start_broker(policy_file, state, port=broker.port, env=plugin_env())
+    try:
+        channel, stream = await fake_agent(broker.address, "host-r", "vm-r")
+        again = await call_once(stream, 5)  # the agent re-sends: same seq
+        assert again.x[:4] == first.x[:4]  # the recorded answer, handler not run
+        nxt = await call_once(stream, 6)
+        assert nxt.x[1] == 2  # the handler's state is where it was left
+        assert nxt.x[2] == 1  # and this broker's handler ran exactly once
+        await channel.close()
+    finally:
+        broker.process.stop()
+
+
+async def test_the_agent_resends_a_call_the_broker_lost(tmp_path: Path,
+                                                         policy_file: Path) -> None:
+    broker = start_broker(policy_file, tmp_path / "state", env=plugin_env())
+    agent = start_agent(broker.address, "host-s", tmp_path)
+    client = await VmmClient.connect(str(agent.socket), "seqpacket")
+    try:
+        reg = await client.register("vm-s", 1)
+        call = asyncio.ensure_future(client.call(reg.vm_id, 0, SLOW_INCREMENT, [600]))
+        await asyncio.sleep(0.3)
+        broker.process.signal(signal.SIGKILL)
+        broker.process.stop()
+        broker = start_broker(policy_file, tmp_path / "state", port=broker.port,
+                              env=plugin_env())
+        r = await asyncio.wait_for(call, 10)
+        assert r.outcome == Outcome.OK and r.timing.source == ResultSource.BROKER
+        assert r.x[1] == 1  # the lost run never committed; the re-sent one did, once
+    finally:
+        client.close()
+        agent.process.stop()
+        broker.process.stop()
+
+
+async def test_sigterm_lets_in_flight_calls_finish(tmp_path: Path, policy_file: Path) -> None:
+    broker = start_broker(policy_file, tmp_path / "state", env=plugin_env(), log_level="info")
+    agent = start_agent(broker.address, "host-t", tmp_path)
+    client = await VmmClient.connect(str(agent.socket), "seqpacket")
+    try:
+        reg = await client.register("vm-t", 1)
+        call = asyncio.ensure_future(client.call(reg.vm_id, 0, SLOW_INCREMENT, [500]))
+        await asyncio.sleep(0.15)
+        broker.process.signal(signal.SIGTERM)
+        r = await asyncio.wait_for(call, 5)
+        assert r.outcome == Outcome.OK and r.timing.source == ResultSource.BROKER
+        assert broker.process.proc.wait(10) == 0
+        assert any("stopped" in line for line in broker.process.lines)
+    finally:
+        client.close()
+        agent.process.stop()
+        broker.process.stop()
+
+
+async def test_with_the_broker_gone_calls_get_their_fallback_within_the_deadline(
+        tmp_path: Path, policy_file: Path) -> None:
+    broker = start_broker(policy_file, tmp_path / "state", env=plugin_env())
+    agent = start_agent(broker.address, "host-f", tmp_path)
+    client = await VmmClient.connect(str(agent.stream_socket), "stream")
+    try:
+        reg = await client.register("vm-f", 1)
+        broker.process.stop()
+        t = time.monotonic()
+        r = await client.call(reg.vm_id, 0, INCREMENT)
+        elapsed = time.monotonic() - t
+        assert r.timing.source == ResultSource.FALLBACK and r.outcome == Outcome.FALLBACK
+        assert to_s64(r.x[0]) == -3 and r.x[1] == 0xFA11  # the rule's fallback registers
+        assert 2.9 < elapsed < 3.5  # the counter rule's 3000 ms deadline
+    finally:
+        client.close()
+        agent.process.stop()
