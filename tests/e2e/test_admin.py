@@ -1,0 +1,107 @@
+"""The Admin API, health checking and reflection of a running broker, and policy versions."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from hyperbroker.procs import AgentProcess, Broker
+from hyperbroker.v1 import admin_pb2, admin_pb2_grpc
+from hyperbroker.vmm_client import VmmClient
+
+from .conftest import POLICY
+
+pytestmark = pytest.mark.slow
+TRNG_RND64 = 0xC400_0053
+
+
+async def test_health_reports_serving_for_every_service(broker: Broker) -> None:
+    async with grpc.aio.insecure_channel(broker.address) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        for service in ("", "hyperbroker.v1.Broker", "hyperbroker.v1.Admin"):
+            r = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            assert r.status == health_pb2.HealthCheckResponse.SERVING, service
+
+
+async def test_reflection_lists_the_services(broker: Broker) -> None:
+    async with grpc.aio.insecure_channel(broker.address) as ch:
+        stub = reflection_pb2_grpc.ServerReflectionStub(ch)
+        call = stub.ServerReflectionInfo()
+        await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+        reply = await call.read()
+        await call.done_writing()
+        names = {s.name for s in reply.list_services_response.service}
+        assert {"hyperbroker.v1.Broker", "hyperbroker.v1.Admin", "grpc.health.v1.Health"} <= names
+
+
+async def test_validate_reports_every_error_with_the_kernels_errno(broker: Broker) -> None:
+    bad = """\
+handlers: {trng: {}}
+profiles:
+  default:
+    rules:
+      - {name: a, ranges: [{base: 0x86000100, count: 16}], action: deny}
+      - {name: b, ranges: [{base: 0x86000108, count: 16}], action: deny}
+      - {name: arch, functions: [0x80008000], action: deny}
+"""
+    async with grpc.aio.insecure_channel(broker.address) as ch:
+        report = await admin_pb2_grpc.AdminStub(ch).ValidatePolicy(
+            admin_pb2.PolicyText(yaml=bad), timeout=5)
+    assert not report.ok
+    assert all(e.errno_name == "EEXIST" for e in report.errors)
+    assert any(set(e.rules) == {"a", "b"} for e in report.errors)
+    assert any("arch" in e.rules for e in report.errors)
+
+
+async def test_a_new_policy_version_applies_to_vms_registered_after_it(
+        broker: Broker, agent: AgentProcess) -> None:
+    client = await VmmClient.connect(str(agent.socket), "seqpacket")
+    before = await client.register("vm-before", 1)
+    assert before.policy_version == 1
+    v2 = POLICY.replace("deadline_ms: 300}", "deadline_ms: 250}", 1)
+    async with grpc.aio.insecure_channel(broker.address) as ch:
+        admin = admin_pb2_grpc.AdminStub(ch)
+        report = await admin.ApplyPolicy(admin_pb2.PolicyText(yaml=v2), timeout=5)
+        assert report.ok and report.version == 2
+        for i in range(50):  # the broker pushes it to the agent
+            after_name = f"vm-after-{i}"
+            after = await client.register(after_name, 1)
+            if after.policy_version == 2:
+                break
+            await asyncio.sleep(0.05)
+        assert after.policy_version == 2
+        # Both VMs keep working, each under its own version.
+        for reg in (before, after):
+            assert (await client.call(reg.vm_id, 0, TRNG_RND64, [64])).outcome == 0
+        vms = {v.name: v for v in (await admin.ListVms(admin_pb2.ListVmsRequest(),
+                                                        timeout=5)).vms}
+        assert vms["vm-before"].policy_version == 1
+        assert vms[after_name].policy_version == 2
+        assert vms["vm-before"].calls == 1 and vms["vm-before"].vcpus[0].last_seq == 1
+        old = await admin.GetPolicy(admin_pb2.GetPolicyRequest(version=1), timeout=5)
+        assert old.version == 1 and "deadline_ms: 300}" in old.yaml
+        stats = await admin.GetStats(admin_pb2.GetStatsRequest(), timeout=5)
+        assert stats.policy_version == 2 and stats.calls >= 2 and stats.agents == 1
+        hosts = await admin.ListHosts(admin_pb2.ListHostsRequest(), timeout=5)
+        assert [(h.host, h.connected) for h in hosts.hosts] == [("host-a", True)]
+    client.close()
+
+
+def test_status_and_call_commands_work_against_running_processes(
+        broker: Broker, agent: AgentProcess) -> None:
+    call = subprocess.run([sys.executable, "-m", "hyperbroker.cli", "call", "--socket",
+                           str(agent.socket), "TRNG_RND64", "192"],
+                          capture_output=True, text=True, timeout=30)
+    assert call.returncode == 0, call.stderr
+    assert "TRNG_RND64 (0xc4000053) -> ok, answered by broker" in call.stdout
+    assert "latency: agent" in call.stdout and "handler" in call.stdout
+    status = subprocess.run([sys.executable, "-m", "hyperbroker.cli", "status", "--broker",
+                             broker.address], capture_output=True, text=True, timeout=30)
+    assert status.returncode == 0, status.stderr
+    assert "host-a" in status.stdout and "TRNG_RND64" in status.stdout
