@@ -79,6 +79,13 @@ class MemoryStore:
         return {vcpu: rec for (key, vcpu), rec in self._last.items() if key == vm_key}
 
     def commit(self, batch: StoreBatch) -> None:
+        # Refuse what SQLite would refuse, before changing anything (all or nothing).
+        docs = [*batch.vm_state.values(), *batch.shared_state.values()]
+        if any(doc is not None and not isinstance(doc, str) for doc in docs) or any(
+            not isinstance(seq, int) or not isinstance(blob, bytes)
+            for seq, blob in batch.last_results.values()
+        ):
+            raise TypeError("state documents are JSON text and results (int seq, bytes)")
         for k, doc in batch.vm_state.items():
             if doc is None:
                 self._vm.pop(k, None)

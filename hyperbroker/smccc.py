@@ -238,8 +238,10 @@ def default_function_name(fid: int) -> str:
         who = OWNER_NAMES[own]
     elif OWNER_TRUSTED_APP <= own < OWNER_TRUSTED_OS:
         who = "trusted-app"
-    else:
+    elif own >= OWNER_TRUSTED_OS:
         who = "trusted-os"
+    else:
+        who = "reserved"  # owners 7..47 (DEN0028 table 6-1)
     return f"{who}-{kind}{width}"
 
 

@@ -12,6 +12,7 @@ import enum
 import errno
 import struct
 from dataclasses import dataclass
+from typing import TypeVar
 
 from hyperbroker.calls import ActionKind, Outcome, VmmAction
 from hyperbroker.kvm import SMCCC_FILTER, SmcccFilter
@@ -353,6 +354,16 @@ def decode(frame: bytes | memoryview) -> Frame:
         raise
 
 
+E = TypeVar("E", bound=enum.IntEnum)
+
+
+def _enum(kind: type[E], value: int, what: str) -> E:
+    try:
+        return kind(value)
+    except ValueError:
+        raise ProtocolError(errno.EINVAL, f"unknown {what} {value}") from None
+
+
 def _need(payload: bytes, size: int, what: str, exact: bool = False) -> None:
     if len(payload) < size or (exact and len(payload) != size):
         raise ProtocolError(
@@ -374,12 +385,13 @@ def _decode_payload(kind: MsgType, p: bytes) -> Message:
         nr_actions = v[-2]
         _need(p, RESULT.size + nr_actions * ACTION.size, "RESULT", exact=True)
         actions = tuple(
-            VmmAction(ActionKind(k), cpu, addr, val)
+            VmmAction(_enum(ActionKind, k, "action kind"), cpu, addr, val)
             for k, cpu, addr, val in ACTION.iter_unpack(p[RESULT.size :])
         )
         return ResultMsg(
-            v[0], v[1], v[2], Outcome(v[3]), v[4], x,
-            Timing(t[0], t[1], t[2], t[3], t[4], t[5], ResultSource(t[6])), actions,
+            v[0], v[1], v[2], _enum(Outcome, v[3], "outcome"), v[4], x,
+            Timing(t[0], t[1], t[2], t[3], t[4], t[5], _enum(ResultSource, t[6], "source")),
+            actions,
         )
     if kind is MsgType.REGISTER_VM:
         _need(p, REGISTER_VM.size, "REGISTER_VM")
@@ -397,6 +409,8 @@ def _decode_payload(kind: MsgType, p: bytes) -> Message:
     if kind is MsgType.REGISTER_VM_REPLY:
         _need(p, REGISTER_VM_REPLY.size, "REGISTER_VM_REPLY")
         status, vm_id, version, nr, _ = REGISTER_VM_REPLY.unpack_from(p)
+        if nr > MAX_FILTERS:
+            raise ProtocolError(errno.EINVAL, f"{nr} filters exceed {MAX_FILTERS}")
         end = REGISTER_VM_REPLY.size + nr * SMCCC_FILTER.size
         _need(p, end, "REGISTER_VM_REPLY")
         filters = tuple(
@@ -430,6 +444,8 @@ def _decode_payload(kind: MsgType, p: bytes) -> Message:
     if kind is MsgType.MEM_READ_REPLY:
         _need(p, MEM_REPLY.size, "MEM_READ_REPLY")
         status, length = MEM_REPLY.unpack_from(p)
+        if length > MAX_MEM_CHUNK:
+            raise ProtocolError(errno.EMSGSIZE, f"{length} bytes exceed {MAX_MEM_CHUNK}")
         _need(p, MEM_REPLY.size + length, "MEM_READ_REPLY", exact=True)
         return MemReadReply(status, p[MEM_REPLY.size :])
     if kind is MsgType.ERROR:

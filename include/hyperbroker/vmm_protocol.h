@@ -29,6 +29,7 @@
 #define HB_NR_REGS          18u            /* x0..x17 */
 #define HB_MAX_REGIONS      64u
 #define HB_MAX_FILTERS      64u
+#define HB_MAX_VCPUS        512u
 #define HB_NAME_LEN         64u
 #define HB_PROFILE_LEN      32u
 
@@ -73,7 +74,7 @@ struct hb_mem_region {
 struct hb_register_vm {
 	char     name[HB_NAME_LEN];       /* NUL-padded; unique on this host, stable for the VM's life */
 	char     profile[HB_PROFILE_LEN]; /* NUL-padded policy profile; empty = "default" */
-	uint32_t nr_vcpus;                /* 1..512 */
+	uint32_t nr_vcpus;                /* 1..HB_MAX_VCPUS */
 	uint32_t flags;                   /* HB_REGISTER_* */
 	uint32_t nr_regions;              /* <= HB_MAX_REGIONS */
 	uint32_t reserved;                /* 0 */

@@ -45,20 +45,26 @@ async def test_a_killed_broker_mid_calls_leaves_no_call_unanswered(
     async def vcpu(v: int) -> None:
         fid, args = (SLOW_INCREMENT, [150]) if v == 0 else (TRNG_RND64, [64])
         while not stop.is_set():
-            t = time.monotonic()
             r = await client.call(reg.vm_id, v, fid, args, timeout=10)
-            outcomes.append((fid, r.outcome, ResultSource(r.timing.source), time.monotonic() - t))
+            # The agent's own clock: from the call's arrival to its answer.
+            outcomes.append((fid, r.outcome, ResultSource(r.timing.source),
+                             r.timing.agent_ns / 1e9))
             await asyncio.sleep(0.01)
 
     tasks = [asyncio.create_task(vcpu(v)) for v in range(4)]
     try:
         await asyncio.sleep(0.5)
         broker.process.signal(signal.SIGKILL)
-        broker.process.stop()
+        await asyncio.to_thread(broker.process.stop)
         await asyncio.sleep(1.0)  # calls now end with their fallback
         during = len(outcomes)
-        broker = restart(broker.port, policy_file, tmp_path / "state")  # type: ignore[assignment]
-        await asyncio.sleep(1.5)  # the agent reconnects with backoff
+        broker = await asyncio.to_thread(  # type: ignore[assignment]
+            restart, broker.port, policy_file, tmp_path / "state")
+        for _ in range(100):  # the agent reconnects with jittered backoff
+            if any(o[2] == ResultSource.BROKER for o in outcomes[during:]):
+                break
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.3)
         stop.set()
         await asyncio.wait_for(asyncio.gather(*tasks), 10)
     finally:
@@ -70,9 +76,8 @@ async def test_a_killed_broker_mid_calls_leaves_no_call_unanswered(
     for fid, outcome, _, seconds in fallbacks:
         deadline = 3.0 if fid == SLOW_INCREMENT else 0.3
         assert outcome == Outcome.FALLBACK
-        assert seconds < deadline + 0.25, (hex(fid), seconds)
-    after = outcomes[during:]
-    assert any(o[2] == ResultSource.BROKER and o[1] == Outcome.OK for o in after[-8:]), \
+        assert deadline - 0.005 <= seconds < deadline + 0.1, (hex(fid), seconds)
+    assert any(o[2] == ResultSource.BROKER and o[1] == Outcome.OK for o in outcomes[during:]), \
         "calls are served again once the broker is back"
 
 
