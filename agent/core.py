@@ -48,6 +48,7 @@ NR_ACTIONS_OFFSET = 216
 CALL_PREFIX = proto.HEADER.pack(proto.MAGIC, proto.VERSION, proto.MsgType.CALL,
                                 proto.CALL.size, 0)[:12]
 MEMORY_RELAY_TIMEOUT_S = 1.5
+LINK_DOWN_GRACE_S = 0.5  # a stream down longer than this is an outage, not a reconnect
 REGISTER_WAIT_S = 10.0
 OUTCOME_LABELS = metrics.OUTCOMES
 ZERO_X = (0,) * NR_ARGS
@@ -387,6 +388,12 @@ class Agent:
         p = Pending(vm, conn, tag, vcpu, seq, fid, record, rule, t_recv)
         if vm.rejected is not None:
             metrics.FALLBACK_REJECTED.inc()
+            self._fallback(p, Outcome.FALLBACK)
+            return
+        if self.link.down_for() > LINK_DOWN_GRACE_S:
+            # Not a blip: the broker has been unreachable for a while. Waiting out the
+            # deadline would only stall the vCPU; answer with the fallback now.
+            metrics.FALLBACK_DISCONNECTED.inc()
             self._fallback(p, Outcome.FALLBACK)
             return
         vm.pending[vcpu] = p

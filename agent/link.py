@@ -60,6 +60,7 @@ class BrokerLink:
             self.channel = grpc.aio.insecure_channel(target, options)
         self.stub = broker_pb2_grpc.BrokerStub(self.channel)
         self.up = False
+        self.down_since = time.monotonic()
         self.connects = 0
         self.frame = broker_pb2.AgentFrame()
         self.calls: list[bytes] = []  # hb_call records for the frame being built
@@ -69,6 +70,10 @@ class BrokerLink:
         self._call: grpc.aio.StreamStreamCall[broker_pb2.AgentFrame,
                                               broker_pb2.BrokerFrame] | None = None
         self.on_up: Callable[[], None] | None = None
+
+    def down_for(self) -> float:
+        """Seconds the stream has been down; 0 while it is up."""
+        return 0.0 if self.up else time.monotonic() - self.down_since
 
     # -- building the outbound frame (only while up; replay rebuilds it after a reconnect) --
     def mark(self) -> None:
@@ -95,6 +100,7 @@ class BrokerLink:
             finally:
                 if self.up:
                     self.up = False
+                    self.down_since = time.monotonic()
                     metrics.STREAM_UP.set(0)
                     self.owner.on_link_down()
             if self._stopping:

@@ -244,6 +244,7 @@ class HostSession:
         self.writer: FrameWriter | None = None
         self.peer = ""
         self.connected_since_ns = 0
+        self.disconnected_at: float | None = None
         self.calls = 0
         self._frame = broker_pb2.BrokerFrame()
         self._results: list[bytes] = []
@@ -287,6 +288,7 @@ class HostSession:
         self.writer = writer
         self.peer = peer
         self.connected_since_ns = time.time_ns()
+        self.disconnected_at = None
         self.stream_generation += 1
         # Guest-memory requests the old stream never answered go out again on this one.
         for request, fut in self._memory.values():
@@ -298,6 +300,7 @@ class HostSession:
     def detach(self, writer: FrameWriter) -> None:
         if self.writer is writer:
             self.writer = None
+            self.disconnected_at = time.monotonic()
 
     async def run_writer(self, writer: FrameWriter, flush_store: Callable[[], None]) -> None:
         """Write what handlers finish later, for as long as `writer` is current."""
@@ -396,6 +399,20 @@ class Dispatcher:
         if session is None:
             session = self.hosts[name] = HostSession(name)
         return session
+
+    def expire_hosts(self, expiry_s: float) -> None:
+        """Hosts whose agent has been away longer than `expiry_s` are gone: clean up their VMs."""
+        now = time.monotonic()
+        for name, session in list(self.hosts.items()):
+            if session.writer is not None or session.disconnected_at is None:
+                continue
+            if now - session.disconnected_at < expiry_s:
+                continue
+            log.warning("host %s away for %.0f s: destroying its %d VMs", name,
+                        now - session.disconnected_at, len(session.vms))
+            for vm_id in list(session.vms):
+                self.destroy_vm(session, vm_id)
+            del self.hosts[name]
 
     def register_vm(self, host: HostSession, reg: broker_pb2.VmRegistered) -> None:
         pv = self.policies.get(reg.policy_version)

@@ -45,12 +45,9 @@ class PolicyRegistry:
         """Make `text` the current policy; the same text as the current one keeps its version."""
         policy = self.validate(text)
         digest = hashlib.sha256(text.encode()).hexdigest()
-        latest = self.store.latest_policy()
-        if latest is not None and latest.digest == digest:
-            version = latest.version
-        else:
-            version = self.store.add_policy(text, digest)
-            log.info("policy version %d applied (sha256 %s)", version, digest[:12])
+        version = self.store.add_policy(text, digest)
+        if self.current is None or self.current.version != version:
+            log.info("policy version %d current (sha256 %s)", version, digest[:12])
         pv = self._versions.get(version)
         if pv is None:
             pv = PolicyVersion(version, policy, to_proto(policy, version))
@@ -80,6 +77,18 @@ class PolicyRegistry:
         policy = load_policy(stored.text, self.plugins)
         pv = PolicyVersion(version, policy, to_proto(policy, version))
         self._versions[version] = pv
+        return pv
+
+    def refresh(self) -> PolicyVersion | None:
+        """A newer version another broker process stored, made current here; else None."""
+        latest = self.store.latest_policy()
+        if latest is None or (self.current is not None and latest.version <= self.current.version):
+            return None
+        pv = self.get(latest.version)
+        if pv is not None:
+            self.current = pv
+            metrics.POLICY_VERSION.set(pv.version)
+            log.info("policy version %d found in the store, now current", pv.version)
         return pv
 
     def all_handlers(self) -> list[Handler]:

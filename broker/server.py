@@ -48,6 +48,8 @@ class BrokerConfig:
     tls: TlsFiles | None = None
     drain_grace_s: float = 5.0
     reuse_port: bool = False
+    host_expiry_s: float = 600.0  # a host away this long is gone: its VMs are cleaned up
+    housekeeping_s: float = 2.0  # how often to look for newer policies and expired hosts
 
 
 def split_hostport(text: str) -> tuple[str, int]:
@@ -109,6 +111,19 @@ class BrokerServer:
     def stop(self) -> None:
         self._stop.set()
 
+    async def housekeeping(self) -> None:
+        """Pick up policy versions other broker processes stored; forget hosts gone for good."""
+        while True:
+            await asyncio.sleep(self.config.housekeeping_s)
+            try:
+                pv = self.policies.refresh()
+                if pv is not None:
+                    for session in self.dispatcher.hosts.values():
+                        session.queue_policy(pv.compiled)
+                self.dispatcher.expire_hosts(self.config.host_expiry_s)
+            except Exception:
+                log.exception("housekeeping failed; retrying")
+
     async def wait_and_drain(self) -> None:
         await self._stop.wait()
         log.info("draining: no new streams, finishing in-flight calls")
@@ -139,5 +154,7 @@ async def serve(config: BrokerConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, server.stop)
     await server.start()
+    housekeeping = asyncio.create_task(server.housekeeping())
     await server.wait_and_drain()
+    housekeeping.cancel()
     return 0

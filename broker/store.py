@@ -37,7 +37,11 @@ class StoreBatch:
 
 
 class Store(Protocol):
-    def add_policy(self, text: str, digest: str) -> int: ...
+    def add_policy(self, text: str, digest: str) -> int:
+        """A new version for `text`, unless the newest version already has this digest (then
+        that version); atomic, so processes starting together on one store agree."""
+        ...
+
     def get_policy(self, version: int) -> StoredPolicy | None: ...
     def latest_policy(self) -> StoredPolicy | None: ...
     def load_vm_state(self, vm_key: str, handler: str) -> str | None: ...
@@ -59,6 +63,8 @@ class MemoryStore:
         self.commits = 0
 
     def add_policy(self, text: str, digest: str) -> int:
+        if self._policies and self._policies[-1].digest == digest:
+            return self._policies[-1].version
         version = len(self._policies) + 1
         self._policies.append(StoredPolicy(version, text, digest))
         return version
@@ -157,12 +163,25 @@ class SqliteStore:
 
     def add_policy(self, text: str, digest: str) -> int:
         with self._lock:
-            cur = self._db.execute(
-                "INSERT INTO policies (text, digest, created_unix_ns) VALUES (?, ?, ?)",
-                (text, digest, time.time_ns()),
-            )
-            assert cur.lastrowid is not None
-            return cur.lastrowid
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                row = self._db.execute(
+                    "SELECT version, digest FROM policies ORDER BY version DESC LIMIT 1"
+                ).fetchone()
+                if row is not None and row[1] == digest:
+                    version = int(row[0])
+                else:
+                    cur = self._db.execute(
+                        "INSERT INTO policies (text, digest, created_unix_ns) VALUES (?, ?, ?)",
+                        (text, digest, time.time_ns()),
+                    )
+                    assert cur.lastrowid is not None
+                    version = cur.lastrowid
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            return version
 
     def get_policy(self, version: int) -> StoredPolicy | None:
         row = self._db.execute(

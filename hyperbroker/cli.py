@@ -45,8 +45,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         metrics_listen=args.metrics_listen,
         tls=_tls(args),
         drain_grace_s=args.drain_grace,
-        reuse_port=args.reuse_port,
+        reuse_port=args.reuse_port or args.workers > 1,
+        host_expiry_s=args.host_expiry,
     )
+    if args.workers > 1:
+        from broker.workers import run_workers
+
+        if args.listen.endswith(":0"):
+            print("hyperbroker serve: --workers needs a fixed --listen port", file=sys.stderr)
+            return 2
+        return run_workers(args.workers, sys.argv[1:])
     return run_async(serve(config))
 
 
@@ -99,6 +107,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.duration, args.vms)
 
 
+def cmd_tee_serve(args: argparse.Namespace) -> int:
+    from tee.server import main as tee_main
+
+    return int(tee_main(args.tee_args))
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from hyperbroker.bench import run_bench
 
@@ -124,6 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds in-flight calls get on SIGTERM")
     p.add_argument("--reuse-port", action="store_true",
                    help="SO_REUSEPORT: several broker processes share one port")
+    p.add_argument("--workers", type=int, default=1,
+                   help="broker processes on this machine sharing the port (SO_REUSEPORT) and "
+                        "the state directory; metrics ports count up from --metrics-listen")
+    p.add_argument("--host-expiry", type=float, default=600.0,
+                   help="seconds a host's agent may be away before its VMs are cleaned up")
     _tls_args(p)
     p.set_defaults(func=cmd_serve)
 
@@ -173,6 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="boot a real arm64 guest under KVM (QEMU) instead of simulated ones")
     p.set_defaults(func=cmd_demo)
 
+    p = sub.add_parser("tee-serve", help="run the reference TEE service (OP-TEE proxy backend)",
+                       add_help=False)
+    p.add_argument("tee_args", nargs=argparse.REMAINDER,
+                   help="the TEE service's own arguments (tee-serve --help)")
+    p.set_defaults(func=cmd_tee_serve)
+
     p = sub.add_parser("bench", help="full-path benchmark against a bare gRPC baseline")
     p.add_argument("--calls", type=int, default=3000, help="calls per measurement")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians reported)")
@@ -183,7 +208,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "tee-serve" in argv:  # its arguments are the TEE service's own, passed through whole
+        i = argv.index("tee-serve")
+        args = build_parser().parse_args([*argv[:i], "tee-serve"])
+        args.tee_args = argv[i + 1 :]
+    else:
+        args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -13,7 +13,9 @@ answers: checks live in tests/kvm_bed, and the VMM's record format in vmm/arm64/
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
+import fcntl
 import gzip
 import json
 import os
@@ -61,7 +63,7 @@ QEMU = "qemu-system-aarch64"
 QEMU_MACHINE = ["-M", "virt,virtualization=on,gic-version=3", "-cpu", "max,pauth-impdef=on"]
 AGENT_PORT_NAME = "agent"  # vmm/arm64/src/main.c looks the port up by this name
 KERNEL_ARGS = "console=ttyAMA0 rdinit=/init panic=-1 quiet loglevel=1"
-MAX_CMDLINE = 2000  # arm64 COMMAND_LINE_SIZE is 2048
+PR_SET_PDEATHSIG = 1  # include/uapi/linux/prctl.h
 
 HB_RECORD = re.compile(r"^HB (?:g\[(?P<guest>[^\]]*)\] )?(?P<rest>.*)$")
 KEY_VALUE = re.compile(r'(\w+)=("([^"]*)"|\S*)')
@@ -305,8 +307,10 @@ def build_vmm() -> Path:
     return VMM_BUILD_DIR
 
 
-def guest_programs(build: Path = VMM_BUILD_DIR) -> list[str]:
-    return sorted(p.stem for p in (build / "guests").glob("*.bin"))
+def guest_programs() -> list[str]:
+    """Every guest program: one source file each in vmm/arm64/guests (NAME.c or NAME.S)."""
+    sources = (VMM_DIR / "guests").iterdir()
+    return sorted(p.stem for p in sources if p.suffix in (".c", ".S") and p.is_file())
 
 
 def _newc_entry(name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0),
@@ -320,8 +324,9 @@ def _newc_entry(name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] =
     return head + data + b"\0" * (-len(data) % 4)
 
 
-def build_initramfs(build: Path, out: Path) -> Path:
-    """/init (the VMM), /dev/console (char 5:1, so /init has a console), /guests/*.bin."""
+def build_initramfs(build: Path, out: Path, guests: Iterable[str] | None = None) -> Path:
+    """/init (the VMM), /dev/console (char 5:1, so /init has a console), /guests/NAME.bin for
+    each of `guests` (default: every guest program)."""
     entries: list[tuple[str, int, bytes, tuple[int, int]]] = [
         ("dev", 0o040755, b"", (0, 0)),
         ("dev/console", 0o020600, b"", (5, 1)),
@@ -330,7 +335,7 @@ def build_initramfs(build: Path, out: Path) -> Path:
         ("guests", 0o040755, b"", (0, 0)),
         ("init", 0o100755, (build / "hb-vmm").read_bytes(), (0, 0)),
     ]
-    for name in guest_programs(build):
+    for name in guest_programs() if guests is None else guests:
         entries.append(
             (f"guests/{name}.bin", 0o100644, (build / "guests" / f"{name}.bin").read_bytes(),
              (0, 0))
@@ -354,13 +359,20 @@ class Artifacts:
 
 
 def prepare(cache: Path | None = None) -> Artifacts:
-    """Everything a boot needs: packages, kernel, VMM, guests, initramfs."""
+    """Everything a boot needs: packages, kernel, VMM, guests, initramfs.
+
+    Serialised by a lock file in the cache, so two test runs on one machine never fetch,
+    build or write the initramfs at the same time.
+    """
     cache = cache or cache_dir()
-    ensure_host_packages()
-    kernel = fetch_kernel(cache)
-    build = build_vmm()
-    initramfs = build_initramfs(build, cache / "initramfs.cpio.gz")
-    return Artifacts(kernel, initramfs, tuple(guest_programs(build)))
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        ensure_host_packages()
+        kernel = fetch_kernel(cache)
+        build = build_vmm()
+        initramfs = build_initramfs(build, cache / "initramfs.cpio.gz")
+        return Artifacts(kernel, initramfs, tuple(guest_programs()))
 
 
 # --------------------------------------------------------------------------- plans
@@ -428,6 +440,7 @@ class CallRecord:
     conduit: str
     x: tuple[int, int, int, int]
     ns: int
+    profile: str = ""  # the policy profile of the VM that made it ("-" when the VMM answered)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -455,6 +468,10 @@ class RunRecord:
     link_failures: int
     fids: Mapping[int, int]
     run_ms: int
+    profile: str = ""
+    mem_reads: int = 0  # the agent's guest-memory requests the VMM served in this run
+    mem_writes: int = 0
+    mem_refused: int = 0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -480,21 +497,32 @@ class BootResult:
     filters: list[dict[str, str]] = dataclasses.field(default_factory=list)
     registrations: list[dict[str, str]] = dataclasses.field(default_factory=list)
     refusals: list[dict[str, str]] = dataclasses.field(default_factory=list)
+    actions: list[dict[str, str]] = dataclasses.field(default_factory=list)
+    destroyed: list[dict[str, str]] = dataclasses.field(default_factory=list)
     problems: list[str] = dataclasses.field(default_factory=list)
     done: dict[str, str] | None = None
     current_vm: dict[str, str] = dataclasses.field(default_factory=dict)
 
-    def call(self, guest: str, label: str) -> CallRecord:
-        found = [c for c in self.calls if c.guest == guest and c.label == label]
+    def call(self, guest: str, label: str, profile: str | None = None) -> CallRecord:
+        """The last call `label` of `guest` (run under `profile`, if given)."""
+        found = [c for c in self.calls if c.guest == guest and c.label == label
+                 and profile in (None, c.profile)]
         if not found:
-            raise KeyError(f"no call {label!r} from guest {guest!r}; console:\n{self.console()}")
+            raise KeyError(f"no call {label!r} from guest {guest!r} (profile {profile}); "
+                           f"console:\n{self.console()}")
         return found[-1]
 
-    def run(self, guest: str) -> RunRecord:
-        found = [r for r in self.runs if r.guest == guest]
+    def run(self, guest: str, profile: str | None = None) -> RunRecord:
+        found = [r for r in self.runs if r.guest == guest and profile in (None, r.profile)]
         if not found:
-            raise KeyError(f"no run of guest {guest!r}; console:\n{self.console()}")
+            raise KeyError(f"no run of guest {guest!r} (profile {profile}); "
+                           f"console:\n{self.console()}")
         return found[-1]
+
+    def actions_of(self, guest: str, profile: str | None = None) -> list[dict[str, str]]:
+        """The VMM actions carried out for `guest`'s runs, in order."""
+        return [a for a in self.actions if a.get("guest") == guest
+                and profile in (None, a.get("profile"))]
 
     def samples_of(self, source: str, *, fid: int | None = None,
                    local: bool | None = None) -> Samples:
@@ -529,7 +557,7 @@ def parse_record(result: BootResult, line: str) -> None:
             x = tuple(_int(f.get(f"x{i}")) for i in range(4))
             result.calls.append(CallRecord(
                 guest, f.get("label", ""), _int(f.get("fid")), f.get("conduit", "hvc"),
-                (x[0], x[1], x[2], x[3]), _int(f.get("ns")),
+                (x[0], x[1], x[2], x[3]), _int(f.get("ns")), result.current_vm.get("profile", ""),
             ))
         elif kind == "samples":
             result.samples.append(Samples(
@@ -552,7 +580,8 @@ def parse_record(result: BootResult, line: str) -> None:
         result.runs.append(RunRecord(
             f.get("guest", ""), f.get("reason", ""), _int(f.get("status")),
             f.get("ok") == "1", _int(f.get("hypercalls")), _int(f.get("link_failures")),
-            fids, _int(f.get("run_ms")),
+            fids, _int(f.get("run_ms")), result.current_vm.get("profile", ""),
+            _int(f.get("mem_reads")), _int(f.get("mem_writes")), _int(f.get("mem_refused")),
         ))
     elif kind == "probe":
         result.probes.append(ProbeRecord(_int(f.get("index")), f.get("ran") == "1",
@@ -566,10 +595,14 @@ def parse_record(result: BootResult, line: str) -> None:
         ))
     elif kind == "filter":
         result.filters.append(f)
+    elif kind == "action":
+        result.actions.append({**f, "profile": result.current_vm.get("profile", "")})
     elif kind == "registered":
         result.registrations.append(f)
     elif kind == "register-refused":
         result.refusals.append(f)
+    elif kind == "destroyed":
+        result.destroyed.append(f)
     elif kind == "boot":
         result.init_seconds = result.seconds
     elif kind == "done":
@@ -673,16 +706,29 @@ class Services:
 # --------------------------------------------------------------------------- boot
 
 
-def qemu_command(artifacts: Artifacts, plan: Sequence[str],
-                 agent_socket: Path | None) -> list[str]:
-    cmdline = KERNEL_ARGS + (" -- " + " ".join(plan) if plan else "")
-    if len(cmdline) > MAX_CMDLINE:
-        raise BedError(f"the plan makes a {len(cmdline)}-byte kernel command line")
+def plan_initrd(artifacts: Artifacts, plan: Sequence[str], out: Path) -> Path:
+    """The bed's initramfs with /plan (one step a line) appended as a second archive.
+
+    The kernel unpacks concatenated (compressed) cpio archives in order (buffer-format.rst), so
+    a boot's plan costs one small archive, and no plan is bound by the command line's size.
+    """
+    if any("\n" in step for step in plan):
+        raise BedError("a plan step cannot hold a newline")
+    extra = gzip.compress(
+        _newc_entry("plan", 0o100644, "".join(f"{step}\n" for step in plan).encode(), ino=1)
+        + _newc_entry("TRAILER!!!", 0),
+        mtime=0,
+    )
+    out.write_bytes(artifacts.initramfs.read_bytes() + extra)
+    return out
+
+
+def qemu_command(artifacts: Artifacts, initrd: Path, agent_socket: Path | None) -> list[str]:
     cmd = [
         QEMU, *QEMU_MACHINE, "-smp", "1", "-m", "512", "-display", "none", "-monitor", "none",
         "-serial", "stdio", "-no-reboot", "-nic", "none",
-        "-kernel", str(artifacts.kernel.image), "-initrd", str(artifacts.initramfs),
-        "-append", cmdline,
+        "-kernel", str(artifacts.kernel.image), "-initrd", str(initrd),
+        "-append", KERNEL_ARGS,
     ]
     if agent_socket is not None:
         cmd += [
@@ -691,6 +737,12 @@ def qemu_command(artifacts: Artifacts, plan: Sequence[str],
             "-device", f"virtserialport,chardev=agent,name={AGENT_PORT_NAME}",
         ]
     return cmd
+
+
+def _die_with_parent() -> None:
+    """In the QEMU child: SIGKILL it if the harness dies (prctl PR_SET_PDEATHSIG)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _pump(stream: IO[bytes], lines: queue.Queue[str | None]) -> None:
@@ -708,10 +760,18 @@ def boot(artifacts: Artifacts, plan: Sequence[str], *, agent_socket: Path | None
     when it returns. QEMU is killed by its PID however this ends.
     """
     result = BootResult([], None, 0.0)
+    with tempfile.TemporaryDirectory(prefix="hb-bed-") as tmp:
+        initrd = plan_initrd(artifacts, plan, Path(tmp) / "initrd.cpio.gz")
+        return _boot(artifacts, initrd, agent_socket, timeout, on_wait, on_line, result)
+
+
+def _boot(artifacts: Artifacts, initrd: Path, agent_socket: Path | None, timeout: float,
+          on_wait: Callable[[str], None] | None, on_line: Callable[[str], None] | None,
+          result: BootResult) -> BootResult:
     started = time.monotonic()
     proc = subprocess.Popen(
-        qemu_command(artifacts, plan, agent_socket), stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        qemu_command(artifacts, initrd, agent_socket), stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
     )
     lines: queue.Queue[str | None] = queue.Queue()
     assert proc.stdout is not None and proc.stdin is not None
@@ -868,6 +928,9 @@ def run_demo(duration: float | None) -> int:
             services.start()
             assert services.broker is not None
             print(f"broker on {services.broker.address}, agent on {services.stream_socket}")
+            print("the guest calls TRNG (forwarded; VERSION and GET_UUID answered by the agent, "
+                  "the rest by the broker), 0x86000100 (denied by the kernel filter: no exit) "
+                  "and 0x8400005f (forwarded, no handler serves it)")
             counted = {"calls": 0}
             last_report = [time.monotonic()]
 
