@@ -122,6 +122,8 @@ class Agent:
         self.connections: set[VmmConnection] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self.late_results = 0
+        metrics.IN_FLIGHT.set_function(lambda: sum(
+            p is not None for vm in self.vms.values() for p in vm.pending))
         self._loop = asyncio.get_running_loop()
 
     # ---- lifecycle -----------------------------------------------------------------------
@@ -348,7 +350,6 @@ class Agent:
                 if p.timer is not None:
                     p.timer.cancel()
                 vm.pending[i] = None
-                metrics.IN_FLIGHT.dec()
         if vm.ram is not None:
             vm.ram.close()
         metrics.VMS.dec()
@@ -397,7 +398,6 @@ class Agent:
             self._fallback(p, Outcome.FALLBACK)
             return
         vm.pending[vcpu] = p
-        metrics.IN_FLIGHT.inc()
         p.timer = self._loop.call_later(rule.deadline_s, self._expire, p)
         link = self.link
         if link.up:
@@ -411,7 +411,6 @@ class Agent:
         if vm.pending[p.vcpu] is not p:
             return
         vm.pending[p.vcpu] = None
-        metrics.IN_FLIGHT.dec()
         (metrics.FALLBACK_DEADLINE if self.link.up else metrics.FALLBACK_DISCONNECTED).inc()
         log.warning("vm %s vcpu %d: fid %#x seq %d got no answer in %.0f ms: fallback (%s)",
                     vm.name, p.vcpu, p.fid, p.seq, p.rule.deadline_s * 1e3,
@@ -435,7 +434,6 @@ class Agent:
         if p.timer is not None:
             p.timer.cancel()
         vm.pending[vcpu] = None
-        metrics.IN_FLIGHT.dec()
         if writes is not None:
             try:
                 self._apply_writes(vm, writes.writes)

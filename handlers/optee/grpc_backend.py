@@ -152,7 +152,7 @@ class GrpcTeeBackend:
             if self._channel is not None:
                 _forget(self.spec, self._channel)
             self._channel = _acquire(self.spec)
-            self._stub = tee_pb2_grpc.TeeBackendStub(self._channel)  # type: ignore[no-untyped-call]
+            self._stub = tee_pb2_grpc.TeeBackendStub(self._channel)
             self._loop = loop
         return self._stub
 

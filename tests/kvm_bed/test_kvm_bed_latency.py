@@ -1,6 +1,6 @@
 """Latency on the real bed: guest-observed round trips of forwarded calls (median of 1000)
 next to the in-L1 round trip of a call the VMM answers itself (issue 3 item 4). The figures go
-to .cache/kvm-bed/latency.{json,md}; docs/performance-kvm-bed.md carries a recorded run.
+to .cache/kvm-bed/latency.{json,md}; docs/performance.md carries a recorded run.
 """
 
 from __future__ import annotations
