@@ -4,10 +4,11 @@ A policy names handler instances and profiles of rules; a VM registers with one 
 rules become that VM's KVM SMCCC filter records (DENY and FWD_TO_USER), the broker's dispatch
 table and the agent's deadlines, fallbacks and static answers (DESIGN.md "Policy"). Validation
 mirrors kvm_smccc_set_filter() exactly (reference/kvm-smccc.md §1.2, §1.3, §9) and adds the rules
-KVM cannot see: a handler owns its ABI ranges whole, and every forward has a handler that serves
-it. All errors are collected, each naming the profile, the rules, the ranges and the errno KVM
-would answer. It is pure: text and plugin classes in, values out; it knows nothing of files,
-sockets, gRPC streams or how a VMM installs the records.
+KVM cannot see: a handler owns its ABI ranges whole, every forward has a handler that serves
+it, and every discovery answer of a forwarded handler claims only functions the profile serves
+(docs/policy.md "Discovery that never lies"). All errors are collected, each naming the profile,
+the rules, the ranges and the errno KVM would answer. It is pure: text and plugin classes in,
+values out; it knows nothing of files, sockets, gRPC streams or how a VMM installs the records.
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ import dataclasses
 import difflib
 import enum
 import hashlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, TypeGuard
+from typing import Any, TypeGuard, TypeVar
 
 import yaml
 
@@ -57,6 +59,12 @@ NOT_SUPPORTED_FALLBACK = Result.regs(NOT_SUPPORTED_U64, outcome=Outcome.FALLBACK
 NAME_SCAN_LIMIT = 1 << 20
 
 _KNOWN_NAMES: Mapping[int, str] = {fid: name for name, fid in KNOWN_FUNCTIONS.items()}
+
+# SMCCC_VERSION and SMCCC_ARCH_FEATURES: inside the Arm-architecture range KVM keeps in every
+# filter (reference/kvm-smccc.md §1.3, §4.3), so the kernel serves them in every profile and a
+# handler may claim them (Linux asks PSCI_FEATURES(SMCCC_VERSION) before it uses SMCCC 1.1).
+KERNEL_SERVED = frozenset(KNOWN_FUNCTIONS[n] for n in ("SMCCC_VERSION", "SMCCC_ARCH_FEATURES"))
+KERNEL = "kernel"  # DiscoveryClaim.served_by for KERNEL_SERVED IDs
 
 
 class Action(enum.Enum):
@@ -115,12 +123,23 @@ class DispatchEntry:
 
 
 @dataclass(frozen=True)
+class DiscoveryClaim:
+    """What one discovery call of a forwarded handler tells the guest is served, and who serves
+    each claimed ID in the profile: a handler instance, or KERNEL for KERNEL_SERVED."""
+
+    handler: str  # the instance the discovery call is forwarded to
+    call: int  # the discovery function ID
+    served_by: tuple[tuple[int, str], ...]  # (claimed ID, who serves it), sorted by ID
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str
     rules: tuple[Rule, ...]
     kernel_filter: tuple[tuple[SmcccFilter, str], ...]  # (record, rule name), sorted by base
     dispatch: tuple[DispatchEntry, ...]  # forwarded ranges, sorted by base
     default_deadline_us: int
+    discovery: tuple[DiscoveryClaim, ...] = ()  # proven claims, in dispatch then ID order
     _bases: tuple[int, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -143,11 +162,7 @@ class Policy:
 
     def function_name(self, fid: int) -> str:
         """A bounded label: its owner handler's name, a KNOWN_FUNCTIONS name, or its class."""
-        for handler in self.handlers.values():
-            name = _handler_name(handler, fid)
-            if name:
-                return name
-        return _KNOWN_NAMES.get(fid) or default_function_name(fid)
+        return _function_name(self.handlers.values(), fid)
 
     def named_functions(self, r: FunctionRange, handler: str | None = None) -> dict[int, str]:
         """The IDs in `r` that have a specific name (not a class label), by ID.
@@ -176,6 +191,15 @@ def _handler_name(handler: Handler, fid: int) -> str | None:
     if any(fid in r for r in handler.ranges):
         return handler.function_name(fid)
     return None
+
+
+def _function_name(handlers: Iterable[Handler], fid: int) -> str:
+    """The first of `handlers` to name `fid`, else its KNOWN_FUNCTIONS name, else its class."""
+    for handler in handlers:
+        name = _handler_name(handler, fid)
+        if name:
+            return name
+    return _KNOWN_NAMES.get(fid) or default_function_name(fid)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,6 +311,9 @@ class _Loader:
         self.handlers: dict[str, Handler] = {}
         self.owned: dict[str, list[FunctionRange]] = {}  # D of each loaded handler, merged
         self.declared: set[str] = set()  # every instance name, loaded or not
+        # The optional discovery protocol, asked once per instance (None: it does not say).
+        self.served: dict[str, frozenset[int] | None] = {}
+        self.claims: dict[str, Mapping[int, frozenset[int]]] = {}
 
     def error(self, message: str, errno_name: str = "", rules: Iterable[str] = ()) -> None:
         self.errors.append(PolicyError(message, errno_name, tuple(rules)))
@@ -426,7 +453,11 @@ class _Loader:
         self.check_ownership(name, drafts)
         if len(self.errors) > errors_before:
             return None
-        return _compile_profile(name, drafts, default_us)
+        profile = _compile_profile(name, drafts, default_us)
+        discovery = self.check_discovery(profile)
+        if len(self.errors) > errors_before:
+            return None
+        return dataclasses.replace(profile, discovery=discovery)
 
     def check_names(self, profile: str, drafts: list[_Draft]) -> None:
         first: dict[str, _Draft] = {}
@@ -509,6 +540,94 @@ class _Loader:
                         f"of handler {handler!r} ({_fmt(owned)}), which rule(s) {_shown(fwd)} "
                         "forward to it; an ABI is served by the kernel or by its handler, never "
                         "both", "", [other.label, *(d.label for d in fwd)])
+
+    # -- discovery ---------------------------------------------------------------------------
+
+    def ask(self, name: str, method: str, parse: Callable[[object], _T | None],
+            shape: str) -> _T | None:
+        """Handler `name`'s answer to an optional protocol method; None when it has none, did
+        not load (reported already), or fails or answers something `parse` refuses (reported
+        as not `shape`)."""
+        fn = getattr(self.handlers.get(name), method, None)
+        if fn is None:
+            return None
+        try:
+            value = parse(fn())
+        except Exception as exc:  # a third-party handler: report it, do not crash the check
+            self.error(f"handler {name!r}: {method}() failed: {type(exc).__name__}: {exc}")
+            return None
+        if value is None:
+            self.error(f"handler {name!r}: {method}() must return {shape}")
+        return value
+
+    def served_functions(self, name: str) -> frozenset[int] | None:
+        if name not in self.served:
+            self.served[name] = self.ask(name, "served_functions", _id_set,
+                                         "a set of function IDs")
+        return self.served[name]
+
+    def discovery_claims(self, name: str) -> Mapping[int, frozenset[int]]:
+        if name not in self.claims:
+            self.claims[name] = self.ask(
+                name, "discovery_claims", _claim_map,
+                "a mapping of discovery function ID to a set of function IDs") or {}
+        return self.claims[name]
+
+    def function_name(self, fid: int, *prefer: str) -> str:
+        """`fid`'s name, asking the instances `prefer` first (two may own one range)."""
+        first = [self.handlers[n] for n in prefer if n in self.handlers]
+        return _function_name([*first, *self.handlers.values()], fid)
+
+    def check_discovery(self, profile: Profile) -> tuple[DiscoveryClaim, ...]:
+        """Discovery never lies: every ID a forwarded discovery call claims is served.
+
+        For each handler the profile forwards to, each of its discovery_claims() whose discovery
+        call the profile forwards to it: every claimed ID must be KERNEL_SERVED or forwarded to
+        a handler whose served_functions() holds it (a handler that does not say is trusted).
+        Returns the proof, one DiscoveryClaim per discovery call; errors name what is missing.
+        """
+        where = f"profile {profile.name!r}"
+        proven: list[DiscoveryClaim] = []
+        for name in dict.fromkeys(e.handler for e in profile.dispatch):
+            for call, claimed in sorted(self.discovery_claims(name).items()):
+                asked = profile.lookup(call)
+                if asked is None or asked.handler != name:
+                    continue  # the guest never hears this answer from `name` in this profile
+                served_by: list[tuple[int, str]] = []
+                for fid in sorted(claimed):
+                    server, reason, rules = self.server(profile, fid)
+                    if server is not None:
+                        served_by.append((fid, server))
+                        continue
+                    self.error(
+                        f"{where}: handler {name!r} claims through "
+                        f"{self.function_name(call, name)} ({call:#010x}) that "
+                        f"{self.function_name(fid, name)} ({fid:#010x}) is served, but "
+                        f"{reason}; a discovery call may claim only what the profile forwards "
+                        "to a handler that serves it", "", (asked.rule.name, *rules))
+                proven.append(DiscoveryClaim(name, call, tuple(served_by)))
+        return tuple(proven)
+
+    def server(self, profile: Profile, fid: int) -> tuple[str | None, str, tuple[str, ...]]:
+        """Who serves `fid` in `profile`: (handler instance or KERNEL, "", ()), or (None, why
+        not, the rules involved)."""
+        if fid in KERNEL_SERVED:
+            return KERNEL, "", ()
+        entry = profile.lookup(fid)
+        if entry is not None:
+            served = self.served_functions(entry.handler)
+            if served is None or fid in served:
+                return entry.handler, "", ()
+            return (None, f"rule {entry.rule.name!r} forwards it to handler {entry.handler!r}, "
+                    "whose served_functions() does not hold it", (entry.rule.name,))
+        rule = next((r for r in profile.rules if any(fid in x for x in r.ranges)), None)
+        if rule is None:
+            return None, "no rule forwards it: the kernel answers it, as without a filter", ()
+        if rule.action is Action.DENY:
+            return None, f"rule {rule.name!r} denies it (the kernel answers NOT_SUPPORTED)", (
+                rule.name,)
+        return None, (f"rule {rule.name!r} leaves it to the kernel (handle), whose answer "
+                      "depends on the VMM's firmware registers"), (rule.name,)
 
     # -- rules -------------------------------------------------------------------------------
 
@@ -699,6 +818,31 @@ class _Loader:
         return NOT_SUPPORTED_FALLBACK
 
 
+_T = TypeVar("_T")
+
+
+def _id_set(value: object) -> frozenset[int] | None:
+    """A set of function IDs (any collection of integers), or None."""
+    if isinstance(value, AbstractSet | Sequence) and not isinstance(value, str | bytes):
+        items = list(value)
+        if all(_is_int(v) for v in items):
+            return frozenset(items)
+    return None
+
+
+def _claim_map(value: object) -> dict[int, frozenset[int]] | None:
+    """discovery_claims()'s answer: discovery function ID -> the IDs it claims, or None."""
+    if not isinstance(value, Mapping):
+        return None
+    out: dict[int, frozenset[int]] = {}
+    for call, claimed in value.items():
+        ids = _id_set(claimed)
+        if not _is_int(call) or ids is None:
+            return None
+        out[call] = ids
+    return out
+
+
 def _register_index(key: object) -> int | None:
     if isinstance(key, str) and key[:1] == "x" and key[1:].isdigit():
         n = int(key[1:])
@@ -800,6 +944,13 @@ def to_proto(policy: Policy, version: int) -> broker_pb2.CompiledPolicy:
     return out
 
 
+def discovery_name(policy: Policy, handler: str, fid: int) -> str:
+    """`fid`'s name as `handler` (or, for KERNEL, the SMCCC tables) calls it: several handlers
+    may own one range (hyperv and memshare both own vendor-hyp)."""
+    first = [policy.handlers[handler]] if handler in policy.handlers else []
+    return _function_name([*first, *policy.handlers.values()], fid)
+
+
 def _range_json(r: FunctionRange) -> dict[str, int]:
     return {"base": r.base, "nr_functions": r.count}
 
@@ -852,6 +1003,22 @@ def to_json(policy: Policy) -> dict[str, Any]:
                     "ranges": [_range_json(r) for r in rule.ranges],
                 }
                 for rule in profile.rules
+            ],
+            "discovery": [
+                {
+                    "handler": claim.handler,
+                    "function_id": claim.call,
+                    "name": discovery_name(policy, claim.handler, claim.call),
+                    "claims": [
+                        {
+                            "function_id": fid,
+                            "name": discovery_name(policy, server, fid),
+                            "served_by": server,
+                        }
+                        for fid, server in claim.served_by
+                    ],
+                }
+                for claim in profile.discovery
             ],
         }
     return {

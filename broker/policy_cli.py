@@ -1,10 +1,11 @@
 """`hyperbroker policy check`: validate a policy file and show what it compiles to.
 
 Prints, per profile, the kernel filter records with their rule, handler, deadline, fallback and
-the named functions each forwarded range serves; or, with --json, broker.policy.to_json. With
---records it instead replays raw struct kvm_smccc_filter records through the kernel model
-(broker.kernel_filter), so that the real-KVM test bed can run the same table against real KVM and
-compare. It reads files and writes text; the policy logic itself lives in broker.policy.
+the named functions each forwarded range serves, then each discovery call and what it claims; or,
+with --json, broker.policy.to_json. With --records it instead replays raw struct kvm_smccc_filter
+records through the kernel model (broker.kernel_filter), so that the real-KVM test bed can run
+the same table against real KVM and compare. It reads files and writes text; the policy logic
+itself lives in broker.policy.
 Exit status: 0 valid, 1 the policy is refused, 2 the input could not be read or is malformed.
 """
 
@@ -17,7 +18,15 @@ from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
 
 from broker.kernel_filter import KernelFilterModel, errno_name
-from broker.policy import Action, Policy, PolicyInvalid, load_policy, static_answers, to_json
+from broker.policy import (
+    Action,
+    Policy,
+    PolicyInvalid,
+    discovery_name,
+    load_policy,
+    static_answers,
+    to_json,
+)
 from handlers.api import Handler, discover_plugins
 from hyperbroker.kvm import SMCCC_FILTER, SmcccFilter
 from hyperbroker.smccc import merge_ranges, to_s64
@@ -212,6 +221,14 @@ def print_tables(policy: Policy, source: str, out: TextIO) -> None:
         if answers:
             served = ", ".join(f"{policy.function_name(fid)} ({fid:#010x})" for fid in answers)
             print(f"  the agent answers itself: {served}", file=out)
+        for claim in profile.discovery:
+            # Each claim is served by the discovery call's own handler unless another is named.
+            claims = ", ".join(
+                discovery_name(policy, server, fid)
+                + ("" if server == claim.handler else f" ({server})")
+                for fid, server in claim.served_by)
+            print(f"  discovery: {discovery_name(policy, claim.handler, claim.call)} "
+                  f"({claim.call:#010x}, {claim.handler}) claims {claims}", file=out)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

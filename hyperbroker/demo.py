@@ -2,8 +2,9 @@
 
 Starts a real broker and a real agent as processes, then plays a VMM that runs a few guests
 (two vCPUs each) making a mix of calls: TRNG entropy (forwarded to the broker), TRNG_VERSION
-(answered by the agent from the compiled policy), a bad TRNG bit count (the ABI's error), and a
-vendor-hypervisor call no rule forwards (SMCCC NOT_SUPPORTED from the broker). Every second it
+(answered by the agent from the compiled policy), PSCI and FF-A version calls, KVM_FEATURES (the
+memshare handler), a bad TRNG bit count (the ABI's error), and a PV-time call no rule forwards
+(SMCCC NOT_SUPPORTED from the broker), under examples/policy.yaml's default profile. Every second it
 prints calls per second and latency percentiles per source and outcome; at the end, a summary.
 """
 
@@ -34,11 +35,14 @@ profiles:
 """
 # (weight, label, function ID, x1)
 MIX = [
-    (70, "TRNG_RND64(192)", 0xC400_0053, 192),
-    (15, "TRNG_VERSION", 0x8400_0050, 0),
-    (5, "TRNG_FEATURES(RND32)", 0x8400_0051, 0x8400_0053),
+    (55, "TRNG_RND64(192)", 0xC400_0053, 192),
+    (12, "TRNG_VERSION", 0x8400_0050, 0),
+    (8, "PSCI_VERSION", 0x8400_0000, 0),
+    (6, "FFA_VERSION(1.2)", 0x8400_0063, 0x1_0002),
+    (5, "KVM_FEATURES", 0x8600_0000, 0),
+    (4, "TRNG_FEATURES(RND32)", 0x8400_0051, 0x8400_0053),
     (5, "TRNG_RND32(0): bad bit count", 0x8400_0053, 0),
-    (5, "KVM_FEATURES: no rule", 0x8600_0000, 0),
+    (5, "PV_TIME_FEATURES: no rule", 0xC500_0020, 0),
 ]
 
 
@@ -99,10 +103,13 @@ async def _demo(duration: float, vms: int) -> int:
             t0 = time.monotonic()
             live = sys.stdout.isatty()
             last = 0
+            tick = t0
             while (elapsed := time.monotonic() - t0) < duration:
                 await asyncio.sleep(min(1.0, duration - elapsed))
+                now = time.monotonic()
+                elapsed, interval, tick = now - t0, now - tick, now
                 window, tally.window = tally.window, []
-                rate = (tally.total - last) / 1.0
+                rate = (tally.total - last) / interval
                 last = tally.total
                 line = (f"[{elapsed:5.1f}s / {duration:.0f}s] {tally.total:7d} calls, "
                         f"{rate:6.0f}/s")

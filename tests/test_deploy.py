@@ -75,9 +75,31 @@ METRICS: Mapping[str, Metric] = {
     "hyperbroker_agent_protocol_errors_total": _m("counter", "code"),
     "hyperbroker_agent_memory_bytes_total": _m("counter", "direction"),
     "hyperbroker_agent_link_rtt_seconds": _m("histogram"),
-    # handlers (only what an alert uses)
-    "hyperbroker_hyperv_guest_crashes_total": _m("counter"),
+    # handlers: every metric the shipped handler packages export (docs/operations.md "Handlers")
+    "hyperbroker_trng_bits_total": _m("counter"),
+    "hyperbroker_ffa_shares_total": _m("counter", "kind"),
+    "hyperbroker_ffa_pages_shared_total": _m("counter", "kind"),
+    "hyperbroker_ffa_reclaims_total": _m("counter", "reason"),
+    "hyperbroker_ffa_pages_reclaimed_total": _m("counter", "reason"),
+    "hyperbroker_ffa_direct_messages_total": _m("counter", "partition", "kind", "result"),
+    "hyperbroker_ffa_errors_total": _m("counter", "function", "code"),
+    "hyperbroker_ffa_partition_up": _m("gauge", "partition"),
+    "hyperbroker_hyperv_hypercalls_total": _m("counter", "call", "status"),
+    "hyperbroker_hyperv_guest_crashes_total": _m("counter", "kind"),
+    "hyperbroker_hyperv_guest_crashed": _m("gauge", "host", "vm"),
+    "hyperbroker_hyperv_synic_total": _m("counter", "kind"),
+    "hyperbroker_memshare_calls_total": _m("counter", "function", "result"),
+    "hyperbroker_memshare_shared_bytes": _m("gauge", "host", "vm"),
+    "hyperbroker_memshare_guarded_granules": _m("gauge", "host", "vm"),
+    "hyperbroker_tee_sessions_open": _m("gauge", "ta"),
+    "hyperbroker_tee_call_seconds": _m("histogram", "command", "part"),
+    "hyperbroker_tee_errors_total": _m("counter", "code", "origin"),
+    "hyperbroker_tee_smc_errors_total": _m("counter", "code"),
+    "hyperbroker_tee_backend_failures_total": _m("counter", "command", "reason"),
+    "hyperbroker_tee_yields_total": _m("counter"),
+    "hyperbroker_tee_threads_running": _m("gauge"),
 }
+PROCESS_PREFIXES = ("hyperbroker_broker_", "hyperbroker_agent_")
 # Labels Prometheus attaches to every scraped series (the chart's ServiceMonitors set both).
 TARGET_LABELS = frozenset({"job", "instance"})
 HISTOGRAM_SUFFIXES = ("_bucket", "_count", "_sum")
@@ -402,7 +424,7 @@ def cli_options(command: str) -> set[str]:
 
 # Flags in the brief's CLI contract that hyperbroker/cli.py does not have yet. The chart passes
 # --workers only when broker.workers > 1. Remove a flag here once the CLI has it.
-PENDING_FLAGS = {"serve": {"--workers"}, "agent": set()}
+PENDING_FLAGS: dict[str, set[str]] = {"serve": set(), "agent": set()}
 
 
 # ---- every file parses ---------------------------------------------------------------------
@@ -619,22 +641,47 @@ def test_pending_flags_are_still_pending() -> None:
 # ---- the metrics contract against the code ---------------------------------------------------
 
 
-def test_broker_and_agent_export_exactly_the_contract() -> None:
+def exported_metrics(modules: list[Any]) -> dict[str, Metric]:
+    """The metrics defined at the top level of `modules`, named as they are exposed."""
     from prometheus_client.metrics import MetricWrapperBase
 
-    import agent.metrics
-    import broker.metrics
-
     exported: dict[str, Metric] = {}
-    for module in (broker.metrics, agent.metrics):
+    for module in modules:
         for obj in vars(module).values():
             if isinstance(obj, MetricWrapperBase):
                 (desc,) = obj.describe()
                 name = desc.name + ("_total" if desc.type == "counter" else "")
                 exported[name] = Metric(desc.type, frozenset(obj._labelnames))
-    wanted = {n: m for n, m in METRICS.items() if n.startswith(("hyperbroker_broker_",
-                                                                 "hyperbroker_agent_"))}
-    assert exported == wanted
+    return exported
+
+
+def test_broker_and_agent_export_exactly_the_contract() -> None:
+    import agent.metrics
+    import broker.metrics
+
+    wanted = {n: m for n, m in METRICS.items() if n.startswith(PROCESS_PREFIXES)}
+    assert exported_metrics([broker.metrics, agent.metrics]) == wanted
+
+
+def test_shipped_handlers_export_exactly_the_contract() -> None:
+    # Shipped = the entry points into this project's handlers package; every module of each
+    # such handler's package is imported and its metrics collected.
+    import pkgutil
+    from importlib.metadata import entry_points
+
+    from handlers.api import ENTRY_POINT_GROUP
+
+    packages = {ep.value.split(":")[0] for ep in entry_points(group=ENTRY_POINT_GROUP)
+                if ep.value.startswith("handlers.")}
+    assert {"handlers.trng", "handlers.ffa", "handlers.hyperv", "handlers.memshare"} <= packages
+    modules = []
+    for name in sorted(packages):
+        package = importlib.import_module(name)
+        modules.append(package)
+        modules += [importlib.import_module(info.name)
+                    for info in pkgutil.walk_packages(package.__path__, f"{name}.")]
+    wanted = {n: m for n, m in METRICS.items() if not n.startswith(PROCESS_PREFIXES)}
+    assert exported_metrics(modules) == wanted
 
 
 def test_broker_call_buckets_span_10us_to_1s() -> None:
@@ -675,8 +722,21 @@ def test_dashboard_uses_only_contract_metrics_correctly() -> None:
 def test_dashboard_shows_every_broker_and_agent_metric() -> None:
     used = {found[0] for e in dashboard_expressions() for _, t in hyperbroker_tokens(e.expr)
             if (found := contract_metric(t))}
-    wanted = {n for n in METRICS if n.startswith(("hyperbroker_broker_", "hyperbroker_agent_"))}
+    wanted = {n for n in METRICS if n.startswith(PROCESS_PREFIXES)}
     assert wanted - used == set()
+
+
+def test_dashboard_shows_crashed_guests_ffa_shares_and_memshare_bytes() -> None:
+    # A crashed guest is something a dashboard must show (issue 6 item 1).
+    exprs = {p["title"]: " ".join(t["expr"] for t in p.get("targets", []))
+             for p in dashboard_panels()}
+    crashed = exprs["Crashed guests"]
+    assert "hyperbroker_hyperv_guest_crashed" in crashed
+    assert "by (host, vm)" in crashed
+    assert "increase(hyperbroker_hyperv_guest_crashes_total" in crashed
+    assert any("rate(hyperbroker_ffa_shares_total" in e and "hyperbroker_ffa_reclaims_total" in e
+               for e in exprs.values())
+    assert any("hyperbroker_memshare_shared_bytes" in e for e in exprs.values())
 
 
 def test_dashboard_shows_what_the_brief_lists() -> None:

@@ -857,4 +857,5 @@ def test_to_json_is_json_and_names_the_served_functions() -> None:
     assert first["functions"]["0x84000050"] == "trng.version"
     assert first["fallback"] == [NOT_SUPPORTED_U64, 0, 0, 0] and first["deadline_us"] == 100_000
     assert [r["action"] for r in profile["rules"]] == ["forward", "deny", "handle"]
+    assert profile["discovery"] == []  # FakeTrng makes no discovery claims
     assert out["handlers"]["trng"]["plugin"] == "trng"

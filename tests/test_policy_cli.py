@@ -53,7 +53,7 @@ def test_a_valid_policy_prints_a_table_per_profile_and_exits_0(
 ) -> None:
     code, out, err = check([str(EXAMPLE)], capsys)
     assert code == 0 and err == ""
-    assert "profile 'default': 3 kernel filter record(s), default deadline 100 ms" in out
+    assert "profile 'default': 14 kernel filter record(s), default deadline 100 ms" in out
     header = next(line for line in out.splitlines() if line.strip().startswith("base"))
     assert header.split() == ["base", "end", "nr", "action", "rule", "handler", "deadline",
                               "fallback", "x0", "functions"]
@@ -61,8 +61,13 @@ def test_a_valid_policy_prints_a_table_per_profile_and_exits_0(
     assert row.split()[:8] == ["0xc4000050", "0xc4000060", "16", "fwd_to_user", "trng", "trng",
                                "50", "ms"]
     assert row.endswith("TRNG_RND64")
-    assert "0x86000001  0x86000002   1  deny         no-host-clock" in out
+    deny = next(line for line in out.splitlines() if line.strip().startswith("0x82000000"))
+    assert deny.split() == ["0x82000000", "0x82010000", "65536", "deny", "no-firmware-services",
+                            "-", "-", "-"]
     assert "the agent answers itself: TRNG_VERSION (0x84000050)" in out
+    assert ("  discovery: TRNG_FEATURES (0x84000051, trng) claims TRNG_VERSION, TRNG_FEATURES, "
+            "TRNG_GET_UUID, TRNG_RND32, TRNG_RND64\n") in out
+    assert "  discovery: PSCI_FEATURES (0x8400000a, psci) claims SMCCC_VERSION (kernel), " in out
     assert "profile 'in-kernel'" in out and "no rules: the kernel serves every call" in out
 
 
@@ -71,12 +76,29 @@ def test_json_prints_the_compiled_policy(capsys: pytest.CaptureFixture[str]) -> 
     assert code == 0
     compiled = json.loads(out)
     records = compiled["profiles"]["default"]["kernel_filter"]
-    assert records == [
-        {"base": 0x8400_0050, "nr_functions": 16, "action": "fwd_to_user", "rule": "trng"},
-        {"base": 0x8600_0001, "nr_functions": 1, "action": "deny", "rule": "no-host-clock"},
-        {"base": 0xC400_0050, "nr_functions": 16, "action": "fwd_to_user", "rule": "trng"},
+    fwd, deny = "fwd_to_user", "deny"
+    assert [(r["base"], r["nr_functions"], r["action"], r["rule"]) for r in records] == [
+        (0x0600_0000, 0x1_0000, fwd, "pkvm-services"),
+        (0x4600_0000, 0x1_0000, fwd, "pkvm-services"),
+        (0x8200_0000, 0x1_0000, deny, "no-firmware-services"),
+        (0x8300_0000, 0x1_0000, deny, "no-firmware-services"),
+        (0x8400_0000, 0x20, fwd, "psci"),
+        (0x8400_0050, 0x10, fwd, "trng"),
+        (0x8400_0060, 0xA0, fwd, "ffa"),
+        (0x8600_0000, 0x1_0000, fwd, "pkvm-services"),
+        (0xC200_0000, 0x1_0000, deny, "no-firmware-services"),
+        (0xC300_0000, 0x1_0000, deny, "no-firmware-services"),
+        (0xC400_0000, 0x20, fwd, "psci"),
+        (0xC400_0050, 0x10, fwd, "trng"),
+        (0xC400_0060, 0xA0, fwd, "ffa"),
+        (0xC600_0000, 0x1_0000, fwd, "pkvm-services"),
     ]
+    discovery = {d["name"]: d for d in compiled["profiles"]["default"]["discovery"]}
+    trng = discovery["TRNG_FEATURES"]
+    assert trng["handler"] == "trng" and trng["function_id"] == 0x8400_0051
+    assert {"function_id": 0xC400_0053, "name": "TRNG_RND64", "served_by": "trng"} in trng["claims"]
     assert compiled["profiles"]["in-kernel"]["kernel_filter"] == []
+    assert compiled["profiles"]["in-kernel"]["discovery"] == []
 
 
 def test_a_refused_policy_prints_every_error_with_its_errno_and_exits_1(
@@ -226,7 +248,8 @@ def test_the_module_runs_as_a_command(tmp_path: Path) -> None:
     ok = subprocess.run([sys.executable, "-m", "broker.policy_cli", str(EXAMPLE), "--json"],
                         capture_output=True, text=True, cwd=ROOT, timeout=60, check=False)
     assert ok.returncode == 0, ok.stderr
-    assert json.loads(ok.stdout)["profiles"]["default"]["kernel_filter"][0]["rule"] == "trng"
+    records = json.loads(ok.stdout)["profiles"]["entropy-batch"]["kernel_filter"]
+    assert records[0]["rule"] == "trng-discovery"
     bad = subprocess.run([sys.executable, "-m", "broker.policy_cli",
                           write(tmp_path, "bad.yaml", BAD_POLICY)],
                          capture_output=True, text=True, cwd=ROOT, timeout=60, check=False)

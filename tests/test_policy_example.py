@@ -9,7 +9,14 @@ from broker.kernel_filter import KernelFilterModel
 from broker.policy import DEFAULT_PROFILE, Action, Policy, load_policy
 from handlers.api import ENTRY_POINT_GROUP, discover_plugins
 from hyperbroker.kvm import FilterAction
-from hyperbroker.smccc import NAMED_ABIS, OWNER_VENDOR_HYP, merge_ranges, owner
+from hyperbroker.smccc import (
+    NAMED_ABIS,
+    OWNER_OEM,
+    OWNER_SIP,
+    OWNER_VENDOR_HYP,
+    merge_ranges,
+    owner,
+)
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "policy.yaml"
 
@@ -38,11 +45,32 @@ def test_the_default_profile_forwards_the_whole_trng_abi_to_trng() -> None:
     assert merge_ranges(forwarded) == list(NAMED_ABIS["trng"])
 
 
-def test_the_default_profile_denies_a_vendor_hypervisor_function() -> None:
+def test_every_handler_instance_serves_some_profile() -> None:
+    policy = example()
+    forwarded = {e.handler for p in policy.profiles.values() for e in p.dispatch}
+    assert forwarded == set(policy.handlers)
+
+
+def test_the_default_profile_forwards_psci_ffa_and_vendor_hyp_whole() -> None:
     profile = example().profiles[DEFAULT_PROFILE]
-    denied = [(r, rule) for r, rule in profile.kernel_filter if r.action == FilterAction.DENY]
-    assert denied and all(owner(r.base) == OWNER_VENDOR_HYP for r, _ in denied)
+    for abi, handler in (("psci", "psci"), ("ffa", "ffa"), ("vendor-hyp", "memshare")):
+        forwarded = [e.range for e in profile.dispatch if e.handler == handler]
+        assert merge_ranges(forwarded) == list(NAMED_ABIS[abi]), abi
+
+
+def test_the_default_profile_denies_the_firmware_services_in_the_kernel() -> None:
+    profile = example().profiles[DEFAULT_PROFILE]
+    denied = [r for r, _ in profile.kernel_filter if r.action == FilterAction.DENY]
+    assert denied and {owner(r.base) for r in denied} == {OWNER_SIP, OWNER_OEM}
     assert {rule.action for rule in profile.rules} >= {Action.FORWARD, Action.DENY}
+
+
+def test_the_hyperv_guest_profile_gives_the_vendor_hyp_range_to_the_persona() -> None:
+    profile = example().profiles["hyperv-guest"]
+    forwarded = [e.range for e in profile.dispatch if e.handler == "hyperv"]
+    assert merge_ranges(forwarded) == list(NAMED_ABIS["vendor-hyp"])
+    assert all(owner(e.range.base) != OWNER_VENDOR_HYP for e in profile.dispatch
+               if e.handler != "hyperv")
 
 
 def test_each_profile_is_a_filter_kvm_installs_on_a_fresh_vm() -> None:

@@ -109,6 +109,18 @@ class FfaHandler(Handler):
             return None
         return abi.function_name(fid)
 
+    def served_functions(self) -> frozenset[int]:
+        """The IDs of this handler's ranges a caller at our version gets anything but
+        FFA_ERROR(NOT_SUPPORTED) from, once it has called FFA_VERSION (§3.1)."""
+        return frozenset(fid for fid in version.SERVED_SINCE
+                         if version.served_at(fid, abi.OUR_VERSION))
+
+    def discovery_claims(self) -> Mapping[int, frozenset[int]]:
+        """Discovery function ID -> the function IDs it tells the guest are served: FFA_FEATURES
+        answers FFA_SUCCESS for every served function at the caller's version (§3.2), and a
+        caller at our version hears all of them."""
+        return {abi.FFA_FEATURES: self.served_functions()}
+
     def static_answers(self) -> Mapping[int, Result]:
         """Every §1 ID this endpoint does not serve: FFA_ERROR(NOT_SUPPORTED) in any state."""
         return {

@@ -28,6 +28,9 @@ FUNCTION_NAMES: Mapping[int, str] = {
     RND64: "TRNG_RND64",
 }
 
+# Every function of DEN0098 1.0 is implemented: TRNG_FEATURES answers 0 for exactly these.
+SERVED = frozenset(FUNCTION_NAMES)
+
 VERSION_1_0 = 1 << 16  # DEN0098 §2.1: bits [30:16] major, [15:0] minor
 MAX_BITS = {RND32: 96, RND64: 192}  # three result registers of 32 or 64 bits
 WORD_BITS = {RND32: 32, RND64: 64}
@@ -58,7 +61,7 @@ def version() -> int:
 
 def features(queried_fid: int) -> int | TrngError:
     """TRNG_FEATURES: 0 for an implemented function, NOT_SUPPORTED otherwise (DEN0098 §2.2)."""
-    return 0 if (queried_fid & 0xFFFF_FFFF) in FUNCTION_NAMES else TrngError.NOT_SUPPORTED
+    return 0 if (queried_fid & 0xFFFF_FFFF) in SERVED else TrngError.NOT_SUPPORTED
 
 
 def get_uuid(trng_uuid: uuid.UUID) -> tuple[int, int, int, int]:

@@ -52,6 +52,14 @@ class TrngHandler(Handler):
     def function_name(self, fid: int) -> str | None:
         return abi.FUNCTION_NAMES.get(fid)
 
+    def served_functions(self) -> frozenset[int]:
+        """The IDs of this handler's ranges answered with anything but NOT_SUPPORTED."""
+        return abi.SERVED
+
+    def discovery_claims(self) -> Mapping[int, frozenset[int]]:
+        """Discovery function ID -> the function IDs it tells the guest are served."""
+        return {abi.FEATURES: abi.SERVED}
+
     def static_answers(self) -> Mapping[int, Result]:
         return {
             abi.VERSION: Result.regs(abi.version()),
