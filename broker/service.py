@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from broker import metrics
-from broker.dispatch import Dispatcher, HostSession
+from broker.dispatch import CallCtx, Dispatcher, HostSession
 from broker.policy import PolicyInvalid, to_json
 from hyperbroker import __version__
 from hyperbroker.v1 import admin_pb2, admin_pb2_grpc, broker_pb2, broker_pb2_grpc
@@ -212,6 +212,25 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                                               calls=r.calls, in_flight=r.in_flight_seq >= 0)
                            for i, r in enumerate(vm.vcpus)]))
         return admin_pb2.ListVmsResponse(vms=out)
+
+    async def GetVmHandlerView(
+            self, request: admin_pb2.VmHandlerViewRequest,
+            context: grpc.aio.ServicerContext[object, object]) -> admin_pb2.VmHandlerView:
+        session = self.dispatcher.hosts.get(request.host)
+        vm = next((v for v in session.vms.values() if v.name == request.vm), None) if session \
+            else None
+        if session is None or vm is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND,
+                                f"no VM {request.vm!r} on host {request.host!r}")
+        assert session is not None and vm is not None
+        handler = vm.pv.policy.handlers.get(request.handler)
+        if handler is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND,
+                                f"policy v{vm.pv.version} has no handler {request.handler!r} "
+                                f"(has {sorted(vm.pv.policy.handlers)})")
+        assert handler is not None
+        view = handler.admin_view(CallCtx(self.dispatcher, session, vm, request.handler))
+        return admin_pb2.VmHandlerView(json=json.dumps(view, sort_keys=True))
 
     async def GetStats(self, request: admin_pb2.GetStatsRequest,
                        context: grpc.aio.ServicerContext[object, object]) -> admin_pb2.Stats:

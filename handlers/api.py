@@ -145,6 +145,10 @@ class Handler(abc.ABC):
         """ABI-specific fallbacks a policy rule may name (e.g. a busy/retry code)."""
         return {}
 
+    def admin_view(self, ctx: CallContext) -> JsonValue:
+        """What this handler holds for ctx.vm, for the Admin API (GetVmHandlerView); None: none."""
+        return None
+
     async def vm_destroyed(self, ctx: CallContext) -> None:  # noqa: B027 - optional hook
         """The VM is gone for good: release what it held (sessions, shares, records)."""
 

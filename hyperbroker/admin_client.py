@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
 from pathlib import Path
 
@@ -61,6 +62,19 @@ async def run_status(args: argparse.Namespace) -> int:
                 return 0
             print("\x1b[2J\x1b[H" + text, flush=True)
             await asyncio.sleep(args.watch)
+
+
+async def run_inspect(args: argparse.Namespace) -> int:
+    host, _, vm = args.vm.partition("/")
+    async with channel(args.broker, args) as ch:
+        try:
+            view = await admin_pb2_grpc.AdminStub(ch).GetVmHandlerView(
+                admin_pb2.VmHandlerViewRequest(host=host, vm=vm, handler=args.handler), timeout=5)
+        except grpc.aio.AioRpcError as e:
+            print(f"hyperbroker inspect: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
+    print(json.dumps(json.loads(view.json), indent=2, sort_keys=True))
+    return 0
 
 
 async def run_apply(args: argparse.Namespace) -> int:

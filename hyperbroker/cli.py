@@ -91,6 +91,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     return run_async(run_status(args))
 
 
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from hyperbroker.admin_client import run_inspect
+
+    return run_async(run_inspect(args))
+
+
 def cmd_policy_apply(args: argparse.Namespace) -> int:
     from hyperbroker.admin_client import run_apply
 
@@ -184,6 +190,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--watch", type=float, default=0.0, help="refresh every N seconds")
     _tls_args(p)
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("inspect", help="what one handler holds for one VM (memshare record, "
+                                       "Hyper-V crashes ...)")
+    p.add_argument("vm", help="HOST/VM")
+    p.add_argument("handler", help="handler instance name in the VM's policy")
+    p.add_argument("--broker", default="127.0.0.1:50051")
+    _tls_args(p)
+    p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("demo", help="broker, agent and simulated guests, with live latency")
     p.add_argument("--duration", type=float, default=10.0)

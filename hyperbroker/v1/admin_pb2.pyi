@@ -6,6 +6,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class VmHandlerViewRequest(_message.Message):
+    __slots__ = ("host", "vm", "handler")
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    VM_FIELD_NUMBER: _ClassVar[int]
+    HANDLER_FIELD_NUMBER: _ClassVar[int]
+    host: str
+    vm: str
+    handler: str
+    def __init__(self, host: _Optional[str] = ..., vm: _Optional[str] = ..., handler: _Optional[str] = ...) -> None: ...
+
+class VmHandlerView(_message.Message):
+    __slots__ = ("json",)
+    JSON_FIELD_NUMBER: _ClassVar[int]
+    json: str
+    def __init__(self, json: _Optional[str] = ...) -> None: ...
+
 class PolicyText(_message.Message):
     __slots__ = ("yaml", "version")
     YAML_FIELD_NUMBER: _ClassVar[int]

@@ -64,6 +64,11 @@ class AdminStub:
                 request_serializer=hyperbroker_dot_v1_dot_admin__pb2.GetStatsRequest.SerializeToString,
                 response_deserializer=hyperbroker_dot_v1_dot_admin__pb2.Stats.FromString,
                 _registered_method=True)
+        self.GetVmHandlerView = channel.unary_unary(
+                '/hyperbroker.v1.Admin/GetVmHandlerView',
+                request_serializer=hyperbroker_dot_v1_dot_admin__pb2.VmHandlerViewRequest.SerializeToString,
+                response_deserializer=hyperbroker_dot_v1_dot_admin__pb2.VmHandlerView.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -105,6 +110,13 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetVmHandlerView(self, request, context):
+        """What one handler holds for one VM (its admin_view): a memshare record, Hyper-V crashes ...
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -137,6 +149,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.GetStats,
                     request_deserializer=hyperbroker_dot_v1_dot_admin__pb2.GetStatsRequest.FromString,
                     response_serializer=hyperbroker_dot_v1_dot_admin__pb2.Stats.SerializeToString,
+            ),
+            'GetVmHandlerView': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetVmHandlerView,
+                    request_deserializer=hyperbroker_dot_v1_dot_admin__pb2.VmHandlerViewRequest.FromString,
+                    response_serializer=hyperbroker_dot_v1_dot_admin__pb2.VmHandlerView.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -301,6 +318,33 @@ class Admin:
             '/hyperbroker.v1.Admin/GetStats',
             hyperbroker_dot_v1_dot_admin__pb2.GetStatsRequest.SerializeToString,
             hyperbroker_dot_v1_dot_admin__pb2.Stats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetVmHandlerView(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hyperbroker.v1.Admin/GetVmHandlerView',
+            hyperbroker_dot_v1_dot_admin__pb2.VmHandlerViewRequest.SerializeToString,
+            hyperbroker_dot_v1_dot_admin__pb2.VmHandlerView.FromString,
             options,
             channel_credentials,
             insecure,

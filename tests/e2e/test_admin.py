@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 
@@ -90,6 +91,39 @@ async def test_a_new_policy_version_applies_to_vms_registered_after_it(
         assert stats.policy_version == 2 and stats.calls >= 2 and stats.agents == 1
         hosts = await admin.ListHosts(admin_pb2.ListHostsRequest(), timeout=5)
         assert [(h.host, h.connected) for h in hosts.hosts] == [("host-a", True)]
+    client.close()
+
+
+def test_inspect_of_a_vm_that_is_gone_says_not_found(broker: Broker,
+                                                      agent: AgentProcess) -> None:
+    async def two_increments() -> None:
+        client = await VmmClient.connect(str(agent.socket), "seqpacket")
+        reg = await client.register("vm-inspected", 1)
+        for _ in range(2):
+            await client.call(reg.vm_id, 0, 0x8200_0001)
+
+    asyncio.run(two_increments())  # the VM goes when its connection closes: inspect before
+    out = subprocess.run([sys.executable, "-m", "hyperbroker.cli", "inspect", "--broker",
+                          broker.address, "host-a/vm-inspected", "counter"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 1 and "NOT_FOUND" in out.stderr  # destroyed with its connection
+
+
+async def test_the_admin_api_shows_a_handlers_view_of_a_live_vm(broker: Broker,
+                                                                agent: AgentProcess) -> None:
+    client = await VmmClient.connect(str(agent.socket), "seqpacket")
+    reg = await client.register("vm-viewed", 1)
+    for _ in range(3):
+        await client.call(reg.vm_id, 0, 0x8200_0001)
+    async with grpc.aio.insecure_channel(broker.address) as ch:
+        admin = admin_pb2_grpc.AdminStub(ch)
+        view = await admin.GetVmHandlerView(admin_pb2.VmHandlerViewRequest(
+            host="host-a", vm="vm-viewed", handler="counter"), timeout=5)
+        assert json.loads(view.json) == {"vm": "host-a/vm-viewed", "state": {"counter": 3}}
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await admin.GetVmHandlerView(admin_pb2.VmHandlerViewRequest(
+                host="host-a", vm="vm-viewed", handler="nope"), timeout=5)
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
     client.close()
 
 

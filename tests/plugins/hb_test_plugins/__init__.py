@@ -43,6 +43,9 @@ class CounterHandler(Handler):
                 READ_MEMORY: "READ_MEMORY", WRITE_MEMORY: "WRITE_MEMORY", FAIL: "FAIL",
                 POWER_OFF: "POWER_OFF", WIDE: "WIDE"}.get(fid)
 
+    def admin_view(self, ctx: CallContext) -> object:
+        return {"vm": ctx.vm.key, "state": ctx.state.get()}
+
     async def handle(self, call: Call, ctx: CallContext) -> Result:
         self.seen += 1
         fid = call.function_id
