@@ -15,7 +15,7 @@ import errno
 import logging
 import struct
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -465,8 +465,8 @@ class Agent:
         metrics.OBSERVE[source, OUTCOME_LABELS[outcome]]((time.monotonic_ns() - t_recv) / 1e9)
 
     # ---- guest memory --------------------------------------------------------------------
-    def _apply_writes(self, vm: AgentVm, writes: object) -> None:
-        items = list(writes)  # type: ignore[call-overload]
+    def _apply_writes(self, vm: AgentVm, writes: Iterable[broker_pb2.MemoryWrite]) -> None:
+        items = list(writes)
         for w in items:  # check all before applying any
             vm.regions.locate(w.gpa, len(w.data), write=True)
         for w in items:

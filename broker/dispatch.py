@@ -267,6 +267,11 @@ class HostSession:
         self._dirty = True
         self.wake()
 
+    def queue_drain(self, reason: str) -> None:
+        self._frame.drain.reason = reason
+        self._dirty = True
+        self.wake()
+
     def queue_rejected(self, vm_id: int, reason: str) -> None:
         self._frame.vms_rejected.add(vm_id=vm_id, reason=reason)
         self._dirty = True

@@ -142,9 +142,7 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
         self.draining = True
         for session in self.dispatcher.hosts.values():
             if session.writer is not None:
-                session._frame.drain.reason = "broker stopping"
-                session._dirty = True
-                session.wake()
+                session.queue_drain("broker stopping")
 
 
 class AdminService(admin_pb2_grpc.AdminServicer):

@@ -70,7 +70,7 @@ class ManagedProcess:
         return self.proc.returncode
 
 
-def _spawn(name: str, args: list[str], env: dict[str, str] | None = None) -> ManagedProcess:
+def spawn_cli(name: str, args: list[str], env: dict[str, str] | None = None) -> ManagedProcess:
     full_env = dict(os.environ)
     full_env.setdefault("PYTHONUNBUFFERED", "1")
     if env:
@@ -104,7 +104,7 @@ def start_broker(policy: Path | None, state_dir: Path | None, *, port: int = 0,
     args += ["--state-dir", str(state_dir)] if state_dir else ["--memory-store"]
     if metrics:
         args += ["--metrics-listen", "127.0.0.1:0"]
-    mp = _spawn("broker", args + (extra or []), env)
+    mp = spawn_cli("broker", args + (extra or []), env)
     m = mp.wait_for(r"listening on [\d.]+:(\d+) policy v\d+(?: metrics on :(\d+))?")
     return Broker(mp, int(m.group(1)), int(m.group(2)) if m.group(2) else None)
 
@@ -127,6 +127,6 @@ def start_agent(broker_address: str, host_id: str, socket_dir: Path | None = Non
             "--socket", str(sock), "--stream-socket", str(stream)]
     if metrics:
         args += ["--metrics-listen", "127.0.0.1:0"]
-    mp = _spawn(f"agent-{host_id}", args + (extra or []), env)
+    mp = spawn_cli(f"agent-{host_id}", args + (extra or []), env)
     m = mp.wait_for(r"ready: .*?(?:metrics on :(\d+))?$")
     return AgentProcess(mp, sock, stream, int(m.group(1)) if m.group(1) else None)

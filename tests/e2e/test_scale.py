@@ -10,7 +10,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from hyperbroker.procs import ManagedProcess, _spawn, start_agent, start_broker
+from hyperbroker.procs import ManagedProcess, spawn_cli, start_agent, start_broker
 from hyperbroker.v1 import admin_pb2, admin_pb2_grpc
 from hyperbroker.vmm_client import VmmClient
 
@@ -30,7 +30,7 @@ async def test_workers_share_a_port_and_pick_up_each_others_policies(
         tmp_path: Path, policy_file: Path) -> None:
     port = free_port()
     env = plugin_env()
-    workers: ManagedProcess = _spawn("workers", [
+    workers: ManagedProcess = spawn_cli("workers", [
         "--log-level", "info", "serve", "--workers", "2", "--listen", f"127.0.0.1:{port}",
         "--policy", str(policy_file), "--state-dir", str(tmp_path / "state")], env)
     agents = []
