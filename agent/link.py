@@ -64,6 +64,7 @@ class BrokerLink:
         self.connects = 0
         self.frame = broker_pb2.AgentFrame()
         self.calls: list[bytes] = []  # hb_call records for the frame being built
+        self.max_batch = 1024
         self._dirty = False
         self._wake = asyncio.Event()
         self._stopping = False
@@ -125,6 +126,7 @@ class BrokerLink:
             if not first.HasField("welcome"):
                 raise ConnectionError("broker's first frame carries no welcome")
             self.owner.on_welcome(first.welcome)
+            self.max_batch = first.welcome.max_batch or self.max_batch
             self.frame = broker_pb2.AgentFrame()
             self.calls = []
             self.owner.replay(self.frame, self.calls)
@@ -166,10 +168,13 @@ class BrokerLink:
             if not self._dirty:
                 continue
             frame, self.frame, self._dirty = self.frame, broker_pb2.AgentFrame(), False
-            if self.calls:
-                frame.calls = b"".join(self.calls)
-                self.calls = []
+            calls, self.calls = self.calls, []
+            # At most max_batch calls a frame, as the broker's welcome asked.
+            frame.calls = b"".join(calls[: self.max_batch])
             await call.write(frame)
+            for i in range(self.max_batch, len(calls), self.max_batch):
+                await call.write(broker_pb2.AgentFrame(calls=b"".join(
+                    calls[i : i + self.max_batch])))
 
     async def close(self) -> None:
         self._stopping = True

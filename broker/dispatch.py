@@ -98,6 +98,8 @@ class VmSession:
                            tuple((r.gpa, r.size) for r in reg.regions))
         self.states: dict[str, StateDoc] = {}
         self.calls = 0
+        self.tokens = 0.0  # the per-VM rate limit's bucket (Dispatcher.vm_rate)
+        self.refilled_ns = time.monotonic_ns()
         cache = pv.caches.setdefault(self.profile, {})
         self.cache: dict[int, DispatchInfo] = cache  # type: ignore[assignment]
 
@@ -371,8 +373,12 @@ class HostSession:
 
 
 class Dispatcher:
-    def __init__(self, store: Store, policies: PolicyRegistry) -> None:
+    def __init__(self, store: Store, policies: PolicyRegistry, *, vm_rate: float = 0.0,
+                 vm_burst: float = 0.0) -> None:
         self.store = store
+        # Calls per second one VM may have handled, with bursts up to vm_burst; 0: no limit.
+        self.vm_rate = vm_rate
+        self.vm_burst = vm_burst or vm_rate
         self.policies = policies
         self.batch = StoreBatch()
         self.hosts: dict[str, HostSession] = {}
@@ -438,6 +444,7 @@ class Dispatcher:
         if old is not None and old.name == reg.name:
             return  # a re-registration after reconnecting: the session lives on
         vm = VmSession(host.host, reg, pv)
+        vm.tokens = self.vm_burst
         for vcpu, (seq, blob) in self.store.load_last_results(vm.key).items():
             if vcpu < vm.nr_vcpus:
                 rec = vm.vcpus[vcpu]
@@ -558,6 +565,13 @@ class Dispatcher:
             self._finish(host, vm, rec, vcpu, seq, info, None, Result.regs(
                 NOT_SUPPORTED_U64, outcome=Outcome.DENIED), None, t_frame, t_now)
             return
+        if self.vm_rate and not self._admit(vm):
+            metrics.RATE_LIMITED.inc()
+            fb = info.fallback
+            t_now = time.monotonic_ns()
+            self._finish(host, vm, rec, vcpu, seq, info, None,
+                         Result(fb.x, fb.mask, Outcome.FALLBACK), None, t_frame, t_now)
+            return
         call = Call(vcpu, seq, fid, x, flags)
         ctx = CallCtx(self, host, vm, info.handler_name)
         rec.in_flight_seq = seq
@@ -577,6 +591,16 @@ class Dispatcher:
         if task is not None:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    def _admit(self, vm: VmSession) -> bool:
+        """Token bucket per VM: one guest flooding calls cannot starve the others."""
+        now = time.monotonic_ns()
+        vm.tokens = min(self.vm_burst, vm.tokens + (now - vm.refilled_ns) * self.vm_rate / 1e9)
+        vm.refilled_ns = now
+        if vm.tokens < 1.0:
+            return False
+        vm.tokens -= 1.0
+        return True
 
     @staticmethod
     async def _run(coro: Coroutine[Any, Any, Result], timeout_s: float) -> Result:

@@ -46,4 +46,8 @@ MEMORY_BYTES = Counter(
 )
 MEMORY_READ_BYTES = MEMORY_BYTES.labels("read")
 MEMORY_WRITE_BYTES = MEMORY_BYTES.labels("write")
+RATE_LIMITED = Counter(
+    "hyperbroker_broker_rate_limited_total",
+    "Calls answered with their rule's fallback because their VM exceeded its call rate",
+)
 POLICY_VERSION = Gauge("hyperbroker_broker_policy_version", "Current policy version")

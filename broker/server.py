@@ -48,6 +48,8 @@ class BrokerConfig:
     tls: TlsFiles | None = None
     drain_grace_s: float = 5.0
     reuse_port: bool = False
+    vm_rate: float = 0.0  # calls per second per VM handed to handlers; 0: no limit
+    vm_burst: float = 0.0  # bucket size; 0: one second's worth
     host_expiry_s: float = 600.0  # a host away this long is gone: its VMs are cleaned up
     housekeeping_s: float = 2.0  # how often to look for newer policies and expired hosts
 
@@ -67,7 +69,8 @@ class BrokerServer:
         elif self.policies.resume_latest() is None:
             raise PolicyInvalid([PolicyError(
                 "no policy: give --policy FILE (the state directory holds none yet)", "", ())])
-        self.dispatcher = Dispatcher(self.store, self.policies)
+        self.dispatcher = Dispatcher(self.store, self.policies, vm_rate=config.vm_rate,
+                                     vm_burst=config.vm_burst)
         self.broker_service = BrokerService(
             self.dispatcher, f"{socket.gethostname()}:{os.getpid()}",
             require_identity=config.tls is not None)

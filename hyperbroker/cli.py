@@ -47,6 +47,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         drain_grace_s=args.drain_grace,
         reuse_port=args.reuse_port or args.workers > 1,
         host_expiry_s=args.host_expiry,
+        vm_rate=args.vm_rate_limit,
+        vm_burst=args.vm_burst,
     )
     if args.workers > 1:
         from broker.workers import run_workers
@@ -147,6 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1,
                    help="broker processes on this machine sharing the port (SO_REUSEPORT) and "
                         "the state directory; metrics ports count up from --metrics-listen")
+    p.add_argument("--vm-rate-limit", type=float, default=0.0,
+                   help="calls per second each VM may have handled (beyond: the rule's "
+                        "fallback); 0: no limit")
+    p.add_argument("--vm-burst", type=float, default=0.0,
+                   help="calls a VM may make at once above its rate (default: one second's)")
     p.add_argument("--host-expiry", type=float, default=600.0,
                    help="seconds a host's agent may be away before its VMs are cleaned up")
     _tls_args(p)

@@ -63,6 +63,7 @@ METRICS: Mapping[str, Metric] = {
     "hyperbroker_broker_batch_size": _m("histogram"),
     "hyperbroker_broker_memory_requests_total": _m("counter"),
     "hyperbroker_broker_memory_bytes_total": _m("counter", "direction"),
+    "hyperbroker_broker_rate_limited_total": _m("counter"),
     "hyperbroker_broker_policy_version": _m("gauge"),
     # agent
     "hyperbroker_agent_call_duration_seconds": _m("histogram", "source", "outcome"),
