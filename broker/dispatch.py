@@ -27,7 +27,7 @@ from broker.drive import run_eagerly
 from broker.policies import PolicyRegistry, PolicyVersion
 from broker.store import Store, StoreBatch
 from handlers.api import GuestMemoryError, Handler, JsonValue, VmInfo
-from hyperbroker.calls import Call, Outcome, Result
+from hyperbroker.calls import ActionKind, Call, Outcome, Result
 from hyperbroker.smccc import NOT_SUPPORTED_U64, NR_ARGS
 from hyperbroker.v1 import broker_pb2
 from hyperbroker.vmm_protocol import ACTION, CALL, RESULT, ResultSource
@@ -40,6 +40,7 @@ MEMORY_TIMEOUT_S = 2.0
 DISPATCH_CACHE_LIMIT = 4096
 OUTCOME_NAMES = [o.name.lower() for o in Outcome]
 NO_SEQ = -1
+RESET_ACTIONS = frozenset({ActionKind.SYSTEM_RESET, ActionKind.SYSTEM_RESET2})
 ZERO_X = (0,) * NR_ARGS
 SOURCE_BROKER = int(ResultSource.BROKER)
 STORED_LEN = struct.Struct("<I")
@@ -465,9 +466,26 @@ class Dispatcher:
         if vm is None:
             return
         metrics.VMS.dec()
-        task = asyncio.ensure_future(self._cleanup_vm(host, vm))
+        self._spawn(self._cleanup_vm(host, vm))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def _reset_vm(self, host: HostSession, vm: VmSession, record: bytes,
+                        writes: broker_pb2.ResultWrites | None) -> None:
+        """The guest is being reset: every handler of its profile forgets per-boot state, then
+        the result that asks the VMM for the reset goes out."""
+        policy = vm.pv.policy
+        for name in sorted({r.handler for r in policy.profiles[vm.profile].rules if r.handler}):
+            try:
+                await policy.handlers[name].vm_reset(CallCtx(self, host, vm, name))
+            except Exception:
+                log.exception("handler %s failed to reset vm %s", name, vm.key)
+        log.info("vm %s reset", vm.key)
+        host.queue_result(record, writes)
+        host.wake()
 
     async def _cleanup_vm(self, host: HostSession, vm: VmSession) -> None:
         """Run every handler's vm_destroyed hook, then drop the VM's records."""
@@ -633,7 +651,12 @@ class Dispatcher:
                                              writes=ctx.writes)
         record = self._record(vm.vm_id, vcpu, seq, result, t_start - t_frame, t_end - t_start,
                               ctx)
-        host.queue_result(record, writes)
+        if result.actions and any(a.kind in RESET_ACTIONS for a in result.actions):
+            # The handlers forget the boot before the VMM learns of the reset, so the rebooted
+            # guest's first call already finds them clean.
+            self._spawn(self._reset_vm(host, vm, record, writes))
+        else:
+            host.queue_result(record, writes)
         if ctx is not None and ctx.durable:
             self.batch.last_results[(vm.key, vcpu)] = (seq, stored_result(record, writes))
         rec.last_seq = seq

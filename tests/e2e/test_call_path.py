@@ -145,6 +145,17 @@ async def test_actions_and_wide_results_reach_the_vmm(agent: AgentProcess) -> No
     client.close()
 
 
+async def test_a_reset_action_makes_every_handler_forget_the_boot(agent: AgentProcess) -> None:
+    client = await connect(agent, "seqpacket")
+    reg = await client.register("vm-reboot", 1)
+    assert (await client.call(reg.vm_id, 0, INCREMENT)).x[1] == 1
+    assert (await client.call(reg.vm_id, 0, INCREMENT)).x[1] == 2
+    r = await client.call(reg.vm_id, 0, 0x8200_0008)
+    assert [a.kind for a in r.actions] == [ActionKind.SYSTEM_RESET]
+    assert (await client.call(reg.vm_id, 0, INCREMENT)).x[1] == 1
+    client.close()
+
+
 async def test_many_vms_and_vcpus_in_flight_at_once(agent: AgentProcess) -> None:
     client = await connect(agent, "seqpacket")
     regs = [await client.register(f"vm-many-{i}", 8) for i in range(4)]

@@ -22,6 +22,7 @@ WRITE_MEMORY = 0x8200_0004  # x1 = gpa, x2 = length, x3 = byte: fill, x1 = lengt
 FAIL = 0x8200_0005  # raises: the broker must answer with the rule's fallback
 POWER_OFF = 0x8200_0006  # returns a SYSTEM_OFF action
 WIDE = 0xC200_0007  # SMCCC 1.2 style: x0..x17 = 0..17
+RESET = 0x8200_0008  # returns a SYSTEM_RESET action: the broker then calls vm_reset
 
 
 class CounterHandler(Handler):
@@ -42,6 +43,9 @@ class CounterHandler(Handler):
         return {INCREMENT: "INCREMENT", SLOW_INCREMENT: "SLOW_INCREMENT",
                 READ_MEMORY: "READ_MEMORY", WRITE_MEMORY: "WRITE_MEMORY", FAIL: "FAIL",
                 POWER_OFF: "POWER_OFF", WIDE: "WIDE"}.get(fid)
+
+    async def vm_reset(self, ctx: CallContext) -> None:
+        ctx.state.put({"counter": 0})
 
     def admin_view(self, ctx: CallContext) -> object:
         return {"vm": ctx.vm.key, "state": ctx.state.get()}
@@ -75,4 +79,6 @@ class CounterHandler(Handler):
             return Result.regs(0, actions=(VmmAction(ActionKind.SYSTEM_OFF),))
         if fid == WIDE:
             return Result.regs(*range(18))
+        if fid == RESET:
+            return Result.regs(0, actions=(VmmAction(ActionKind.SYSTEM_RESET),))
         return Result.regs(-1, outcome=Outcome.GUEST_ERROR)
