@@ -275,3 +275,26 @@ async def test_concurrent_calls_of_one_vm_do_not_lose_updates() -> None:
     assert r1.x[0] == abi.FFA_SUCCESS_32
     assert error_of(r2) is FfaError.DENIED
     assert len(VmState.from_json(ctx.state.get()).shares) == 1
+
+
+async def test_a_reset_forgets_the_boot_but_keeps_the_endpoint_id() -> None:
+    """After SYSTEM_RESET the guest negotiates again and maps again; its ID does not change."""
+    from handlers.ffa import FfaHandler
+    from handlers.testing import FakeContext, FakeGuestMemory
+    from hyperbroker.calls import Call
+
+    handler = FfaHandler({})
+    ctx = FakeContext(memory=FakeGuestMemory({0x4000_0000: bytearray(0x10_0000)}))
+
+    async def call(fid: int, *args: int) -> tuple[int, ...]:
+        r = await handler.handle(Call(0, 1, fid, (fid, *args) + (0,) * (17 - len(args))), ctx)
+        ctx.memory.commit()
+        return r.x
+
+    assert (await call(0x8400_0063, 0x10002))[0] == 0x10002
+    before = (await call(0x8400_0069))[2]
+    assert (await call(0xC400_0066, 0x4000_0000, 0x4000_1000, 1))[0] == 0x8400_0061
+    await handler.vm_reset(ctx)
+    assert (await call(0x8400_0063, 0x10001))[0] == 0x10002  # negotiable again
+    assert (await call(0x8400_0069))[2] == before
+    assert (await call(0xC400_0066, 0x4000_0000, 0x4000_1000, 1))[0] == 0x8400_0061  # unmapped

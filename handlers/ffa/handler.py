@@ -161,6 +161,23 @@ class FfaHandler(Handler):
                 ctx.state.put(None)
         self._locks.pop(ctx.vm.key, None)
 
+    async def vm_reset(self, ctx: CallContext) -> None:
+        """A reboot: shares reclaimed, buffers unmapped, version free to negotiate again. The
+        endpoint ID and the handle counter stay, so IDs are stable for the VM's life and no
+        handle is ever given out twice."""
+        lock = self._locks.setdefault(ctx.vm.key, asyncio.Lock())
+        async with lock:
+            state = VmState.from_json(ctx.state.get())
+            for share in state.shares:
+                metrics.count(metrics.RECLAIMS, "vm_reset")
+                metrics.count(metrics.PAGES_RECLAIMED, "vm_reset", amount=share.pages)
+            if state.endpoint_id is not None:
+                for p in self.partitions:
+                    await p.vm_destroyed(ctx.vm.key, state.endpoint_id)
+            fresh = VmState(endpoint_id=state.endpoint_id, handle_counter=state.handle_counter)
+            if fresh != state:
+                ctx.state.put(fresh.to_json())
+
     async def close(self) -> None:
         for p in self.partitions:
             await p.close()
