@@ -38,13 +38,12 @@ CALL_KEY = struct.Struct("<IIQI")  # vm_id, vcpu, seq, function_id: the head of 
 RESULT_SIZE = proto.RESULT.size
 RESULT_KEY = struct.Struct("<IIQ")  # vm_id, vcpu, seq: the head of struct hb_result
 NR_ACTIONS = struct.Struct("<I")
-# Offsets in struct hb_result (include/hyperbroker/vmm_protocol.h).
-OUTCOME_OFFSET = 16
-AGENT_TIMES_OFFSET = 168  # timing.agent_ns, timing.link_ns
+OUTCOME_OFFSET = proto.RESULT_OUTCOME_OFFSET
+AGENT_TIMES_OFFSET = proto.RESULT_TIMING_OFFSET  # timing.agent_ns, timing.link_ns
 AGENT_TIMES = struct.Struct("<QQ")
-BROKER_TIMES_OFFSET = 184  # timing.broker_queue_ns, timing.handler_ns
+BROKER_TIMES_OFFSET = proto.RESULT_BROKER_TIMES_OFFSET  # broker_queue_ns, handler_ns
 BROKER_TIMES = struct.Struct("<QQ")
-NR_ACTIONS_OFFSET = 216
+NR_ACTIONS_OFFSET = proto.RESULT_NR_ACTIONS_OFFSET
 CALL_PREFIX = proto.HEADER.pack(proto.MAGIC, proto.VERSION, proto.MsgType.CALL,
                                 proto.CALL.size, 0)[:12]
 MEMORY_RELAY_TIMEOUT_S = 1.5

@@ -147,9 +147,10 @@ class LoadGenerator:
             tag = int.from_bytes(data[12:16], "little")
             fut = self.waiters.pop(tag, None)
             if data[6] == proto.MsgType.RESULT:
-                if data[16 + 16] != 0:  # outcome OK
+                if data[proto.HEADER.size + proto.RESULT_OUTCOME_OFFSET] != 0:  # not OK
                     self.errors += 1
-                self.timings.append(TIMES.unpack_from(data, 16 + 168))
+                self.timings.append(
+                    TIMES.unpack_from(data, proto.HEADER.size + proto.RESULT_TIMING_OFFSET))
             elif data[6] != proto.MsgType.PONG:
                 self.errors += 1
             if fut is not None:

@@ -68,6 +68,13 @@ MEM_ACCESS = struct.Struct("<IIQ")
 MEM_REPLY = struct.Struct("<iI")
 ERROR = struct.Struct("<iHH")
 
+# Field offsets in struct hb_result, for code that patches or peeks at a record in place.
+RESULT_OUTCOME_OFFSET = struct.calcsize("<IIQ")
+RESULT_TIMING_OFFSET = struct.calcsize(f"<IIQII{NR_ARGS}Q")  # timing.agent_ns, then link_ns
+RESULT_BROKER_TIMES_OFFSET = RESULT_TIMING_OFFSET + 16  # timing.broker_queue_ns, handler_ns
+RESULT_NR_ACTIONS_OFFSET = RESULT_TIMING_OFFSET + TIMING.size
+assert (RESULT_OUTCOME_OFFSET, RESULT_TIMING_OFFSET, RESULT_NR_ACTIONS_OFFSET) == (16, 168, 216)
+
 # The C header's static asserts, restated where Python packs the same structs.
 assert (HEADER.size, REGION.size, REGISTER_VM.size, REGISTER_VM_REPLY.size) == (16, 32, 112, 24)
 assert (CALL.size, TIMING.size, RESULT.size, ACTION.size) == (176, 48, 224, 24)
