@@ -1,0 +1,30 @@
+"""`hyperbroker bench` runs end to end and reports both paths and their ratios.
+
+No timing is asserted here: performance is judged from the benchmark's own figures
+(docs/performance.md), never from a timed test.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_the_benchmark_prints_both_paths_and_the_ratios(tmp_path: Path) -> None:
+    out_file = tmp_path / "bench.json"
+    out = subprocess.run([sys.executable, "-m", "hyperbroker.cli", "bench", "--calls", "200",
+                          "--rounds", "1", "--inflight", "1", "8", "--json", str(out_file)],
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "grpc echo ping-pong (baseline)" in out.stdout
+    assert "VMM -> agent -> broker -> TRNG, 8 in flight" in out.stdout
+    assert "x baseline round trip" in out.stdout
+    report = json.loads(out_file.read_text())
+    assert set(report["ratios"]) == {"1", "8"}
+    assert all(f["calls"] > 0 and f["p50_us"] > 0 for f in report["medians"])
