@@ -19,6 +19,7 @@ import grpc
 
 from agent import metrics
 from hyperbroker import __version__
+from hyperbroker.drive import run_eagerly
 from hyperbroker.tls import TlsFiles
 from hyperbroker.v1 import broker_pb2, broker_pb2_grpc
 
@@ -66,7 +67,7 @@ class BrokerLink:
         self.calls: list[bytes] = []  # hb_call records for the frame being built
         self.max_batch = 1024
         self._dirty = False
-        self._wake = asyncio.Event()
+        self._writing = False
         self._stopping = False
         self._call: grpc.aio.StreamStreamCall[broker_pb2.AgentFrame,
                                               broker_pb2.BrokerFrame] | None = None
@@ -81,8 +82,35 @@ class BrokerLink:
         self._dirty = True
 
     def flush_soon(self) -> None:
-        if self._dirty:
-            self._wake.set()
+        """Start writing what is pending now, unless a write is already under way (it will
+        take this too). The write is started from the caller's own callback, without waking a
+        writer task: at one call in flight that saves an event-loop round per call."""
+        call = self._call
+        if self._dirty and self.up and not self._writing and call is not None:
+            self._writing = True
+            run_eagerly(self._write_pending(call), self._write_done)
+
+    async def _write_pending(self, call: grpc.aio.StreamStreamCall[broker_pb2.AgentFrame,
+                                                                    broker_pb2.BrokerFrame]
+                             ) -> None:
+        while self._dirty:
+            frame, self.frame, self._dirty = self.frame, broker_pb2.AgentFrame(), False
+            calls, self.calls = self.calls, []
+            # At most max_batch calls a frame, as the broker's welcome asked.
+            frame.calls = b"".join(calls[: self.max_batch])
+            await call.write(frame)
+            for i in range(self.max_batch, len(calls), self.max_batch):
+                await call.write(broker_pb2.AgentFrame(calls=b"".join(
+                    calls[i : i + self.max_batch])))
+
+    def _write_done(self, _: None, exc: BaseException | None) -> None:
+        self._writing = False
+        if exc is not None:
+            if self._call is not None and not isinstance(exc, asyncio.CancelledError):
+                log.warning("write to broker %s failed: %r", self.target, exc)
+                self._call.cancel()  # the reader sees the stream end and reconnects
+            return
+        self.flush_soon()
 
     async def run(self) -> None:
         attempt = 0
@@ -140,41 +168,18 @@ class BrokerLink:
                      first.welcome.broker_id, first.welcome.policy.version)
             if self.on_up is not None:
                 self.on_up()
-            writer = asyncio.create_task(self._writer(call))
-            try:
-                while True:
-                    frame = await call.read()
-                    if frame is grpc.aio.EOF:
-                        break
-                    assert isinstance(frame, broker_pb2.BrokerFrame)
-                    if frame.HasField("drain"):
-                        log.info("broker asks to drain: %s", frame.drain.reason)
-                    self.owner.on_broker_frame(frame)
-                    if writer.done():
-                        writer.result()  # raises what broke the writer
-                        break
-            finally:
-                writer.cancel()
+            self.flush_soon()
+            while True:
+                frame = await call.read()
+                if frame is grpc.aio.EOF:
+                    break
+                assert isinstance(frame, broker_pb2.BrokerFrame)
+                if frame.HasField("drain"):
+                    log.info("broker asks to drain: %s", frame.drain.reason)
+                self.owner.on_broker_frame(frame)
         finally:
             self._call = None
             call.cancel()
-
-    async def _writer(self, call: grpc.aio.StreamStreamCall[broker_pb2.AgentFrame,
-                                                             broker_pb2.BrokerFrame]) -> None:
-        self._wake.set()
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            if not self._dirty:
-                continue
-            frame, self.frame, self._dirty = self.frame, broker_pb2.AgentFrame(), False
-            calls, self.calls = self.calls, []
-            # At most max_batch calls a frame, as the broker's welcome asked.
-            frame.calls = b"".join(calls[: self.max_batch])
-            await call.write(frame)
-            for i in range(self.max_batch, len(calls), self.max_batch):
-                await call.write(broker_pb2.AgentFrame(calls=b"".join(
-                    calls[i : i + self.max_batch])))
 
     async def close(self) -> None:
         self._stopping = True

@@ -23,11 +23,11 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from broker import metrics
-from broker.drive import run_eagerly
 from broker.policies import PolicyRegistry, PolicyVersion
 from broker.store import Store, StoreBatch
 from handlers.api import GuestMemoryError, Handler, JsonValue, VmInfo
 from hyperbroker.calls import ActionKind, Call, Outcome, Result
+from hyperbroker.drive import run_eagerly
 from hyperbroker.smccc import NOT_SUPPORTED_U64, NR_ARGS
 from hyperbroker.v1 import broker_pb2
 from hyperbroker.vmm_protocol import ACTION, CALL, RESULT, ResultSource

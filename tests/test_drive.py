@@ -1,4 +1,4 @@
-"""broker.drive: coroutines stepped without a task until they suspend."""
+"""hyperbroker.drive: coroutines stepped without a task until they suspend."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from broker.drive import run_eagerly
+from hyperbroker.drive import run_eagerly
 
 
 async def test_a_coroutine_that_never_awaits_finishes_without_a_task() -> None:
