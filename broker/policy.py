@@ -771,18 +771,17 @@ class _Loader:
             draft.agent_static = static
         else:
             self.error(f"{where}: agent_static must be true or false, not {static!r}", "", rules)
-        if "fallback" in raw:
-            draft.fallback = self.load_fallback(where, draft, raw["fallback"])
+        draft.fallback = self.load_fallback(where, draft, raw.get("fallback", BUILTIN_FALLBACK))
 
     def load_fallback(self, where: str, draft: _Draft, value: object) -> Result:
         rules = (draft.label,)
-        if value == BUILTIN_FALLBACK:
-            return NOT_SUPPORTED_FALLBACK
         if isinstance(value, str):
             handler = self.handlers.get(draft.handler) if draft.handler else None
             if handler is None:
                 return NOT_SUPPORTED_FALLBACK  # the handler's own error is reported already
             named = handler.named_fallbacks()
+            if value == BUILTIN_FALLBACK and value not in named:
+                return NOT_SUPPORTED_FALLBACK  # SMCCC NOT_SUPPORTED, for ABIs without their own
             if value not in named:
                 known = ", ".join([BUILTIN_FALLBACK, *sorted(named)])
                 self.error(f"{where}: unknown fallback {value!r} for handler {draft.handler!r} "

@@ -859,3 +859,20 @@ def test_to_json_is_json_and_names_the_served_functions() -> None:
     assert [r["action"] for r in profile["rules"]] == ["forward", "deny", "handle"]
     assert profile["discovery"] == []  # FakeTrng makes no discovery claims
     assert out["handlers"]["trng"]["plugin"] == "trng"
+
+
+def test_not_supported_is_the_abis_own_form_when_the_handler_names_one() -> None:
+    """An FF-A guest reads errors from FFA_ERROR in x0, not from x0 = -1."""
+    from handlers.api import discover_plugins
+
+    text = """
+handlers: {ffa: {}}
+profiles:
+  default:
+    rules:
+      - {name: ffa, abi: ffa, action: forward, handler: ffa}
+"""
+    policy = load_policy(text, discover_plugins())
+    rule = policy.profiles["default"].rules[0]
+    assert rule.fallback.x[0] == 0x8400_0060  # FFA_ERROR
+    assert rule.fallback.x[2] & 0xFFFF_FFFF == 0xFFFF_FFFF  # NOT_SUPPORTED (-1) in w2
