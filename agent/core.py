@@ -91,6 +91,7 @@ class AgentVm:
         self.profile_name = profile.name
         self.profile = profile
         self.policy_version = policy.version
+        self.policy_digest = policy.digest
         self.nr_vcpus = reg.nr_vcpus
         self.conn = conn
         self.regions = regions
@@ -101,7 +102,8 @@ class AgentVm:
     def registration(self) -> broker_pb2.VmRegistered:
         return broker_pb2.VmRegistered(
             vm_id=self.vm_id, name=self.name, profile=self.profile_name,
-            policy_version=self.policy_version, nr_vcpus=self.nr_vcpus,
+            policy_version=self.policy_version, policy_digest=self.policy_digest,
+            nr_vcpus=self.nr_vcpus,
             regions=[broker_pb2.MemoryRegion(gpa=r.gpa, size=r.size,
                                              readonly=bool(r.flags & proto.REGION_READONLY))
                      for r in self.regions.regions])

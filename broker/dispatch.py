@@ -434,6 +434,11 @@ class Dispatcher:
             host.queue_rejected(reg.vm_id, f"policy version {reg.policy_version} is unknown to "
                                            "this broker")
             return
+        if reg.policy_digest and reg.policy_digest != pv.policy.digest:
+            host.queue_rejected(reg.vm_id, f"policy version {reg.policy_version} of this broker "
+                                           "is not the text the VM's filter was compiled from "
+                                           "(different store?)")
+            return
         if (reg.profile or "default") not in pv.policy.profiles:
             host.queue_rejected(reg.vm_id, f"profile {reg.profile!r} is not in policy version "
                                            f"{reg.policy_version}")

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bhyperbroker/v1/broker.proto\x12\x0ehyperbroker.v1\"\xc9\x02\n\nAgentFrame\x12)\n\x05hello\x18\x01 \x01(\x0b\x32\x1a.hyperbroker.v1.AgentHello\x12\x34\n\x0evms_registered\x18\x02 \x03(\x0b\x32\x1c.hyperbroker.v1.VmRegistered\x12\x32\n\rvms_destroyed\x18\x03 \x03(\x0b\x32\x1b.hyperbroker.v1.VmDestroyed\x12\r\n\x05\x63\x61lls\x18\x04 \x01(\x0c\x12\x33\n\x0ememory_replies\x18\x05 \x03(\x0b\x32\x1b.hyperbroker.v1.MemoryReply\x12\x34\n\x0e\x66ilter_reports\x18\x06 \x03(\x0b\x32\x1c.hyperbroker.v1.FilterReport\x12,\n\tkeepalive\x18\x07 \x01(\x0b\x32\x19.hyperbroker.v1.Keepalive\"l\n\nAgentHello\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x15\n\ragent_version\x18\x02 \x01(\t\x12\x10\n\x08protocol\x18\x03 \x01(\r\x12\x16\n\x0epolicy_version\x18\x04 \x01(\x04\x12\x0f\n\x07resumed\x18\x05 \x01(\x08\";\n\x0cMemoryRegion\x12\x0b\n\x03gpa\x18\x01 \x01(\x06\x12\x0c\n\x04size\x18\x02 \x01(\x06\x12\x10\n\x08readonly\x18\x03 \x01(\x08\"\x95\x01\n\x0cVmRegistered\x12\r\n\x05vm_id\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07profile\x18\x03 \x01(\t\x12\x16\n\x0epolicy_version\x18\x04 \x01(\x04\x12\x10\n\x08nr_vcpus\x18\x05 \x01(\r\x12-\n\x07regions\x18\x06 \x03(\x0b\x32\x1c.hyperbroker.v1.MemoryRegion\"\x1c\n\x0bVmDestroyed\x12\r\n\x05vm_id\x18\x01 \x01(\r\"-\n\x0c\x46ilterReport\x12\r\n\x05vm_id\x18\x01 \x01(\r\x12\x0e\n\x06\x65rrnos\x18\x02 \x03(\x05\"O\n\x0bMemoryReply\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\r\n\x05\x65rror\x18\x03 \x01(\x05\x12\x0f\n\x07message\x18\x04 \x01(\t\"-\n\tKeepalive\x12\x0f\n\x07sent_ns\x18\x01 \x01(\x04\x12\x0f\n\x07\x65\x63ho_ns\x18\x02 \x01(\x04\"(\n\x0bMemoryWrite\x12\x0b\n\x03gpa\x18\x01 \x01(\x06\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"e\n\x0cResultWrites\x12\r\n\x05vm_id\x18\x01 \x01(\r\x12\x0c\n\x04vcpu\x18\x02 \x01(\r\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12+\n\x06writes\x18\x04 \x03(\x0b\x32\x1b.hyperbroker.v1.MemoryWrite\"O\n\rMemoryRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\r\n\x05vm_id\x18\x02 \x01(\r\x12\x0b\n\x03gpa\x18\x03 \x01(\x06\x12\x0e\n\x06length\x18\x04 \x01(\r\"n\n\x0c\x46ilterRecord\x12\x0c\n\x04\x62\x61se\x18\x01 \x01(\r\x12\x14\n\x0cnr_functions\x18\x02 \x01(\r\x12,\n\x06\x61\x63tion\x18\x03 \x01(\x0e\x32\x1c.hyperbroker.v1.FilterAction\x12\x0c\n\x04rule\x18\x04 \x01(\t\"{\n\tAgentRule\x12\x0c\n\x04\x62\x61se\x18\x01 \x01(\r\x12\x14\n\x0cnr_functions\x18\x02 \x01(\r\x12\x13\n\x0b\x64\x65\x61\x64line_us\x18\x03 \x01(\r\x12\x10\n\x08\x66\x61llback\x18\x04 \x03(\x06\x12\x15\n\rfallback_mask\x18\x05 \x01(\r\x12\x0c\n\x04rule\x18\x06 \x01(\t\"<\n\x0cStaticAnswer\x12\x13\n\x0b\x66unction_id\x18\x01 \x01(\r\x12\t\n\x01x\x18\x02 \x03(\x06\x12\x0c\n\x04mask\x18\x03 \x01(\r\"\xd1\x01\n\x0f\x43ompiledProfile\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x33\n\rkernel_filter\x18\x02 \x03(\x0b\x32\x1c.hyperbroker.v1.FilterRecord\x12(\n\x05rules\x18\x03 \x03(\x0b\x32\x19.hyperbroker.v1.AgentRule\x12\x34\n\x0estatic_answers\x18\x04 \x03(\x0b\x32\x1c.hyperbroker.v1.StaticAnswer\x12\x1b\n\x13\x64\x65\x66\x61ult_deadline_us\x18\x05 \x01(\r\"d\n\x0e\x43ompiledPolicy\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\x31\n\x08profiles\x18\x03 \x03(\x0b\x32\x1f.hyperbroker.v1.CompiledProfile\"+\n\nVmRejected\x12\r\n\x05vm_id\x18\x01 \x01(\r\x12\x0e\n\x06reason\x18\x02 \x01(\t\"w\n\rBrokerWelcome\x12\x11\n\tbroker_id\x18\x01 \x01(\t\x12\x10\n\x08protocol\x18\x02 \x01(\r\x12.\n\x06policy\x18\x03 \x01(\x0b\x32\x1e.hyperbroker.v1.CompiledPolicy\x12\x11\n\tmax_batch\x18\x04 \x01(\r\"\x17\n\x05\x44rain\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\xf1\x02\n\x0b\x42rokerFrame\x12.\n\x07welcome\x18\x01 \x01(\x0b\x32\x1d.hyperbroker.v1.BrokerWelcome\x12\x0f\n\x07results\x18\x02 \x01(\x0c\x12\x36\n\x0fmemory_requests\x18\x03 \x03(\x0b\x32\x1d.hyperbroker.v1.MemoryRequest\x12.\n\x06policy\x18\x04 \x01(\x0b\x32\x1e.hyperbroker.v1.CompiledPolicy\x12\x30\n\x0cvms_rejected\x18\x05 \x03(\x0b\x32\x1a.hyperbroker.v1.VmRejected\x12,\n\tkeepalive\x18\x06 \x01(\x0b\x32\x19.hyperbroker.v1.Keepalive\x12$\n\x05\x64rain\x18\x07 \x01(\x0b\x32\x15.hyperbroker.v1.Drain\x12\x33\n\rmemory_writes\x18\x08 \x03(\x0b\x32\x1c.hyperbroker.v1.ResultWrites*_\n\x0c\x46ilterAction\x12\x18\n\x14\x46ILTER_ACTION_HANDLE\x10\x00\x12\x16\n\x12\x46ILTER_ACTION_DENY\x10\x01\x12\x1d\n\x19\x46ILTER_ACTION_FWD_TO_USER\x10\x02\x32P\n\x06\x42roker\x12\x46\n\x07\x43onnect\x12\x1a.hyperbroker.v1.AgentFrame\x1a\x1b.hyperbroker.v1.BrokerFrame(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bhyperbroker/v1/broker.proto\x12\x0ehyperbroker.v1\"\xc9\x02\n\nAgentFrame\x12)\n\x05hello\x18\x01 \x01(\x0b\x32\x1a.hyperbroker.v1.AgentHello\x12\x34\n\x0evms_registered\x18\x02 \x03(\x0b\x32\x1c.hyperbroker.v1.VmRegistered\x12\x32\n\rvms_destroyed\x18\x03 \x03(\x0b\x32\x1b.hyperbroker.v1.VmDestroyed\x12\r\n\x05\x63\x61lls\x18\x04 \x01(\x0c\x12\x33\n\x0ememory_replies\x18\x05 \x03(\x0b\x32\x1b.hyperbroker.v1.MemoryReply\x12\x34\n\x0e\x66ilter_reports\x18\x06 \x03(\x0b\x32\x1c.hyperbroker.v1.FilterReport\x12,\n\tkeepalive\x18\x07 \x01(\x0b\x32\x19.hyperbroker.v1.Keepalive\"l\n\nAgentHello\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x15\n\ragent_version\x18\x02 \x01(\t\x12\x10\n\x08protocol\x18\x03 \x01(\r\x12\x16\n\x0epolicy_version\x18\x04 \x01(\x04\x12\x0f\n\x07resumed\x18\x05 \x01(\x08\";\n\x0cMemoryRegion\x12\x0b\n\x03gpa\x18\x01 \x01(\x06\x12\x0c\n\x04size\x18\x02 \x01(\x06\x12\x10\n\x08readonly\x18\x03 \x01(\x08\"\xac\x01\n\x0cVmRegistered\x12\r\n\x05vm_id\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07profile\x18\x03 \x01(\t\x12\x16\n\x0epolicy_version\x18\x04 \x01(\x04\x12\x10\n\x08nr_vcpus\x18\x05 \x01(\r\x12-\n\x07regions\x18\x06 \x03(\x0b\x32\x1c.hyperbroker.v1.MemoryRegion\x12\x15\n\rpolicy_digest\x18\x07 \x01(\t\"\x1c\n\x0bVmDestroyed\x12\r\n\x05vm_id\x18\x01 \x01(\r\"-\n\x0c\x46ilterReport\x12\r\n\x05vm_id\x18\x01 \x01(\r\x12\x0e\n\x06\x65rrnos\x18\x02 \x03(\x05\"O\n\x0bMemoryReply\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\r\n\x05\x65rror\x18\x03 \x01(\x05\x12\x0f\n\x07message\x18\x04 \x01(\t\"-\n\tKeepalive\x12\x0f\n\x07sent_ns\x18\x01 \x01(\x04\x12\x0f\n\x07\x65\x63ho_ns\x18\x02 \x01(\x04\"(\n\x0bMemoryWrite\x12\x0b\n\x03gpa\x18\x01 \x01(\x06\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"e\n\x0cResultWrites\x12\r\n\x05vm_id\x18\x01 \x01(\r\x12\x0c\n\x04vcpu\x18\x02 \x01(\r\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12+\n\x06writes\x18\x04 \x03(\x0b\x32\x1b.hyperbroker.v1.MemoryWrite\"O\n\rMemoryRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\r\n\x05vm_id\x18\x02 \x01(\r\x12\x0b\n\x03gpa\x18\x03 \x01(\x06\x12\x0e\n\x06length\x18\x04 \x01(\r\"n\n\x0c\x46ilterRecord\x12\x0c\n\x04\x62\x61se\x18\x01 \x01(\r\x12\x14\n\x0cnr_functions\x18\x02 \x01(\r\x12,\n\x06\x61\x63tion\x18\x03 \x01(\x0e\x32\x1c.hyperbroker.v1.FilterAction\x12\x0c\n\x04rule\x18\x04 \x01(\t\"{\n\tAgentRule\x12\x0c\n\x04\x62\x61se\x18\x01 \x01(\r\x12\x14\n\x0cnr_functions\x18\x02 \x01(\r\x12\x13\n\x0b\x64\x65\x61\x64line_us\x18\x03 \x01(\r\x12\x10\n\x08\x66\x61llback\x18\x04 \x03(\x06\x12\x15\n\rfallback_mask\x18\x05 \x01(\r\x12\x0c\n\x04rule\x18\x06 \x01(\t\"<\n\x0cStaticAnswer\x12\x13\n\x0b\x66unction_id\x18\x01 \x01(\r\x12\t\n\x01x\x18\x02 \x03(\x06\x12\x0c\n\x04mask\x18\x03 \x01(\r\"\xd1\x01\n\x0f\x43ompiledProfile\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x33\n\rkernel_filter\x18\x02 \x03(\x0b\x32\x1c.hyperbroker.v1.FilterRecord\x12(\n\x05rules\x18\x03 \x03(\x0b\x32\x19.hyperbroker.v1.AgentRule\x12\x34\n\x0estatic_answers\x18\x04 \x03(\x0b\x32\x1c.hyperbroker.v1.StaticAnswer\x12\x1b\n\x13\x64\x65\x66\x61ult_deadline_us\x18\x05 \x01(\r\"d\n\x0e\x43ompiledPolicy\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\x31\n\x08profiles\x18\x03 \x03(\x0b\x32\x1f.hyperbroker.v1.CompiledProfile\"+\n\nVmRejected\x12\r\n\x05vm_id\x18\x01 \x01(\r\x12\x0e\n\x06reason\x18\x02 \x01(\t\"w\n\rBrokerWelcome\x12\x11\n\tbroker_id\x18\x01 \x01(\t\x12\x10\n\x08protocol\x18\x02 \x01(\r\x12.\n\x06policy\x18\x03 \x01(\x0b\x32\x1e.hyperbroker.v1.CompiledPolicy\x12\x11\n\tmax_batch\x18\x04 \x01(\r\"\x17\n\x05\x44rain\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\xf1\x02\n\x0b\x42rokerFrame\x12.\n\x07welcome\x18\x01 \x01(\x0b\x32\x1d.hyperbroker.v1.BrokerWelcome\x12\x0f\n\x07results\x18\x02 \x01(\x0c\x12\x36\n\x0fmemory_requests\x18\x03 \x03(\x0b\x32\x1d.hyperbroker.v1.MemoryRequest\x12.\n\x06policy\x18\x04 \x01(\x0b\x32\x1e.hyperbroker.v1.CompiledPolicy\x12\x30\n\x0cvms_rejected\x18\x05 \x03(\x0b\x32\x1a.hyperbroker.v1.VmRejected\x12,\n\tkeepalive\x18\x06 \x01(\x0b\x32\x19.hyperbroker.v1.Keepalive\x12$\n\x05\x64rain\x18\x07 \x01(\x0b\x32\x15.hyperbroker.v1.Drain\x12\x33\n\rmemory_writes\x18\x08 \x03(\x0b\x32\x1c.hyperbroker.v1.ResultWrites*_\n\x0c\x46ilterAction\x12\x18\n\x14\x46ILTER_ACTION_HANDLE\x10\x00\x12\x16\n\x12\x46ILTER_ACTION_DENY\x10\x01\x12\x1d\n\x19\x46ILTER_ACTION_FWD_TO_USER\x10\x02\x32P\n\x06\x42roker\x12\x46\n\x07\x43onnect\x12\x1a.hyperbroker.v1.AgentFrame\x1a\x1b.hyperbroker.v1.BrokerFrame(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'hyperbroker.v1.broker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FILTERACTION']._serialized_start=2309
-  _globals['_FILTERACTION']._serialized_end=2404
+  _globals['_FILTERACTION']._serialized_start=2332
+  _globals['_FILTERACTION']._serialized_end=2427
   _globals['_AGENTFRAME']._serialized_start=48
   _globals['_AGENTFRAME']._serialized_end=377
   _globals['_AGENTHELLO']._serialized_start=379
@@ -40,39 +40,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MEMORYREGION']._serialized_start=489
   _globals['_MEMORYREGION']._serialized_end=548
   _globals['_VMREGISTERED']._serialized_start=551
-  _globals['_VMREGISTERED']._serialized_end=700
-  _globals['_VMDESTROYED']._serialized_start=702
-  _globals['_VMDESTROYED']._serialized_end=730
-  _globals['_FILTERREPORT']._serialized_start=732
-  _globals['_FILTERREPORT']._serialized_end=777
-  _globals['_MEMORYREPLY']._serialized_start=779
-  _globals['_MEMORYREPLY']._serialized_end=858
-  _globals['_KEEPALIVE']._serialized_start=860
-  _globals['_KEEPALIVE']._serialized_end=905
-  _globals['_MEMORYWRITE']._serialized_start=907
-  _globals['_MEMORYWRITE']._serialized_end=947
-  _globals['_RESULTWRITES']._serialized_start=949
-  _globals['_RESULTWRITES']._serialized_end=1050
-  _globals['_MEMORYREQUEST']._serialized_start=1052
-  _globals['_MEMORYREQUEST']._serialized_end=1131
-  _globals['_FILTERRECORD']._serialized_start=1133
-  _globals['_FILTERRECORD']._serialized_end=1243
-  _globals['_AGENTRULE']._serialized_start=1245
-  _globals['_AGENTRULE']._serialized_end=1368
-  _globals['_STATICANSWER']._serialized_start=1370
-  _globals['_STATICANSWER']._serialized_end=1430
-  _globals['_COMPILEDPROFILE']._serialized_start=1433
-  _globals['_COMPILEDPROFILE']._serialized_end=1642
-  _globals['_COMPILEDPOLICY']._serialized_start=1644
-  _globals['_COMPILEDPOLICY']._serialized_end=1744
-  _globals['_VMREJECTED']._serialized_start=1746
-  _globals['_VMREJECTED']._serialized_end=1789
-  _globals['_BROKERWELCOME']._serialized_start=1791
-  _globals['_BROKERWELCOME']._serialized_end=1910
-  _globals['_DRAIN']._serialized_start=1912
-  _globals['_DRAIN']._serialized_end=1935
-  _globals['_BROKERFRAME']._serialized_start=1938
-  _globals['_BROKERFRAME']._serialized_end=2307
-  _globals['_BROKER']._serialized_start=2406
-  _globals['_BROKER']._serialized_end=2486
+  _globals['_VMREGISTERED']._serialized_end=723
+  _globals['_VMDESTROYED']._serialized_start=725
+  _globals['_VMDESTROYED']._serialized_end=753
+  _globals['_FILTERREPORT']._serialized_start=755
+  _globals['_FILTERREPORT']._serialized_end=800
+  _globals['_MEMORYREPLY']._serialized_start=802
+  _globals['_MEMORYREPLY']._serialized_end=881
+  _globals['_KEEPALIVE']._serialized_start=883
+  _globals['_KEEPALIVE']._serialized_end=928
+  _globals['_MEMORYWRITE']._serialized_start=930
+  _globals['_MEMORYWRITE']._serialized_end=970
+  _globals['_RESULTWRITES']._serialized_start=972
+  _globals['_RESULTWRITES']._serialized_end=1073
+  _globals['_MEMORYREQUEST']._serialized_start=1075
+  _globals['_MEMORYREQUEST']._serialized_end=1154
+  _globals['_FILTERRECORD']._serialized_start=1156
+  _globals['_FILTERRECORD']._serialized_end=1266
+  _globals['_AGENTRULE']._serialized_start=1268
+  _globals['_AGENTRULE']._serialized_end=1391
+  _globals['_STATICANSWER']._serialized_start=1393
+  _globals['_STATICANSWER']._serialized_end=1453
+  _globals['_COMPILEDPROFILE']._serialized_start=1456
+  _globals['_COMPILEDPROFILE']._serialized_end=1665
+  _globals['_COMPILEDPOLICY']._serialized_start=1667
+  _globals['_COMPILEDPOLICY']._serialized_end=1767
+  _globals['_VMREJECTED']._serialized_start=1769
+  _globals['_VMREJECTED']._serialized_end=1812
+  _globals['_BROKERWELCOME']._serialized_start=1814
+  _globals['_BROKERWELCOME']._serialized_end=1933
+  _globals['_DRAIN']._serialized_start=1935
+  _globals['_DRAIN']._serialized_end=1958
+  _globals['_BROKERFRAME']._serialized_start=1961
+  _globals['_BROKERFRAME']._serialized_end=2330
+  _globals['_BROKER']._serialized_start=2429
+  _globals['_BROKER']._serialized_end=2509
 # @@protoc_insertion_point(module_scope)

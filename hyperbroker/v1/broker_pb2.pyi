@@ -59,20 +59,22 @@ class MemoryRegion(_message.Message):
     def __init__(self, gpa: _Optional[int] = ..., size: _Optional[int] = ..., readonly: _Optional[bool] = ...) -> None: ...
 
 class VmRegistered(_message.Message):
-    __slots__ = ("vm_id", "name", "profile", "policy_version", "nr_vcpus", "regions")
+    __slots__ = ("vm_id", "name", "profile", "policy_version", "nr_vcpus", "regions", "policy_digest")
     VM_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     PROFILE_FIELD_NUMBER: _ClassVar[int]
     POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
     NR_VCPUS_FIELD_NUMBER: _ClassVar[int]
     REGIONS_FIELD_NUMBER: _ClassVar[int]
+    POLICY_DIGEST_FIELD_NUMBER: _ClassVar[int]
     vm_id: int
     name: str
     profile: str
     policy_version: int
     nr_vcpus: int
     regions: _containers.RepeatedCompositeFieldContainer[MemoryRegion]
-    def __init__(self, vm_id: _Optional[int] = ..., name: _Optional[str] = ..., profile: _Optional[str] = ..., policy_version: _Optional[int] = ..., nr_vcpus: _Optional[int] = ..., regions: _Optional[_Iterable[_Union[MemoryRegion, _Mapping]]] = ...) -> None: ...
+    policy_digest: str
+    def __init__(self, vm_id: _Optional[int] = ..., name: _Optional[str] = ..., profile: _Optional[str] = ..., policy_version: _Optional[int] = ..., nr_vcpus: _Optional[int] = ..., regions: _Optional[_Iterable[_Union[MemoryRegion, _Mapping]]] = ..., policy_digest: _Optional[str] = ...) -> None: ...
 
 class VmDestroyed(_message.Message):
     __slots__ = ("vm_id",)

@@ -195,3 +195,24 @@ async def test_with_the_broker_gone_calls_get_their_fallback_within_the_deadline
     finally:
         client.close()
         agent.process.stop()
+
+
+async def test_a_vm_whose_filter_came_from_another_policy_text_is_rejected(
+        tmp_path: Path, policy_file: Path) -> None:
+    """Versions are numbered per store: the digest says whether v1 here is the VM's v1."""
+    broker = start_broker(policy_file, tmp_path / "state", env=plugin_env())
+    try:
+        channel = grpc.aio.insecure_channel(broker.address)
+        stream = broker_pb2_grpc.BrokerStub(channel).Connect()
+        await stream.write(broker_pb2.AgentFrame(hello=broker_pb2.AgentHello(host="h-d",
+                                                                             protocol=1)))
+        await stream.read()
+        await stream.write(broker_pb2.AgentFrame(vms_registered=[broker_pb2.VmRegistered(
+            vm_id=3, name="vm-d", profile="default", policy_version=1, nr_vcpus=1,
+            policy_digest="0" * 64)]))
+        frame = await asyncio.wait_for(stream.read(), 5)
+        assert [(r.vm_id, "different store" in r.reason) for r in frame.vms_rejected] == [
+            (3, True)]
+        await channel.close()
+    finally:
+        broker.process.stop()
