@@ -48,6 +48,7 @@ class BrokerConfig:
     tls: TlsFiles | None = None
     drain_grace_s: float = 5.0
     reuse_port: bool = False
+    health_listen: str | None = None  # a plaintext port serving only grpc.health.v1
     vm_rate: float = 0.0  # calls per second per VM handed to handlers; 0: no limit
     vm_burst: float = 0.0  # bucket size; 0: one second's worth
     host_expiry_s: float = 600.0  # a host away this long is gone: its VMs are cleaned up
@@ -94,11 +95,22 @@ class BrokerServer:
             self.port = self.server.add_insecure_port(config.listen)
         if self.port == 0:
             raise OSError(f"cannot listen on {config.listen}")
+        # Kubernetes' gRPC probes speak plaintext only: under mTLS, health (and only health) can
+        # be served on a port of its own. The same servicer, so draining shows there too.
+        self.health_server: grpc.aio.Server | None = None
+        if config.health_listen:
+            self.health_server = grpc.aio.server(options=[
+                ("grpc.so_reuseport", 1 if config.reuse_port else 0)])
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
+            if self.health_server.add_insecure_port(config.health_listen) == 0:
+                raise OSError(f"cannot listen on {config.health_listen}")
         self.metrics_port: int | None = None
         self._stop = asyncio.Event()
 
     async def start(self) -> None:
         await self.server.start()
+        if self.health_server is not None:
+            await self.health_server.start()
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if self.config.metrics_listen:
@@ -137,6 +149,8 @@ class BrokerServer:
             session.wake()
         await asyncio.sleep(0.05)  # let the writers send the last results and the drain frame
         await self.server.stop(grace=1.0)
+        if self.health_server is not None:
+            await self.health_server.stop(grace=None)
         for handler in self.policies.all_handlers():
             try:
                 await handler.close()

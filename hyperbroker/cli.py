@@ -47,6 +47,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         drain_grace_s=args.drain_grace,
         reuse_port=args.reuse_port or args.workers > 1,
         host_expiry_s=args.host_expiry,
+        health_listen=args.health_listen,
         vm_rate=args.vm_rate_limit,
         vm_burst=args.vm_burst,
     )
@@ -142,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state-dir", default="state", help="SQLite state directory")
     p.add_argument("--memory-store", action="store_true", help="keep state in memory only")
     p.add_argument("--metrics-listen", help="Prometheus endpoint, e.g. 127.0.0.1:9464")
+    p.add_argument("--health-listen",
+                   help="plaintext address serving only grpc.health.v1 (probes under mTLS)")
     p.add_argument("--drain-grace", type=float, default=5.0,
                    help="seconds in-flight calls get on SIGTERM")
     p.add_argument("--reuse-port", action="store_true",

@@ -524,7 +524,8 @@ def test_broker_deployment_serves_grpc_and_metrics_with_policy_and_state() -> No
     deployment = one(objects, "Deployment")
     broker = container(deployment, "broker")
     ports = {p["name"]: p["containerPort"] for p in broker["ports"]}
-    assert ports == {"grpc": 50051, "metrics": 9464}
+    # The skeleton keeps every conditional block: health is the port of the tls.enabled case.
+    assert ports == {"grpc": 50051, "metrics": 9464, "health": 50052}
     args = broker["args"]
     assert args[0] == "serve"
     flags = dict(zip(args[1::2], args[2::2], strict=False))
@@ -549,8 +550,11 @@ def test_broker_deployment_serves_grpc_and_metrics_with_policy_and_state() -> No
 
 def test_broker_probes_are_native_grpc_health_checks_of_the_broker_service() -> None:
     action = define("hyperbroker.broker.probeAction")
-    # kubelet's grpc probe: numeric port, service name for grpc.health.v1 Check.
-    assert re.search(r"grpc:\n  port: \{\{ \.Values\.broker\.port \}\}\n"
+    # kubelet's grpc probe: numeric port, service name for grpc.health.v1 Check; under mTLS the
+    # broker's plaintext health-only port (--health-listen), since the probe cannot speak TLS.
+    assert re.search(r"grpc:\n  port: \{\{ if \.Values\.tls\.enabled \}\}"
+                     r"\{\{ \.Values\.broker\.healthPort \}\}\{\{ else \}\}"
+                     r"\{\{ \.Values\.broker\.port \}\}\{\{ end \}\}\n"
                      r"  service: hyperbroker\.v1\.Broker\n", action)
     text = (TEMPLATES / "broker-deployment.yaml").read_text()
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from pathlib import Path
 
+import grpc
 import pytest
 import trustme
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from hyperbroker.calls import Outcome
 from hyperbroker.procs import start_agent, start_broker
+from hyperbroker.v1 import admin_pb2, admin_pb2_grpc
 from hyperbroker.vmm_client import VmmClient
 from hyperbroker.vmm_protocol import ResultSource
 
@@ -26,6 +30,33 @@ def pem_files(tmp: Path, ca: trustme.CA, name: str, *identities: str) -> list[st
     cert.private_key_pem.write_to_path(str(paths[1]))
     ca.cert_pem.write_to_path(str(paths[2]))
     return ["--tls-cert", str(paths[0]), "--tls-key", str(paths[1]), "--tls-ca", str(paths[2])]
+
+
+async def test_health_is_served_in_plaintext_beside_an_mtls_broker(
+        tmp_path: Path, policy_file: Path) -> None:
+    """Kubernetes' gRPC probes cannot speak TLS: --health-listen serves health alone, plainly."""
+    ca = trustme.CA()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        health_port = s.getsockname()[1]
+    broker = start_broker(policy_file, tmp_path / "state", env=plugin_env(),
+                          extra=[*pem_files(tmp_path, ca, "broker", "localhost", "127.0.0.1"),
+                                 "--health-listen", f"127.0.0.1:{health_port}"])
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{health_port}") as ch:
+            r = await health_pb2_grpc.HealthStub(ch).Check(
+                health_pb2.HealthCheckRequest(service="hyperbroker.v1.Broker"), timeout=5)
+            assert r.status == health_pb2.HealthCheckResponse.SERVING
+            with pytest.raises(grpc.aio.AioRpcError) as e:  # nothing else is served there
+                await admin_pb2_grpc.AdminStub(ch).GetStats(admin_pb2.GetStatsRequest(),
+                                                            timeout=5)
+            assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        async with grpc.aio.insecure_channel(broker.address) as ch:  # the main port is TLS
+            with pytest.raises(grpc.aio.AioRpcError):
+                await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(),
+                                                           timeout=2)
+    finally:
+        broker.process.stop()
 
 
 async def test_an_agent_is_served_only_for_the_host_its_certificate_names(

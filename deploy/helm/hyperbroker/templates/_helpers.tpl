@@ -91,17 +91,12 @@ app.kubernetes.io/component: agent
 {{/*
 The action of the broker's probes. kubelet's native gRPC probe calls grpc.health.v1 Check for
 the service name in plaintext only (it takes no TLS parameters), and its port must be a number.
-Under mTLS the probe can only see that the port accepts connections.
+Under mTLS the broker serves health alone, in plaintext, on healthPort (--health-listen).
 */}}
 {{- define "hyperbroker.broker.probeAction" -}}
-{{- if .Values.tls.enabled -}}
-tcpSocket:
-  port: grpc
-{{- else -}}
 grpc:
-  port: {{ .Values.broker.port }}
+  port: {{ if .Values.tls.enabled }}{{ .Values.broker.healthPort }}{{ else }}{{ .Values.broker.port }}{{ end }}
   service: hyperbroker.v1.Broker
-{{- end }}
 {{- end }}
 
 {{/* Checks that hold for any values; they fail the render with the reason. */}}
