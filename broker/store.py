@@ -157,9 +157,19 @@ class SqliteStore:
         self._db = sqlite3.connect(self.path, timeout=5.0, isolation_level=None,
                                    check_same_thread=False)
         self._lock = threading.Lock()
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
+        # Switching to WAL takes an exclusive lock and does not wait on the busy handler: when
+        # several broker workers open one store at once, all but one see "database is locked".
+        deadline = time.monotonic() + 10.0
+        while True:
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=NORMAL")
+                self._db.executescript(_SCHEMA)
+                break
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
 
     def add_policy(self, text: str, digest: str) -> int:
         with self._lock:

@@ -49,4 +49,8 @@ def run_workers(n: int, argv: Sequence[str]) -> int:
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     codes = [p.wait() for p in procs]
+    for i, code in enumerate(codes):
+        if code:
+            print(f"hyperbroker serve: worker {i} exited with status {code}", file=sys.stderr,
+                  flush=True)
     return next((c for c in codes if c), 0)

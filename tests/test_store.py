@@ -287,3 +287,19 @@ def test_two_sqlite_stores_on_one_dir_see_each_others_commits(tmp_path: Path) ->
     finally:
         a.close()
         b.close()
+
+
+def _open_and_add(state_dir: str) -> int:
+    store = SqliteStore(state_dir)
+    version = store.add_policy("same text", "same digest")
+    store.close()
+    return version
+
+
+def test_workers_opening_one_store_at_once_all_succeed_and_agree(tmp_path: Path) -> None:
+    """`serve --workers N` opens one SQLite file from N processes at the same moment."""
+    import multiprocessing
+
+    with multiprocessing.get_context("fork").Pool(6) as pool:
+        versions = pool.map(_open_and_add, [str(tmp_path)] * 12)
+    assert versions == [1] * 12

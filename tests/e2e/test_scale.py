@@ -63,7 +63,7 @@ async def test_workers_share_a_port_and_pick_up_each_others_policies(
         for a in agents:
             a.process.stop()
         workers.signal(signal.SIGTERM)
-        assert workers.proc.wait(15) == 0
+        assert workers.proc.wait(15) == 0, "\n".join(workers.lines[-40:])
 
 
 async def test_a_host_gone_for_good_has_its_vms_cleaned_up(tmp_path: Path,
