@@ -49,6 +49,7 @@ CALL_PREFIX = proto.HEADER.pack(proto.MAGIC, proto.VERSION, proto.MsgType.CALL,
 MEMORY_RELAY_TIMEOUT_S = 1.5
 LINK_DOWN_GRACE_S = 0.5  # a stream down longer than this is an outage, not a reconnect
 REGISTER_WAIT_S = 10.0
+RESET_TIMEOUT_S = 2.0  # a VMM waits at most this long for the handlers to forget a boot
 OUTCOME_LABELS = metrics.OUTCOMES
 ZERO_X = (0,) * NR_ARGS
 
@@ -123,6 +124,8 @@ class Agent:
         self.connections: set[VmmConnection] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self.late_results = 0
+        self._resets: dict[int, tuple[VmmConnection, int, asyncio.TimerHandle]] = {}
+        self._next_reset = 1
         metrics.IN_FLIGHT.set_function(lambda: sum(
             p is not None for vm in self.vms.values() for p in vm.pending))
         self._loop = asyncio.get_running_loop()
@@ -205,6 +208,8 @@ class Agent:
             if vm is not None:
                 vm.rejected = rej.reason
                 log.error("broker rejected vm %s: %s", vm.name, rej.reason)
+        for request_id in frame.resets_done:
+            self._reset_done(request_id, 0)
         if frame.HasField("policy"):
             self._install_policy(frame.policy)
         self.link.flush_soon()
@@ -241,6 +246,8 @@ class Agent:
                 self._spawn(self.register_vm(conn, frame.tag, msg, fds))
             case proto.FilterReport():
                 self.on_filter_report(conn, frame.tag, msg)
+            case proto.VmReset():
+                self.on_vm_reset(conn, frame.tag, msg.vm_id)
             case proto.DestroyVm():
                 ok = msg.vm_id in conn.vm_ids
                 if ok:
@@ -339,6 +346,42 @@ class Agent:
             self.link.frame.filter_reports.add(vm_id=vm.vm_id, errnos=msg.errnos)
             self.link.mark()
             self.link.flush_soon()
+
+    def on_vm_reset(self, conn: VmmConnection, tag: int, vm_id: int) -> None:
+        """The VMM reset the VM by itself: calls of the old boot are void, handlers forget it."""
+        vm = self.vms.get(vm_id)
+        if vm is None or vm_id not in conn.vm_ids:
+            conn.send_error(errno.ENOENT, proto.MsgType.VM_RESET, tag,
+                            f"vm_id {vm_id} is not registered on this connection")
+            return
+        for i, p in enumerate(vm.pending):  # the reset vCPUs no longer wait for these
+            if p is not None:
+                if p.timer is not None:
+                    p.timer.cancel()
+                vm.pending[i] = None
+        if not self.link.up:
+            conn.send(proto.encode(proto.VmResetReply(-errno.ENOTCONN), tag))
+            return
+        request_id = self._next_reset
+        self._next_reset += 1
+        timer = self._loop.call_later(RESET_TIMEOUT_S, self._reset_done, request_id,
+                                      -errno.ETIMEDOUT)
+        self._resets[request_id] = (conn, tag, timer)
+        self.link.frame.vms_reset.add(vm_id=vm_id, request_id=request_id)
+        self.link.mark()
+        self.link.flush_soon()
+        log.info("vm %s reset by its VMM", vm.name)
+
+    def _reset_done(self, request_id: int, status: int) -> None:
+        entry = self._resets.pop(request_id, None)
+        if entry is None:
+            return
+        conn, tag, timer = entry
+        timer.cancel()
+        if status:
+            log.warning("reset %d not confirmed by the broker: %s", request_id,
+                        errno.errorcode.get(-status, status))
+        conn.send(proto.encode(proto.VmResetReply(status), tag))
 
     def destroy_vm(self, vm_id: int, why: str) -> None:
         vm = self.vms.pop(vm_id, None)

@@ -270,6 +270,11 @@ class HostSession:
         self._dirty = True
         self.wake()
 
+    def queue_reset_done(self, request_id: int) -> None:
+        self._frame.resets_done.append(request_id)
+        self._dirty = True
+        self.wake()
+
     def queue_drain(self, reason: str) -> None:
         self._frame.drain.reason = reason
         self._dirty = True
@@ -478,10 +483,17 @@ class Dispatcher:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _reset_vm(self, host: HostSession, vm: VmSession, record: bytes,
-                        writes: broker_pb2.ResultWrites | None) -> None:
-        """The guest is being reset: every handler of its profile forgets per-boot state, then
-        the result that asks the VMM for the reset goes out."""
+    def reset_vm(self, host: HostSession, vm_id: int, request_id: int) -> None:
+        """The VMM reset the VM by itself (HB_MSG_VM_RESET); answered once handlers forgot it."""
+        vm = host.vms.get(vm_id)
+        if vm is None:
+            host.queue_reset_done(request_id)  # nothing to forget here
+            return
+        self._spawn(self._reset_then(host, vm, lambda: host.queue_reset_done(request_id)))
+
+    async def _reset_then(self, host: HostSession, vm: VmSession,
+                          then: Callable[[], None]) -> None:
+        """Every handler of the VM's profile forgets per-boot state; then `then` (the answer)."""
         policy = vm.pv.policy
         for name in sorted({r.handler for r in policy.profiles[vm.profile].rules if r.handler}):
             try:
@@ -489,7 +501,7 @@ class Dispatcher:
             except Exception:
                 log.exception("handler %s failed to reset vm %s", name, vm.key)
         log.info("vm %s reset", vm.key)
-        host.queue_result(record, writes)
+        then()
         host.wake()
 
     async def _cleanup_vm(self, host: HostSession, vm: VmSession) -> None:
@@ -659,7 +671,7 @@ class Dispatcher:
         if result.actions and any(a.kind in RESET_ACTIONS for a in result.actions):
             # The handlers forget the boot before the VMM learns of the reset, so the rebooted
             # guest's first call already finds them clean.
-            self._spawn(self._reset_vm(host, vm, record, writes))
+            self._spawn(self._reset_then(host, vm, lambda: host.queue_result(record, writes)))
         else:
             host.queue_result(record, writes)
         if ctx is not None and ctx.durable:

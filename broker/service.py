@@ -129,6 +129,8 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
             dispatcher.destroy_vm(session, gone.vm_id)
         for reply in frame.memory_replies:
             session.memory_reply(reply)
+        for reset in frame.vms_reset:
+            dispatcher.reset_vm(session, reset.vm_id, reset.request_id)
         for report in frame.filter_reports:
             failed = [e for e in report.errnos if e]
             if failed:

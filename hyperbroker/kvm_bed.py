@@ -499,6 +499,7 @@ class BootResult:
     refusals: list[dict[str, str]] = dataclasses.field(default_factory=list)
     actions: list[dict[str, str]] = dataclasses.field(default_factory=list)
     destroyed: list[dict[str, str]] = dataclasses.field(default_factory=list)
+    vm_resets: list[dict[str, str]] = dataclasses.field(default_factory=list)
     problems: list[str] = dataclasses.field(default_factory=list)
     done: dict[str, str] | None = None
     current_vm: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -603,6 +604,8 @@ def parse_record(result: BootResult, line: str) -> None:
         result.refusals.append(f)
     elif kind == "destroyed":
         result.destroyed.append(f)
+    elif kind == "vm-reset":
+        result.vm_resets.append({**f, "profile": result.current_vm.get("profile", "")})
     elif kind == "boot":
         result.init_seconds = result.seconds
     elif kind == "done":

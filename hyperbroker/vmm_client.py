@@ -223,6 +223,13 @@ class VmmClient:
         assert isinstance(reply.message, proto.ResultMsg)
         return reply.message
 
+    async def reset(self, vm_id: int) -> int:
+        """Tell the agent the VM was reset; 0 once every handler has forgotten the old boot."""
+        tag = self._tag()
+        reply = await self.request(proto.encode(proto.VmReset(vm_id), tag), tag)
+        assert isinstance(reply.message, proto.VmResetReply)
+        return reply.message.status  # seq numbers go on increasing: they span resets
+
     async def destroy(self, vm_id: int) -> int:
         tag = self._tag()
         reply = await self.request(proto.encode(proto.DestroyVm(vm_id), tag), tag)

@@ -39,12 +39,14 @@ class MsgType(enum.IntEnum):
     MEM_READ = 0x05
     MEM_WRITE = 0x06
     PING = 0x07
+    VM_RESET = 0x08
     ERROR = 0x7F
     REGISTER_VM_REPLY = 0x81
     RESULT = 0x83
     DESTROY_VM_REPLY = 0x84
     MEM_READ_REPLY = 0x85
     PONG = 0x87
+    VM_RESET_REPLY = 0x88
 
 
 class ResultSource(enum.IntEnum):
@@ -63,6 +65,7 @@ TIMING = struct.Struct("<QQQQQII")
 RESULT = struct.Struct(f"<IIQII{NR_ARGS}Q{TIMING.format[1:]}II")
 ACTION = struct.Struct("<IIQQ")
 DESTROY_VM = struct.Struct("<II")
+VM_RESET = struct.Struct("<II")
 STATUS = struct.Struct("<iI")
 MEM_ACCESS = struct.Struct("<IIQ")
 MEM_REPLY = struct.Struct("<iI")
@@ -170,6 +173,18 @@ class DestroyVm:
 
 @dataclass(frozen=True, slots=True)
 class StatusReply:
+    """The reply to DESTROY_VM."""
+
+    status: int
+
+
+@dataclass(frozen=True, slots=True)
+class VmReset:
+    vm_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class VmResetReply:
     status: int
 
 
@@ -212,7 +227,7 @@ class Pong:
 
 Message = (
     RegisterVm | RegisterVmReply | FilterReport | CallMsg | ResultMsg | DestroyVm | StatusReply
-    | MemRead | MemWrite | MemReadReply | ErrorMsg | Ping | Pong
+    | VmReset | VmResetReply | MemRead | MemWrite | MemReadReply | ErrorMsg | Ping | Pong
 )
 
 
@@ -293,6 +308,10 @@ def _encode_payload(msg: Message) -> tuple[MsgType, bytes]:
             return MsgType.DESTROY_VM, DESTROY_VM.pack(msg.vm_id, 0)
         case StatusReply():
             return MsgType.DESTROY_VM_REPLY, STATUS.pack(msg.status, 0)
+        case VmReset():
+            return MsgType.VM_RESET, VM_RESET.pack(msg.vm_id, 0)
+        case VmResetReply():
+            return MsgType.VM_RESET_REPLY, STATUS.pack(msg.status, 0)
         case MemRead():
             return MsgType.MEM_READ, MEM_ACCESS.pack(msg.vm_id, msg.length, msg.gpa)
         case MemWrite():
@@ -438,6 +457,12 @@ def _decode_payload(kind: MsgType, p: bytes) -> Message:
     if kind is MsgType.DESTROY_VM_REPLY:
         _need(p, STATUS.size, "DESTROY_VM_REPLY", exact=True)
         return StatusReply(STATUS.unpack(p)[0])
+    if kind is MsgType.VM_RESET:
+        _need(p, VM_RESET.size, "VM_RESET", exact=True)
+        return VmReset(VM_RESET.unpack(p)[0])
+    if kind is MsgType.VM_RESET_REPLY:
+        _need(p, STATUS.size, "VM_RESET_REPLY", exact=True)
+        return VmResetReply(STATUS.unpack(p)[0])
     if kind in (MsgType.MEM_READ, MsgType.MEM_WRITE):
         _need(p, MEM_ACCESS.size, kind.name)
         vm_id, length, gpa = MEM_ACCESS.unpack_from(p)

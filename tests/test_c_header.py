@@ -60,6 +60,7 @@ STRUCTS: dict[str, tuple[struct.Struct, list[str]]] = {
     "hb_action": (proto.ACTION, ["kind", "vcpu", "address", "value"]),
     "hb_destroy_vm": (proto.DESTROY_VM, ["vm_id", "reserved"]),
     "hb_status": (proto.STATUS, ["status", "reserved"]),
+    "hb_vm_reset": (proto.VM_RESET, ["vm_id", "reserved"]),
     "hb_mem_access": (proto.MEM_ACCESS, ["vm_id", "length", "gpa"]),
     "hb_mem_reply": (proto.MEM_REPLY, ["status", "length"]),
     "hb_error": (proto.ERROR, ["code", "refused_type", "reserved"]),

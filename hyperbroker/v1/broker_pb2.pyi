@@ -17,7 +17,7 @@ FILTER_ACTION_DENY: FilterAction
 FILTER_ACTION_FWD_TO_USER: FilterAction
 
 class AgentFrame(_message.Message):
-    __slots__ = ("hello", "vms_registered", "vms_destroyed", "calls", "memory_replies", "filter_reports", "keepalive")
+    __slots__ = ("hello", "vms_registered", "vms_destroyed", "calls", "memory_replies", "filter_reports", "keepalive", "vms_reset")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     VMS_REGISTERED_FIELD_NUMBER: _ClassVar[int]
     VMS_DESTROYED_FIELD_NUMBER: _ClassVar[int]
@@ -25,6 +25,7 @@ class AgentFrame(_message.Message):
     MEMORY_REPLIES_FIELD_NUMBER: _ClassVar[int]
     FILTER_REPORTS_FIELD_NUMBER: _ClassVar[int]
     KEEPALIVE_FIELD_NUMBER: _ClassVar[int]
+    VMS_RESET_FIELD_NUMBER: _ClassVar[int]
     hello: AgentHello
     vms_registered: _containers.RepeatedCompositeFieldContainer[VmRegistered]
     vms_destroyed: _containers.RepeatedCompositeFieldContainer[VmDestroyed]
@@ -32,7 +33,16 @@ class AgentFrame(_message.Message):
     memory_replies: _containers.RepeatedCompositeFieldContainer[MemoryReply]
     filter_reports: _containers.RepeatedCompositeFieldContainer[FilterReport]
     keepalive: Keepalive
-    def __init__(self, hello: _Optional[_Union[AgentHello, _Mapping]] = ..., vms_registered: _Optional[_Iterable[_Union[VmRegistered, _Mapping]]] = ..., vms_destroyed: _Optional[_Iterable[_Union[VmDestroyed, _Mapping]]] = ..., calls: _Optional[bytes] = ..., memory_replies: _Optional[_Iterable[_Union[MemoryReply, _Mapping]]] = ..., filter_reports: _Optional[_Iterable[_Union[FilterReport, _Mapping]]] = ..., keepalive: _Optional[_Union[Keepalive, _Mapping]] = ...) -> None: ...
+    vms_reset: _containers.RepeatedCompositeFieldContainer[VmReset]
+    def __init__(self, hello: _Optional[_Union[AgentHello, _Mapping]] = ..., vms_registered: _Optional[_Iterable[_Union[VmRegistered, _Mapping]]] = ..., vms_destroyed: _Optional[_Iterable[_Union[VmDestroyed, _Mapping]]] = ..., calls: _Optional[bytes] = ..., memory_replies: _Optional[_Iterable[_Union[MemoryReply, _Mapping]]] = ..., filter_reports: _Optional[_Iterable[_Union[FilterReport, _Mapping]]] = ..., keepalive: _Optional[_Union[Keepalive, _Mapping]] = ..., vms_reset: _Optional[_Iterable[_Union[VmReset, _Mapping]]] = ...) -> None: ...
+
+class VmReset(_message.Message):
+    __slots__ = ("vm_id", "request_id")
+    VM_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    vm_id: int
+    request_id: int
+    def __init__(self, vm_id: _Optional[int] = ..., request_id: _Optional[int] = ...) -> None: ...
 
 class AgentHello(_message.Message):
     __slots__ = ("host", "agent_version", "protocol", "policy_version", "resumed")
@@ -231,7 +241,7 @@ class Drain(_message.Message):
     def __init__(self, reason: _Optional[str] = ...) -> None: ...
 
 class BrokerFrame(_message.Message):
-    __slots__ = ("welcome", "results", "memory_requests", "policy", "vms_rejected", "keepalive", "drain", "memory_writes")
+    __slots__ = ("welcome", "results", "memory_requests", "policy", "vms_rejected", "keepalive", "drain", "memory_writes", "resets_done")
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     MEMORY_REQUESTS_FIELD_NUMBER: _ClassVar[int]
@@ -240,6 +250,7 @@ class BrokerFrame(_message.Message):
     KEEPALIVE_FIELD_NUMBER: _ClassVar[int]
     DRAIN_FIELD_NUMBER: _ClassVar[int]
     MEMORY_WRITES_FIELD_NUMBER: _ClassVar[int]
+    RESETS_DONE_FIELD_NUMBER: _ClassVar[int]
     welcome: BrokerWelcome
     results: bytes
     memory_requests: _containers.RepeatedCompositeFieldContainer[MemoryRequest]
@@ -248,4 +259,5 @@ class BrokerFrame(_message.Message):
     keepalive: Keepalive
     drain: Drain
     memory_writes: _containers.RepeatedCompositeFieldContainer[ResultWrites]
-    def __init__(self, welcome: _Optional[_Union[BrokerWelcome, _Mapping]] = ..., results: _Optional[bytes] = ..., memory_requests: _Optional[_Iterable[_Union[MemoryRequest, _Mapping]]] = ..., policy: _Optional[_Union[CompiledPolicy, _Mapping]] = ..., vms_rejected: _Optional[_Iterable[_Union[VmRejected, _Mapping]]] = ..., keepalive: _Optional[_Union[Keepalive, _Mapping]] = ..., drain: _Optional[_Union[Drain, _Mapping]] = ..., memory_writes: _Optional[_Iterable[_Union[ResultWrites, _Mapping]]] = ...) -> None: ...
+    resets_done: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, welcome: _Optional[_Union[BrokerWelcome, _Mapping]] = ..., results: _Optional[bytes] = ..., memory_requests: _Optional[_Iterable[_Union[MemoryRequest, _Mapping]]] = ..., policy: _Optional[_Union[CompiledPolicy, _Mapping]] = ..., vms_rejected: _Optional[_Iterable[_Union[VmRejected, _Mapping]]] = ..., keepalive: _Optional[_Union[Keepalive, _Mapping]] = ..., drain: _Optional[_Union[Drain, _Mapping]] = ..., memory_writes: _Optional[_Iterable[_Union[ResultWrites, _Mapping]]] = ..., resets_done: _Optional[_Iterable[int]] = ...) -> None: ...

@@ -42,6 +42,7 @@ enum hb_msg_type {
 	HB_MSG_MEM_READ          = 0x05, /* agent -> VMM (stream mode); reply HB_MSG_MEM_READ_REPLY */
 	HB_MSG_MEM_WRITE         = 0x06, /* agent -> VMM (stream mode); no reply unless it fails */
 	HB_MSG_PING              = 0x07, /* either way; reply HB_MSG_PONG, empty payload */
+	HB_MSG_VM_RESET          = 0x08, /* VMM -> agent; reply HB_MSG_VM_RESET_REPLY */
 	HB_MSG_ERROR             = 0x7f, /* either way: the message with this tag was refused */
 
 	HB_MSG_REGISTER_VM_REPLY = 0x81,
@@ -49,6 +50,7 @@ enum hb_msg_type {
 	HB_MSG_DESTROY_VM_REPLY  = 0x84,
 	HB_MSG_MEM_READ_REPLY    = 0x85,
 	HB_MSG_PONG              = 0x87,
+	HB_MSG_VM_RESET_REPLY    = 0x88,
 };
 
 struct hb_header {
@@ -110,7 +112,8 @@ struct hb_filter_report {
 struct hb_call {
 	uint32_t vm_id;
 	uint32_t vcpu;         /* < nr_vcpus; at most one call in flight per vCPU */
-	uint64_t seq;          /* per vCPU, increasing; a re-sent call keeps its seq */
+	uint64_t seq;          /* per vCPU, increasing for the VM's whole life (resets too);
+	                        * a re-sent call keeps its seq */
 	uint32_t function_id;  /* run->hypercall.nr */
 	uint32_t exit_flags;   /* run->hypercall.flags: bit 0 SMC, bit 1 16-bit instruction */
 	uint64_t exit_ns;      /* CLOCK_MONOTONIC at the exit, or 0 */
@@ -189,6 +192,18 @@ struct hb_status {
 	uint32_t reserved;
 };
 
+/* HB_MSG_VM_RESET: the VM is being reset (a reset KVM served itself, e.g. in-kernel PSCI
+ * SYSTEM_RESET, or one the VMM decided). Send it before the VM runs again and wait for
+ * HB_MSG_VM_RESET_REPLY (struct hb_status): 0 once every handler has forgotten the old boot
+ * (FF-A buffers and shares, OP-TEE sessions ...); -ENOTCONN or -ETIMEDOUT if the broker could
+ * not be told (the VM may run, with handler state of its previous boot). Resets the agent itself
+ * asked for with HB_ACTION_SYSTEM_RESET / SYSTEM_RESET2 need no message: the handlers forgot the
+ * boot before that RESULT was sent. */
+struct hb_vm_reset {
+	uint32_t vm_id;
+	uint32_t reserved;
+};
+
 /* HB_MSG_MEM_READ (agent -> VMM): reply HB_MSG_MEM_READ_REPLY = struct hb_mem_reply + data. */
 struct hb_mem_access {
 	uint32_t vm_id;
@@ -222,6 +237,7 @@ _Static_assert(sizeof(struct hb_action) == 24, "hb_action");
 _Static_assert(sizeof(struct hb_result) == 224, "hb_result");
 _Static_assert(sizeof(struct hb_destroy_vm) == 8, "hb_destroy_vm");
 _Static_assert(sizeof(struct hb_status) == 8, "hb_status");
+_Static_assert(sizeof(struct hb_vm_reset) == 8, "hb_vm_reset");
 _Static_assert(sizeof(struct hb_mem_access) == 16, "hb_mem_access");
 _Static_assert(sizeof(struct hb_mem_reply) == 8, "hb_mem_reply");
 _Static_assert(sizeof(struct hb_error) == 8, "hb_error");

@@ -312,3 +312,19 @@ def test_both_processes_export_prometheus_metrics(agent: AgentProcess, broker: B
     a = urllib.request.urlopen(f"http://127.0.0.1:{agent.metrics_port}/metrics").read().decode()
     assert 'hyperbroker_agent_call_duration_seconds_count{outcome="ok",source="broker"} 5.0' in a
     assert "hyperbroker_agent_broker_stream_up 1.0" in a
+
+
+@pytest.mark.parametrize("mode", ["seqpacket", "stream"])
+async def test_a_reset_the_vmm_reports_makes_every_handler_forget_the_boot(
+        agent: AgentProcess, mode: str) -> None:
+    """HB_MSG_VM_RESET: a reset KVM served itself (in-kernel PSCI) still reaches the handlers."""
+    client = await connect(agent, mode)
+    reg = await client.register(f"vm-kvm-reset-{mode}", 1)
+    assert (await client.call(reg.vm_id, 0, INCREMENT)).x[1] == 1
+    assert (await client.call(reg.vm_id, 0, INCREMENT)).x[1] == 2
+    assert await client.reset(reg.vm_id) == 0  # answered once the handlers have reset
+    assert (await client.call(reg.vm_id, 0, INCREMENT)).x[1] == 1
+    with pytest.raises(AgentError) as e:
+        await client.reset(reg.vm_id + 100)
+    assert e.value.code == errno.ENOENT
+    client.close()

@@ -238,6 +238,7 @@ static void *reader_main(void *arg)
 		case HB_MSG_REGISTER_VM_REPLY:
 		case HB_MSG_RESULT:
 		case HB_MSG_DESTROY_VM_REPLY:
+		case HB_MSG_VM_RESET_REPLY:
 		case HB_MSG_PONG:
 		case HB_MSG_ERROR: {
 			int taken;
@@ -503,6 +504,25 @@ int link_destroy_vm(struct agent_link *l, uint32_t vm_id)
 		memcpy(&st, s->payload, sizeof(st));
 	else if (s->type == HB_MSG_ERROR)
 		log_refusal("DESTROY_VM", s);
+	free(s->payload);
+	return st.status;
+}
+
+int link_vm_reset(struct agent_link *l, uint32_t vm_id)
+{
+	struct hb_vm_reset r = { .vm_id = vm_id };
+	struct reply_slot *s = &l->control;
+	struct hb_status st = { .status = -EPROTO };
+	int rc;
+
+	/* The agent answers once the broker's handlers have forgotten the boot, or after 2 s. */
+	rc = transact(l, s, HB_MSG_VM_RESET, &r, sizeof(r), NULL, 0, 5000);
+	if (rc)
+		return rc;
+	if (s->type == HB_MSG_VM_RESET_REPLY && s->length == sizeof(st))
+		memcpy(&st, s->payload, sizeof(st));
+	else if (s->type == HB_MSG_ERROR)
+		log_refusal("VM_RESET", s);
 	free(s->payload);
 	return st.status;
 }

@@ -58,6 +58,10 @@ int link_call(struct agent_link *l, const struct hb_call *call, struct link_resu
 /* HB_MSG_DESTROY_VM; afterwards no memory request reaches the RAM. Returns the agent's status. */
 int link_destroy_vm(struct agent_link *l, uint32_t vm_id);
 
+/* HB_MSG_VM_RESET: the VM was reset without the agent asking (in-kernel PSCI); waits until the
+ * handlers have forgotten the old boot. Returns the agent's status (0, -ENOTCONN, -ETIMEDOUT). */
+int link_vm_reset(struct agent_link *l, uint32_t vm_id);
+
 /* HB_MSG_PING -> HB_MSG_PONG round trip; 0 or -errno. */
 int link_ping(struct agent_link *l, unsigned timeout_ms);
 

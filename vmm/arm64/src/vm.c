@@ -68,6 +68,7 @@ struct vm {
 	const char *stop_reason;
 	uint64_t exit_status;
 	int reset_requested;
+	int reset_by_agent;  /* the reset came from an HB_ACTION: the handlers know already */
 
 	/* test device */
 	uint64_t samples_gpa;
@@ -327,6 +328,7 @@ static const char *action_name(uint32_t kind)
 	case HB_ACTION_SYSTEM_SUSPEND: return "system-suspend";
 	case HB_ACTION_INJECT_IRQ: return "inject-irq";
 	case HB_ACTION_SYSTEM_OFF2: return "system-off2";
+	case HB_ACTION_SYSTEM_RESET2: return "system-reset2";
 	default: return "unknown";
 	}
 }
@@ -391,8 +393,10 @@ static void apply_action(struct vcpu *v, const struct hb_action *a)
 		stop_vm(vm, "system-off", 0);
 		break;
 	case HB_ACTION_SYSTEM_RESET:
+	case HB_ACTION_SYSTEM_RESET2:
 		pthread_mutex_lock(&vm->mu);
 		vm->reset_requested = 1;
+		vm->reset_by_agent = 1;
 		stop_locked(vm, "system-reset", 0);
 		pthread_mutex_unlock(&vm->mu);
 		break;
@@ -639,6 +643,7 @@ static void run_until_stopped(struct vm *vm)
 	pthread_mutex_lock(&vm->mu);
 	vm->stop = 0;
 	vm->reset_requested = 0;
+	vm->reset_by_agent = 0;
 	for (unsigned i = 0; i < vm->nr_vcpus; i++) {
 		struct vcpu *v = &vm->vcpus[i];
 
@@ -762,6 +767,13 @@ int vm_run_program(int kvm_fd, struct agent_link *link, const struct vm_config *
 		if (!vm->reset_requested || ++resets > MAX_RESETS)
 			break;
 		hb_log("reset guest=%s count=%d", cfg->guest, resets);
+		if (link && vm->vm_id && !vm->reset_by_agent) {
+			/* KVM reset the guest itself: tell the handlers before it runs again. */
+			int st = link_vm_reset(link, vm->vm_id);
+
+			hb_log("vm-reset guest=%s vm_id=%u status=%s", cfg->guest, vm->vm_id,
+			       st ? hb_errno_name(-st) : "OK");
+		}
 		for (unsigned i = 0; i < vm->nr_vcpus; i++)
 			vcpu_init(&vm->vcpus[i], i != 0);
 		for (unsigned i = 0; i < vm->nr_vcpus; i++)
