@@ -70,7 +70,7 @@ async def test_a_new_policy_version_applies_to_vms_registered_after_it(
         admin = admin_pb2_grpc.AdminStub(ch)
         report = await admin.ApplyPolicy(admin_pb2.PolicyText(yaml=v2), timeout=5)
         assert report.ok and report.version == 2
-        for i in range(50):  # the broker pushes it to the agent
+        for i in range(100):  # the broker pushes it to the agent
             after_name = f"vm-after-{i}"
             after = await client.register(after_name, 1)
             if after.policy_version == 2:

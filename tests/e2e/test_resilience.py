@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import time
 from pathlib import Path
 
 import grpc
@@ -188,10 +187,9 @@ async def test_with_the_broker_gone_calls_get_their_fallback_within_the_deadline
         assert 2.99 < r.timing.agent_ns / 1e9 < 3.2  # the counter rule's 3000 ms deadline
         # ... and once the outage is plain, new calls get it at once instead of stalling.
         await asyncio.sleep(0.6)
-        t = time.monotonic()
         r = await client.call(reg.vm_id, 0, INCREMENT)
         assert r.timing.source == ResultSource.FALLBACK and r.x[1] == 0xFA11
-        assert time.monotonic() - t < 0.2
+        assert r.timing.agent_ns < 50_000_000  # not the 3 s deadline
     finally:
         client.close()
         agent.process.stop()
