@@ -98,11 +98,7 @@ async def fake_agent(address: str, host: str, vm_name: str, version: int = 1
 async def call_once(stream: object, seq: int, fid: int = INCREMENT) -> proto.ResultMsg:
     record = proto.CALL.pack(7, 0, seq, fid, 0, 0, fid, *[0] * 17)
     await stream.write(broker_pb2.AgentFrame(calls=record))  # type: ignore[attr-defined]
-    while True:
-        frame = await stream.read()  # type: ignore[attr-defined]
-        if frame.results:
-            return proto.decode(proto.header(proto.MsgType.RESULT, 0, len(frame.results))
-                                + frame.results).message  # type: ignore[return-value]
+    return await call_result(stream)
 
 
 async def test_a_restarted_broker_answers_a_resent_call_from_its_record(
@@ -214,3 +210,29 @@ async def test_a_vm_whose_filter_came_from_another_policy_text_is_rejected(
         await channel.close()
     finally:
         broker.process.stop()
+
+
+async def test_garbage_from_an_agent_is_dropped_and_its_stream_goes_on(
+        tmp_path: Path, policy_file: Path) -> None:
+    broker = start_broker(policy_file, tmp_path / "state", env=plugin_env(), log_level="info")
+    try:
+        channel, stream = await fake_agent(broker.address, "host-g", "vm-g")
+        await stream.write(broker_pb2.AgentFrame(calls=b"not a call record"))  # type: ignore[attr-defined]
+        bad_vm = proto.CALL.pack(99, 0, 1, INCREMENT, 0, 0, INCREMENT, *[0] * 17)
+        await stream.write(broker_pb2.AgentFrame(calls=bad_vm))  # type: ignore[attr-defined]
+        refused = await call_result(stream)
+        assert refused.vm_id == 99 and refused.outcome == Outcome.DENIED  # not this agent's VM
+        ok = await call_once(stream, 1)
+        assert ok.outcome == Outcome.OK and ok.x[1] == 1
+        await channel.close()
+        assert any("not a multiple of 176" in line for line in broker.process.lines)
+    finally:
+        broker.process.stop()
+
+
+async def call_result(stream: object) -> proto.ResultMsg:
+    while True:
+        frame = await stream.read()  # type: ignore[attr-defined]
+        if frame.results:
+            return proto.decode(proto.header(proto.MsgType.RESULT, 0, len(frame.results))
+                                + frame.results).message  # type: ignore[return-value]
