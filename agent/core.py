@@ -123,7 +123,6 @@ class Agent:
         self.listeners: list[VmmListener] = []
         self.connections: set[VmmConnection] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
-        self.late_results = 0
         self._resets: dict[int, tuple[VmmConnection, int, asyncio.TimerHandle]] = {}
         self._next_reset = 1
         metrics.IN_FLIGHT.set_function(lambda: sum(
@@ -180,9 +179,6 @@ class Agent:
                 if p is not None:
                     p.t_sent = time.monotonic_ns()
                     calls.append(p.record)
-
-    def on_link_down(self) -> None:
-        pass  # waiting calls keep their deadlines; they are re-sent on reconnect
 
     def on_broker_frame(self, frame: broker_pb2.BrokerFrame) -> None:
         now = time.monotonic_ns()
@@ -473,8 +469,9 @@ class Agent:
         vm = self.vms.get(vm_id)
         p = vm.pending[vcpu] if vm is not None and vcpu < vm.nr_vcpus else None
         if vm is None or p is None or p.seq != seq:
-            self.late_results += 1
-            return  # answered by its fallback already, or a duplicate after a reconnect
+            # Answered by its fallback already, or a duplicate after a reconnect.
+            log.debug("late result for vm %d vcpu %d seq %d dropped", vm_id, vcpu, seq)
+            return
         if p.timer is not None:
             p.timer.cancel()
         vm.pending[vcpu] = None

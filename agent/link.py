@@ -12,7 +12,6 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable
 from typing import Protocol
 
 import grpc
@@ -32,7 +31,6 @@ class LinkOwner(Protocol):
     def on_welcome(self, welcome: broker_pb2.BrokerWelcome) -> None: ...
     def on_broker_frame(self, frame: broker_pb2.BrokerFrame) -> None: ...
     def replay(self, frame: broker_pb2.AgentFrame, calls: list[bytes]) -> None: ...
-    def on_link_down(self) -> None: ...
     @property
     def policy_version(self) -> int: ...
 
@@ -71,7 +69,6 @@ class BrokerLink:
         self._stopping = False
         self._call: grpc.aio.StreamStreamCall[broker_pb2.AgentFrame,
                                               broker_pb2.BrokerFrame] | None = None
-        self.on_up: Callable[[], None] | None = None
 
     def down_for(self) -> float:
         """Seconds the stream has been down; 0 while it is up."""
@@ -131,7 +128,6 @@ class BrokerLink:
                     self.up = False
                     self.down_since = time.monotonic()
                     metrics.STREAM_UP.set(0)
-                    self.owner.on_link_down()
             if self._stopping:
                 break
             if time.monotonic() - started > 10:
@@ -166,8 +162,6 @@ class BrokerLink:
             metrics.STREAM_UP.set(1)
             log.info("broker stream to %s up (broker %s, policy v%d)", self.target,
                      first.welcome.broker_id, first.welcome.policy.version)
-            if self.on_up is not None:
-                self.on_up()
             self.flush_soon()
             while True:
                 frame = await call.read()

@@ -60,6 +60,7 @@ class DispatchInfo:
     fallback: Result
     timeout_s: float
     observe: list[Callable[..., None]]  # Histogram.observe of each Outcome's child
+    windows: list[deque[float]]  # each Outcome's recent latencies, for the Admin API
 
 
 class VcpuRecord:
@@ -256,7 +257,6 @@ class HostSession:
         self._wake = asyncio.Event()
         self._memory: dict[int, tuple[broker_pb2.MemoryRequest, asyncio.Future[bytes]]] = {}
         self._next_request = 1
-        self.stream_generation = 0
 
     # Outbound frame, built in place and swapped out by the writer.
     def queue_result(self, record: bytes, writes: broker_pb2.ResultWrites | None) -> None:
@@ -302,7 +302,6 @@ class HostSession:
         self.peer = peer
         self.connected_since_ns = time.time_ns()
         self.disconnected_at = None
-        self.stream_generation += 1
         # Guest-memory requests the old stream never answered go out again on this one.
         for request, fut in self._memory.values():
             if not fut.done():
@@ -536,24 +535,27 @@ class Dispatcher:
         else:
             handler = policy.handlers[entry.handler]
             function = policy.function_name(fid)
-            children = [
-                metrics.CALL_DURATION.labels(entry.handler, function, o).observe
-                for o in OUTCOME_NAMES
-            ]
             info = DispatchInfo(handler, entry.handler, function, entry.rule.fallback,
-                                entry.rule.deadline_us / 1e6 * 4 + 1.0, children)
+                                entry.rule.deadline_us / 1e6 * 4 + 1.0,
+                                *self._bind(entry.handler, function))
         if len(vm.cache) < DISPATCH_CACHE_LIMIT:
             vm.cache[fid] = info
         return info
 
+    def _bind(self, handler: str, function: str
+              ) -> tuple[list[Callable[..., None]], list[deque[float]]]:
+        """The metric children and stats windows of (handler, function), once per outcome."""
+        observe = [metrics.CALL_DURATION.labels(handler, function, o).observe
+                   for o in OUTCOME_NAMES]
+        windows = [self.recent.setdefault((handler, function, o), deque(maxlen=2048))
+                   for o in OUTCOME_NAMES]
+        return observe, windows
+
     def _unrouted(self, function: str) -> DispatchInfo:
         info = self._no_handler.get(function)
         if info is None:
-            children = [
-                metrics.CALL_DURATION.labels("none", function, o).observe for o in OUTCOME_NAMES
-            ]
             info = DispatchInfo(None, "none", function, Result.regs(NOT_SUPPORTED_U64), 0.0,
-                                children)
+                                *self._bind("none", function))
             self._no_handler[function] = info
         return info
 
@@ -682,11 +684,7 @@ class Dispatcher:
         rec.in_flight_seq = NO_SEQ
         seconds = (t_end - t_frame) / 1e9
         info.observe[result.outcome](seconds)
-        key = (info.handler_name, info.function, OUTCOME_NAMES[result.outcome])
-        window = self.recent.get(key)
-        if window is None:
-            window = self.recent[key] = deque(maxlen=2048)
-        window.append(seconds)
+        info.windows[result.outcome].append(seconds)
 
     @staticmethod
     def _record(vm_id: int, vcpu: int, seq: int, result: Result, queued_ns: int,

@@ -19,7 +19,6 @@ import grpc
 from broker import metrics
 from broker.dispatch import CallCtx, Dispatcher, HostSession
 from broker.policy import PolicyInvalid, to_json
-from hyperbroker import __version__
 from hyperbroker.v1 import admin_pb2, admin_pb2_grpc, broker_pb2, broker_pb2_grpc
 
 log = logging.getLogger("hyperbroker.broker")
@@ -250,5 +249,3 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             vms=sum(len(s.vms) for s in d.hosts.values()), functions=functions,
             policy_version=d.policies.current.version if d.policies.current else 0)
 
-
-__all__ = ["AdminService", "BrokerService", "__version__"]

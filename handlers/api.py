@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import abc
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any, ClassVar, Protocol
@@ -157,9 +157,6 @@ class Handler(abc.ABC):
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """The broker is stopping or this policy version is retired: release connections."""
-
-
-HandlerFactory = Callable[[Mapping[str, Any]], Handler]
 
 
 def discover_plugins() -> dict[str, type[Handler]]:
