@@ -1,12 +1,14 @@
-"""The agent's Prometheus metrics; children bound once so the hot path only observes."""
+"""The agent's Prometheus metrics; children bound once so the hot path only observes, and the
+per-call ones are hyperbroker.fastmetrics families (no lock, no bucket scan)."""
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Gauge
 
 from broker.metrics import LATENCY_BUCKETS
+from hyperbroker.fastmetrics import FastHistogram
 
-CALL_DURATION = Histogram(
+CALL_DURATION = FastHistogram(
     "hyperbroker_agent_call_duration_seconds",
     "Call received from the VMM to result sent back, by who answered and outcome",
     ["source", "outcome"],
@@ -33,6 +35,6 @@ MEMORY_BYTES = Counter("hyperbroker_agent_memory_bytes_total", "Guest-memory byt
                        ["direction"])
 MEMORY_READ = MEMORY_BYTES.labels("read")
 MEMORY_WRITE = MEMORY_BYTES.labels("write")
-LINK_RTT = Histogram("hyperbroker_agent_link_rtt_seconds",
+LINK_RTT = FastHistogram("hyperbroker_agent_link_rtt_seconds",
                      "Agent -> broker -> agent time per call, minus the broker's own time",
                      buckets=LATENCY_BUCKETS)

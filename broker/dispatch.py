@@ -254,6 +254,9 @@ class HostSession:
         self._results: list[bytes] = []
         self._dirty = False
         self.writing = False
+        # The stream reader is dispatching a frame and writes what it finishes right after,
+        # so finishing results need not wake the writer task meanwhile.
+        self.reading = False
         self._wake = asyncio.Event()
         self._memory: dict[int, tuple[broker_pb2.MemoryRequest, asyncio.Future[bytes]]] = {}
         self._next_request = 1
@@ -285,7 +288,7 @@ class HostSession:
         self._dirty = True
 
     def wake(self) -> None:
-        if self._dirty:
+        if self._dirty and not self.reading:
             self._wake.set()
 
     def take_frame(self) -> broker_pb2.BrokerFrame | None:

@@ -25,6 +25,7 @@ log = logging.getLogger("hyperbroker.broker")
 
 PROTOCOL_VERSION = 1
 MAX_BATCH = 1024
+CALLS_FIELD = broker_pb2.AgentFrame.CALLS_FIELD_NUMBER
 
 
 class StreamWriter:
@@ -107,7 +108,11 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
                 if frame is grpc.aio.EOF:
                     break
                 assert isinstance(frame, broker_pb2.AgentFrame)
-                self.on_frame(session, frame)
+                session.reading = True
+                try:
+                    self.on_frame(session, frame)
+                finally:
+                    session.reading = False
                 if not session.writing:
                     await session.write_pending(writer, self.dispatcher.flush_store)
                 if writer_task.done():
@@ -122,6 +127,11 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
         t_frame = time.monotonic_ns()
         metrics.FRAMES_IN.inc()
         dispatcher = self.dispatcher
+        present = frame.ListFields()
+        if len(present) == 1 and present[0][0].number == CALLS_FIELD:
+            # Most frames carry calls alone: skip looking at every other field.
+            dispatcher.on_calls(session, present[0][1], t_frame)
+            return
         for reg in frame.vms_registered:
             dispatcher.register_vm(session, reg)
         for gone in frame.vms_destroyed:
@@ -137,7 +147,6 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
                           session.host, report.vm_id, list(report.errnos))
         if frame.calls:
             dispatcher.on_calls(session, frame.calls, t_frame)
-        session.wake()
 
     def drain(self) -> None:
         self.draining = True

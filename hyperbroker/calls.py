@@ -103,10 +103,13 @@ class Result:
     def regs(cls, *values: int, outcome: Outcome = Outcome.OK, mask: int | None = None,
              actions: tuple[VmmAction, ...] = ()) -> Result:
         """x0.. from `values` (negative codes sign-extended); x0..x3 at least are written."""
-        n = max(4, len(values))
+        n = len(values)
         if n > NR_ARGS:
             raise ValueError(f"at most {NR_ARGS} result registers")
-        x = tuple(v & U64_MASK for v in values) + (0,) * (n - len(values))
+        x = tuple([v & U64_MASK for v in values])  # a list first: faster than a generator
+        if n < 4:
+            x += (0,) * (4 - n)
+            n = 4
         return cls(x, (1 << n) - 1 if mask is None else mask, outcome, actions)
 
     def register(self, n: int) -> int:

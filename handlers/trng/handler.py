@@ -11,14 +11,13 @@ import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from prometheus_client import Counter
-
 from handlers.api import CallContext, Handler, HandlerConfigError
 from handlers.trng import abi
 from hyperbroker.calls import Call, Outcome, Result
+from hyperbroker.fastmetrics import FastCounter
 from hyperbroker.smccc import NAMED_ABIS, FunctionRange
 
-BITS_SERVED = Counter("hyperbroker_trng_bits_total", "Random bits handed to guests")
+BITS_SERVED = FastCounter("hyperbroker_trng_bits_total", "Random bits handed to guests")
 
 
 def _os_random_bits(n: int) -> int:
