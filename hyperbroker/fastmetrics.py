@@ -14,10 +14,12 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Sequence
-from typing import cast
+from typing import Generic, TypeVar, cast
 
 from prometheus_client import REGISTRY, CollectorRegistry, utils
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+
+C = TypeVar("C")
 
 # How prometheus_client spells a bucket bound ("1e-05", "0.001", "1.0"); untyped upstream.
 go_float = cast(Callable[[float], str], utils.floatToGoString)
@@ -47,13 +49,23 @@ class HistogramChild:
         self.sum += value
 
 
-class _Family:
+class _Family(Generic[C]):
     def __init__(self, name: str, documentation: str, labelnames: Sequence[str],
-                 registry: CollectorRegistry | None) -> None:
+                 registry: CollectorRegistry | None, new_child: Callable[[], C]) -> None:
         self.name = name
         self.documentation = documentation
         self.labelnames = tuple(labelnames)
+        self._new_child = new_child
+        self._children: dict[tuple[str, ...], C] = {}
         (registry if registry is not None else REGISTRY).register(self)
+
+    def labels(self, *values: str) -> C:
+        if len(values) != len(self.labelnames):
+            raise ValueError(f"{self.name} takes labels {self.labelnames}, got {values}")
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self._new_child()
+        return child
 
     def describe(self) -> list[Metric]:
         return list(self.collect())
@@ -62,23 +74,14 @@ class _Family:
         raise NotImplementedError
 
 
-class FastCounter(_Family):
-    """A counter; `name` without the `_total` suffix, which the exposition adds."""
+class FastCounter(_Family[CounterChild]):
+    """A counter; the exposition ends its name in `_total` whether or not `name` does."""
 
     def __init__(self, name: str, documentation: str, labelnames: Sequence[str] = (),
                  registry: CollectorRegistry | None = None) -> None:
-        self._children: dict[tuple[str, ...], CounterChild] = {}
-        super().__init__(name, documentation, labelnames, registry)
+        super().__init__(name, documentation, labelnames, registry, CounterChild)
         if not self.labelnames:
             self._solo = self.labels()
-
-    def labels(self, *values: str) -> CounterChild:
-        if len(values) != len(self.labelnames):
-            raise ValueError(f"{self.name} takes labels {self.labelnames}, got {values}")
-        child = self._children.get(values)
-        if child is None:
-            child = self._children[values] = CounterChild()
-        return child
 
     def inc(self, amount: float = 1.0) -> None:
         self._solo.value += amount
@@ -90,7 +93,7 @@ class FastCounter(_Family):
         yield family
 
 
-class FastHistogram(_Family):
+class FastHistogram(_Family[HistogramChild]):
     def __init__(self, name: str, documentation: str, labelnames: Sequence[str] = (), *,
                  buckets: Sequence[float], registry: CollectorRegistry | None = None) -> None:
         bounds = sorted(float(b) for b in buckets if b != float("inf"))
@@ -98,18 +101,10 @@ class FastHistogram(_Family):
             raise ValueError(f"{name} needs at least one finite bucket")
         self._bounds = bounds
         self._le = [go_float(b) for b in bounds] + ["+Inf"]
-        self._children: dict[tuple[str, ...], HistogramChild] = {}
-        super().__init__(name, documentation, labelnames, registry)
+        super().__init__(name, documentation, labelnames, registry,
+                         lambda: HistogramChild(bounds))
         if not self.labelnames:
             self._solo = self.labels()
-
-    def labels(self, *values: str) -> HistogramChild:
-        if len(values) != len(self.labelnames):
-            raise ValueError(f"{self.name} takes labels {self.labelnames}, got {values}")
-        child = self._children.get(values)
-        if child is None:
-            child = self._children[values] = HistogramChild(self._bounds)
-        return child
 
     def observe(self, value: float) -> None:
         self._solo.observe(value)
