@@ -26,6 +26,7 @@ from agent.memory import MappedRam, MemoryAccessError, RegionMap, close_fds
 from agent.policy import AgentPolicy, AgentProfile, RuleView
 from agent.vmm import VmmConnection, VmmListener
 from hyperbroker import vmm_protocol as proto
+from hyperbroker.busypoll import BusyPoll
 from hyperbroker.calls import Outcome
 from hyperbroker.smccc import NR_ARGS
 from hyperbroker.tls import TlsFiles
@@ -62,6 +63,7 @@ class AgentConfig:
     stream_socket_path: Path | None = None
     metrics_listen: str | None = None
     tls: TlsFiles | None = None
+    busy_poll_us: float = 0.0  # hyperbroker.busypoll; 0: sleep whenever idle
 
 
 class Pending:
@@ -128,6 +130,8 @@ class Agent:
         metrics.IN_FLIGHT.set_function(lambda: sum(
             p is not None for vm in self.vms.values() for p in vm.pending))
         self._loop = asyncio.get_running_loop()
+        # After each call from a VMM and each frame from the broker: docs/performance.md.
+        self.poll = BusyPoll(self._loop, config.busy_poll_us)
 
     # ---- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
@@ -182,6 +186,7 @@ class Agent:
 
     def on_broker_frame(self, frame: broker_pb2.BrokerFrame) -> None:
         now = time.monotonic_ns()
+        self.poll.kick()
         blob = frame.results
         if blob:
             writes = ({(w.vm_id, w.vcpu, w.seq): w for w in frame.memory_writes}
@@ -403,6 +408,7 @@ class Agent:
     def on_call(self, conn: VmmConnection, tag: int, vm_id: int, vcpu: int, seq: int, fid: int,
                 record: bytes) -> None:
         t_recv = time.monotonic_ns()
+        self.poll.kick()
         vm = self.vms.get(vm_id)
         if vm is None or vm_id not in conn.vm_ids:
             conn.send_error(errno.ENOENT, proto.MsgType.CALL, tag,

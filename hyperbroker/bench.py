@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import json
 import os
+import socket
 import statistics
 import struct
 import subprocess
@@ -151,22 +152,10 @@ class LoadGenerator:
                     self.errors += 1
                 self.timings.append(
                     TIMES.unpack_from(data, proto.HEADER.size + proto.RESULT_TIMING_OFFSET))
-            elif data[6] != proto.MsgType.PONG:
+            else:
                 self.errors += 1
             if fut is not None:
                 fut.set_result(time.perf_counter_ns())
-
-    async def ping(self, n: int) -> list[int]:
-        """VMM <-> agent round trips alone: PING is answered by the agent itself."""
-        lat = []
-        for i in range(n):
-            tag = 0xFF00_0000 + i
-            fut = self.loop.create_future()
-            self.waiters[tag] = fut
-            t = time.perf_counter_ns()
-            self.sock.send(proto.encode(proto.Ping(), tag))
-            lat.append(await fut - t)
-        return lat
 
     async def vcpu(self, vm_id: int, vcpu: int, tag_base: int, n: int, lat: list[int]) -> None:
         x = [RND64, 192] + [0] * 16
@@ -182,27 +171,76 @@ class LoadGenerator:
             lat.append(await fut - t)
 
 
-async def full_path(agent_socket: Path, inflight: int, n: int, name: str) -> Figures:
+def vcpu_thread(sock: socket.socket, vm_id: int, first_seq: int, n: int,
+                timings: list[tuple[int, int, int, int]]) -> list[int]:
+    """One vCPU as a VMM's vCPU thread runs it: send the exit, block until the result."""
+    x = [RND64, 192] + [0] * 16
+    lat = []
+    errors = 0
+    for seq in range(first_seq, first_seq + n):
+        frame = proto.HEADER.pack(proto.MAGIC, proto.VERSION, proto.MsgType.CALL,
+                                  proto.CALL.size, seq) + proto.CALL.pack(vm_id, 0, seq, RND64, 0,
+                                                                          0, *x)
+        t = time.perf_counter_ns()
+        sock.send(frame)
+        data = sock.recv(65536)
+        lat.append(time.perf_counter_ns() - t)
+        if data[6] != proto.MsgType.RESULT or \
+                data[proto.HEADER.size + proto.RESULT_OUTCOME_OFFSET] != 0:
+            errors += 1
+        else:
+            timings.append(TIMES.unpack_from(data, proto.HEADER.size + proto.RESULT_TIMING_OFFSET))
+    if errors:
+        raise RuntimeError(f"{errors} calls did not end OK")
+    return lat
+
+
+def ping_thread(sock: socket.socket, n: int) -> list[int]:
+    """VMM <-> agent round trips alone: PING is answered by the agent itself."""
+    lat = []
+    for i in range(n):
+        t = time.perf_counter_ns()
+        sock.send(proto.encode(proto.Ping(), 0xFF00_0000 + i))
+        sock.recv(65536)
+        lat.append(time.perf_counter_ns() - t)
+    return lat
+
+
+async def full_path(agent_socket: Path, inflight: int, n: int, name: str, label: str) -> Figures:
+    """`inflight` vCPUs of one VM calling back to back. At one in flight the vCPU is a blocking
+    thread, as in a real VMM (and in vmm/arm64); more vCPUs share this process's event loop."""
     client = await VmmClient.connect(str(agent_socket), "seqpacket")
     ram = GuestRam(0x4000_0000, 1 << 20)
     reg = await client.register(f"bench-{name}-{inflight}", inflight, "", ram)
-    gen = LoadGenerator(client)
-    per_vcpu = max(1, n // inflight)
-    warm: list[int] = []
-    await asyncio.gather(*(gen.vcpu(reg.vm_id, v, v << 24, 20, warm) for v in range(inflight)))
-    lat: list[int] = []
-    t0 = time.perf_counter()
-    await asyncio.gather(*(gen.vcpu(reg.vm_id, v, (v << 24) + 1000, per_vcpu, lat)
-                           for v in range(inflight)))
-    wall = time.perf_counter() - t0
-    timings = gen.timings[-len(lat):]
-    ping = await gen.ping(500) if inflight == 1 else []
-    gen.loop.remove_reader(client.sock.fileno())
+    timings: list[tuple[int, int, int, int]] = []
+    ping: list[int] = []
+    if inflight == 1:
+        asyncio.get_running_loop().remove_reader(client.sock.fileno())
+        client.sock.setblocking(True)
+        await asyncio.to_thread(vcpu_thread, client.sock, reg.vm_id, 1, 20, [])
+        t0 = time.perf_counter()
+        lat = await asyncio.to_thread(vcpu_thread, client.sock, reg.vm_id, 1000, n, timings)
+        wall = time.perf_counter() - t0
+        ping = await asyncio.to_thread(ping_thread, client.sock, 500)
+    else:
+        gen = LoadGenerator(client)
+        per_vcpu = max(1, n // inflight)
+        warm: list[int] = []
+        await asyncio.gather(*(gen.vcpu(reg.vm_id, v, v << 24, 20, warm)
+                               for v in range(inflight)))
+        lat = []
+        t0 = time.perf_counter()
+        await asyncio.gather(*(gen.vcpu(reg.vm_id, v, (v << 24) + 1000, per_vcpu, lat)
+                               for v in range(inflight)))
+        wall = time.perf_counter() - t0
+        timings = gen.timings[-len(lat):]
+        gen.loop.remove_reader(client.sock.fileno())
+        if gen.errors:
+            raise RuntimeError(f"{gen.errors} calls did not end OK")
     client.sock.close()
     ram.close()
-    if gen.errors:
-        raise RuntimeError(f"{gen.errors} calls did not end OK")
-    fig = _figures(f"VMM -> agent -> broker -> TRNG, {inflight} in flight", inflight, lat, wall)
+    fig = _figures(f"VMM -> agent -> broker -> TRNG, {inflight} in flight{label}", inflight, lat,
+                   wall)
     fig.breakdown_us = {
         name: statistics.median(t[i] for t in timings) / 1e3
         for i, name in enumerate(("agent", "link", "broker_queue", "handler"))
@@ -212,24 +250,34 @@ async def full_path(agent_socket: Path, inflight: int, n: int, name: str) -> Fig
     return fig
 
 
-async def _bench(calls: int, inflights: list[int], rounds: int) -> list[list[Figures]]:
-    """`rounds` rounds, each measuring the baseline and every in-flight level back to back,
-    so that a noisy neighbour slows both sides of a ratio alike."""
+async def _bench(calls: int, inflights: list[int], rounds: int, busy_poll_us: float
+                 ) -> list[list[Figures]]:
+    """`rounds` rounds, each measuring the baseline and every path back to back, so that a
+    noisy neighbour slows both sides of a ratio alike. Every in-flight level runs against an
+    agent with default settings and, when `busy_poll_us` is set, against a second agent (same
+    broker) that busy-polls that long after activity."""
     out: list[list[Figures]] = []
     with tempfile.TemporaryDirectory(prefix="hb-bench-") as tmp:
         policy = Path(tmp) / "policy.yaml"
         policy.write_text(BENCH_POLICY)
         broker = start_broker(policy, Path(tmp) / "state", metrics=False)
-        agent = start_agent(broker.address, "bench-host", Path(tmp), metrics=False)
+        agents = [("", start_agent(broker.address, "bench-host", Path(tmp), metrics=False))]
         try:
+            if busy_poll_us:
+                agents.append((f", agent busy-polls {busy_poll_us:g} us", start_agent(
+                    broker.address, "bench-host-poll", Path(tmp), metrics=False,
+                    extra=["--busy-poll-us", str(busy_poll_us)])))
             async with EchoBaseline() as echo:
                 for r in range(rounds):
                     row = [await echo.run(calls)]
                     for k in inflights:
-                        row.append(await full_path(agent.socket, k, calls, f"r{r}"))
+                        for label, agent in agents:
+                            row.append(await full_path(agent.socket, k, calls,
+                                                       f"r{r}{'p' if label else ''}", label))
                     out.append(row)
         finally:
-            agent.process.stop()
+            for _, agent in agents:
+                agent.process.stop()
             broker.process.stop()
     return out
 
@@ -247,29 +295,29 @@ def run_bench(args: argparse.Namespace) -> int:
     rows: list[list[Figures]] = []
 
     async def go() -> int:
-        rows.extend(await _bench(args.calls, args.inflight, args.rounds))
+        rows.extend(await _bench(args.calls, args.inflight, args.rounds, args.busy_poll_us))
         return 0
 
     run_async(go())
     out = [_median_figures([row[i] for row in rows]) for i in range(len(rows[0]))]
     print(f"{args.rounds} rounds of {args.calls} calls each; medians over rounds")
-    print(f"{'path':58} {'in flight':>9} {'p50 us':>8} {'p99 us':>8} {'per s':>9}")
+    print(f"{'path':72} {'in flight':>9} {'p50 us':>8} {'p99 us':>8} {'per s':>9}")
     for f in out:
-        print(f"{f.name:58} {f.inflight:>9} {f.p50_us:>8.1f} {f.p99_us:>8.1f} {f.per_s:>9.0f}")
-    for f in out[1:]:
-        parts = [r.breakdown_us for r in (row[out.index(f)] for row in rows) if r.breakdown_us]
+        print(f"{f.name:72} {f.inflight:>9} {f.p50_us:>8.1f} {f.p99_us:>8.1f} {f.per_s:>9.0f}")
+    keys = [f"{f.inflight}" + ("+poll" if "busy-polls" in f.name else "") for f in out]
+    for i in range(1, len(out)):
+        parts = [r.breakdown_us for r in (row[i] for row in rows) if r.breakdown_us]
         if parts:
-            keys = parts[0].keys()
-            print(f"  {f.inflight} in flight, median breakdown (us): " + ", ".join(
-                f"{k} {statistics.median(p[k] for p in parts):.1f}" for k in keys))
+            print(f"  {keys[i]} in flight, median breakdown (us): " + ", ".join(
+                f"{k} {statistics.median(p[k] for p in parts):.1f}" for k in parts[0]))
     print()
-    ratios: dict[int, dict[str, float]] = {}
-    for i, f in enumerate(out[1:], start=1):
+    ratios: dict[str, dict[str, float]] = {}
+    for i, key in enumerate(keys[1:], start=1):
         # The ratio of each round, then the median: both sides of a ratio share their round.
         p50_ratio = statistics.median(row[i].p50_us / row[0].p50_us for row in rows)
         rate_ratio = statistics.median(row[i].per_s / row[0].per_s for row in rows)
-        ratios[f.inflight] = {"p50_vs_baseline_rtt": p50_ratio, "rate_vs_baseline_rate": rate_ratio}
-        print(f"{f.inflight:>3} in flight: p50 = {p50_ratio:.2f} x baseline round trip, "
+        ratios[key] = {"p50_vs_baseline_rtt": p50_ratio, "rate_vs_baseline_rate": rate_ratio}
+        print(f"{key:>8} in flight: p50 = {p50_ratio:.2f} x baseline round trip, "
               f"calls/s = {rate_ratio:.2f} x baseline messages/s")
     if args.json:
         Path(args.json).write_text(json.dumps(

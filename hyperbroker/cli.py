@@ -61,6 +61,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return run_async(serve(config))
 
 
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be >= 0, not {text}")
+    return value
+
+
 def cmd_agent(args: argparse.Namespace) -> int:
     from agent.core import AgentConfig
     from agent.server import run_agent
@@ -72,7 +79,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
         broker=args.broker, host_id=args.host_id,
         socket_path=Path(args.socket) if args.socket else None,
         stream_socket_path=Path(args.stream_socket) if args.stream_socket else None,
-        metrics_listen=args.metrics_listen, tls=_tls(args))
+        metrics_listen=args.metrics_listen, tls=_tls(args), busy_poll_us=args.busy_poll_us)
     return run_async(run_agent(config))
 
 
@@ -168,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--socket", help="SOCK_SEQPACKET path for VMMs (guest RAM by fd)")
     p.add_argument("--stream-socket", help="SOCK_STREAM path for VMMs (guest RAM by messages)")
     p.add_argument("--metrics-listen", help="Prometheus endpoint, e.g. 127.0.0.1:9465")
+    p.add_argument("--busy-poll-us", type=_non_negative, default=0.0, metavar="US",
+                   help="keep polling this long after each call and broker frame instead of "
+                        "sleeping: lower latency for up to a core of CPU (default 0: off)")
     _tls_args(p)
     p.set_defaults(func=cmd_agent)
 
@@ -227,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians reported)")
     p.add_argument("--inflight", type=int, nargs="+", default=[1, 64])
     p.add_argument("--json", help="also write the figures to this JSON file")
+    p.add_argument("--busy-poll-us", type=_non_negative, default=1000.0, metavar="US",
+                   help="also measure every level against an agent run with --busy-poll-us US "
+                        "(0: skip)")
     p.set_defaults(func=cmd_bench)
     return parser
 

@@ -24,7 +24,8 @@ def test_the_benchmark_prints_both_paths_and_the_ratios(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stdout + out.stderr
     assert "grpc echo ping-pong (baseline)" in out.stdout
     assert "VMM -> agent -> broker -> TRNG, 8 in flight" in out.stdout
+    assert "VMM -> agent -> broker -> TRNG, 1 in flight, agent busy-polls 1000 us" in out.stdout
     assert "x baseline round trip" in out.stdout
     report = json.loads(out_file.read_text())
-    assert set(report["ratios"]) == {"1", "8"}
+    assert set(report["ratios"]) == {"1", "8", "1+poll", "8+poll"}
     assert all(f["calls"] > 0 and f["p50_us"] > 0 for f in report["medians"])
