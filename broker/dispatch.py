@@ -563,7 +563,8 @@ class Dispatcher:
         return info
 
     def on_calls(self, host: HostSession, records: bytes, t_frame: int) -> None:
-        """Dispatch every `struct hb_call` record of a frame."""
+        """Dispatch every `struct hb_call` record of a frame. The stream reader writes what
+        this queued as soon as it returns (BrokerService.Connect), so nothing wakes the writer."""
         if len(records) % CALL.size:
             log.error("host %s sent %d bytes of call records, not a multiple of %d; dropped",
                       host.host, len(records), CALL.size)
@@ -573,7 +574,6 @@ class Dispatcher:
             n += 1
             self.dispatch(host, v[0], v[1], v[2], v[3], v[4], v[6:], t_frame)
         metrics.BATCH_SIZE.observe(n)
-        host.wake()
 
     def dispatch(self, host: HostSession, vm_id: int, vcpu: int, seq: int, fid: int, flags: int,
                  x: tuple[int, ...], t_frame: int) -> None:

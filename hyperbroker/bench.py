@@ -31,6 +31,7 @@ from hyperbroker.v1 import broker_pb2
 from hyperbroker.vmm_client import GuestRam, VmmClient
 
 RND64 = 0xC400_0053
+RND64_X = (RND64, 192) + (0,) * 16  # x0..x17 of every benchmark call
 BENCH_POLICY = """\
 handlers:
   trng: {}
@@ -82,7 +83,7 @@ async def _echo_server(port_file: str) -> None:
 
 def call_sized_message() -> bytes:
     """An AgentFrame carrying one call with realistic registers: the baseline's message."""
-    record = proto.CALL.pack(1, 3, 123456, RND64, 0, time.monotonic_ns(), RND64, 192, *[0] * 16)
+    record = proto.CALL.pack(1, 3, 123456, RND64, 0, time.monotonic_ns(), *RND64_X)
     return broker_pb2.AgentFrame(calls=record).SerializeToString()
 
 
@@ -147,49 +148,57 @@ class LoadGenerator:
                 return
             tag = int.from_bytes(data[12:16], "little")
             fut = self.waiters.pop(tag, None)
-            if data[6] == proto.MsgType.RESULT:
-                if data[proto.HEADER.size + proto.RESULT_OUTCOME_OFFSET] != 0:  # not OK
-                    self.errors += 1
-                self.timings.append(
-                    TIMES.unpack_from(data, proto.HEADER.size + proto.RESULT_TIMING_OFFSET))
-            else:
+            timing = ok_timing(data)
+            if timing is None:
                 self.errors += 1
+            else:
+                self.timings.append(timing)
             if fut is not None:
                 fut.set_result(time.perf_counter_ns())
 
     async def vcpu(self, vm_id: int, vcpu: int, tag_base: int, n: int, lat: list[int]) -> None:
-        x = [RND64, 192] + [0] * 16
-        pack = proto.CALL.pack
-        header = proto.HEADER.pack
         for seq in range(1, n + 1):
             tag = tag_base + seq
             fut = self.loop.create_future()
             self.waiters[tag] = fut
-            frame = header(proto.MAGIC, proto.VERSION, proto.MsgType.CALL, proto.CALL.size, tag)
+            frame = rnd64_call(vm_id, vcpu, seq, tag)
             t = time.perf_counter_ns()
-            self.sock.send(frame + pack(vm_id, vcpu, seq, RND64, 0, 0, *x))
+            self.sock.send(frame)
             lat.append(await fut - t)
+
+
+def rnd64_call(vm_id: int, vcpu: int, seq: int, tag: int) -> bytes:
+    """A CALL frame: TRNG_RND64 for 192 bits."""
+    return proto.HEADER.pack(proto.MAGIC, proto.VERSION, proto.MsgType.CALL, proto.CALL.size,
+                             tag) + proto.CALL.pack(vm_id, vcpu, seq, RND64, 0, 0, *RND64_X)
+
+
+def ok_timing(data: bytes) -> tuple[int, int, int, int] | None:
+    """The timing of a RESULT frame whose outcome is OK; None for anything else."""
+    if data[6] != proto.MsgType.RESULT or \
+            data[proto.HEADER.size + proto.RESULT_OUTCOME_OFFSET] != 0:
+        return None
+    agent, link, queue, handler = TIMES.unpack_from(
+        data, proto.HEADER.size + proto.RESULT_TIMING_OFFSET)
+    return agent, link, queue, handler
 
 
 def vcpu_thread(sock: socket.socket, vm_id: int, first_seq: int, n: int,
                 timings: list[tuple[int, int, int, int]]) -> list[int]:
     """One vCPU as a VMM's vCPU thread runs it: send the exit, block until the result."""
-    x = [RND64, 192] + [0] * 16
     lat = []
     errors = 0
     for seq in range(first_seq, first_seq + n):
-        frame = proto.HEADER.pack(proto.MAGIC, proto.VERSION, proto.MsgType.CALL,
-                                  proto.CALL.size, seq) + proto.CALL.pack(vm_id, 0, seq, RND64, 0,
-                                                                          0, *x)
+        frame = rnd64_call(vm_id, 0, seq, seq)
         t = time.perf_counter_ns()
         sock.send(frame)
         data = sock.recv(65536)
         lat.append(time.perf_counter_ns() - t)
-        if data[6] != proto.MsgType.RESULT or \
-                data[proto.HEADER.size + proto.RESULT_OUTCOME_OFFSET] != 0:
+        timing = ok_timing(data)
+        if timing is None:
             errors += 1
         else:
-            timings.append(TIMES.unpack_from(data, proto.HEADER.size + proto.RESULT_TIMING_OFFSET))
+            timings.append(timing)
     if errors:
         raise RuntimeError(f"{errors} calls did not end OK")
     return lat
