@@ -20,17 +20,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent import metrics
-from agent.link import BrokerLink
-from agent.memory import MappedRam, MemoryAccessError, RegionMap, close_fds
-from agent.policy import AgentPolicy, AgentProfile, RuleView
-from agent.vmm import VmmConnection, VmmListener
-from hyperbroker import vmm_protocol as proto
-from hyperbroker.busypoll import BusyPoll
+from hyperbroker.agent import metrics
+from hyperbroker.agent.link import BrokerLink
+from hyperbroker.agent.memory import MappedRam, MemoryAccessError, RegionMap, close_fds
+from hyperbroker.agent.policy import AgentPolicy, AgentProfile, RuleView
+from hyperbroker.agent.vmm import VmmConnection, VmmListener
 from hyperbroker.calls import Outcome
+from hyperbroker.runtime.busypoll import BusyPoll
+from hyperbroker.runtime.tls import TlsFiles
 from hyperbroker.smccc import NR_ARGS
-from hyperbroker.tls import TlsFiles
-from hyperbroker.v1 import broker_pb2
+from hyperbroker.wire import vmm as proto
+from hyperbroker.wire.v1 import broker_pb2
 
 log = logging.getLogger("hyperbroker.agent")
 

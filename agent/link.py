@@ -16,11 +16,11 @@ from typing import Protocol
 
 import grpc
 
-from agent import metrics
 from hyperbroker import __version__
-from hyperbroker.drive import run_eagerly
-from hyperbroker.tls import TlsFiles
-from hyperbroker.v1 import broker_pb2, broker_pb2_grpc
+from hyperbroker.agent import metrics
+from hyperbroker.runtime.drive import run_eagerly
+from hyperbroker.runtime.tls import TlsFiles
+from hyperbroker.wire.v1 import broker_pb2, broker_pb2_grpc
 
 log = logging.getLogger("hyperbroker.agent.link")
 

@@ -16,7 +16,7 @@ import mmap
 import os
 from collections.abc import Sequence
 
-from hyperbroker.vmm_protocol import REGION_READONLY, MemRegion
+from hyperbroker.wire.vmm import REGION_READONLY, MemRegion
 
 
 class MemoryAccessError(Exception):

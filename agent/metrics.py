@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge
 
-from broker.metrics import LATENCY_BUCKETS
-from hyperbroker.fastmetrics import FastHistogram
+from hyperbroker.broker.metrics import LATENCY_BUCKETS
+from hyperbroker.runtime.metrics import FastHistogram
 
 CALL_DURATION = FastHistogram(
     "hyperbroker_agent_call_duration_seconds",

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from hyperbroker.kvm import SmcccFilter
 from hyperbroker.smccc import NOT_SUPPORTED_U64, SMCCC_1_1_RESULT_MASK
-from hyperbroker.v1 import broker_pb2
+from hyperbroker.wire.v1 import broker_pb2
 
 DEFAULT_DEADLINE_US = 100_000
 NOT_SUPPORTED_X = (NOT_SUPPORTED_U64, 0, 0, 0)

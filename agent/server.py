@@ -8,8 +8,8 @@ import signal
 
 from prometheus_client import start_http_server
 
-from agent.core import Agent, AgentConfig
-from broker.server import split_hostport
+from hyperbroker.agent.core import Agent, AgentConfig
+from hyperbroker.broker.server import split_hostport
 
 log = logging.getLogger("hyperbroker.agent")
 

@@ -21,8 +21,8 @@ from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
-from agent import metrics
-from hyperbroker import vmm_protocol as proto
+from hyperbroker.agent import metrics
+from hyperbroker.wire import vmm as proto
 
 log = logging.getLogger("hyperbroker.agent.vmm")
 

@@ -22,15 +22,15 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from broker import metrics
-from broker.policies import PolicyRegistry, PolicyVersion
-from broker.store import Store, StoreBatch
-from handlers.api import GuestMemoryError, Handler, JsonValue, VmInfo
+from hyperbroker.broker import metrics
+from hyperbroker.broker.policies import PolicyRegistry, PolicyVersion
+from hyperbroker.broker.store import Store, StoreBatch
 from hyperbroker.calls import ActionKind, Call, Outcome, Result
-from hyperbroker.drive import run_eagerly
+from hyperbroker.handlers.api import GuestMemoryError, Handler, JsonValue, VmInfo
+from hyperbroker.runtime.drive import run_eagerly
 from hyperbroker.smccc import NOT_SUPPORTED_U64, NR_ARGS
-from hyperbroker.v1 import broker_pb2
-from hyperbroker.vmm_protocol import ACTION, CALL, RESULT, ResultSource
+from hyperbroker.wire.v1 import broker_pb2
+from hyperbroker.wire.vmm import ACTION, CALL, RESULT, ResultSource
 
 log = logging.getLogger("hyperbroker.broker")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge
 
-from hyperbroker.fastmetrics import FastCounter, FastHistogram
+from hyperbroker.runtime.metrics import FastCounter, FastHistogram
 
 # Microsecond-range buckets: the whole path is ~100 us, in-broker handling ~10 us.
 LATENCY_BUCKETS = (

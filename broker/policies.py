@@ -12,11 +12,11 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from broker import metrics
-from broker.policy import Policy, load_policy, to_proto
-from broker.store import Store
-from handlers.api import Handler
-from hyperbroker.v1 import broker_pb2
+from hyperbroker.broker import metrics
+from hyperbroker.broker.policy import Policy, load_policy, to_proto
+from hyperbroker.broker.store import Store
+from hyperbroker.handlers.api import Handler
+from hyperbroker.wire.v1 import broker_pb2
 
 log = logging.getLogger("hyperbroker.broker.policy")
 

@@ -26,9 +26,9 @@ from typing import Any, TypeGuard, TypeVar
 
 import yaml
 
-from broker.kernel_filter import KernelFilterModel, errno_name
-from handlers.api import Handler, HandlerConfigError
+from hyperbroker.broker.kernel_filter import KernelFilterModel, errno_name
 from hyperbroker.calls import Outcome, Result
+from hyperbroker.handlers.api import Handler, HandlerConfigError
 from hyperbroker.kvm import FilterAction, SmcccFilter
 from hyperbroker.smccc import (
     KNOWN_FUNCTIONS,
@@ -42,7 +42,7 @@ from hyperbroker.smccc import (
     parse_function,
     subtract_ranges,
 )
-from hyperbroker.v1 import broker_pb2
+from hyperbroker.wire.v1 import broker_pb2
 
 FORMAT_VERSION = 1  # the only `version:` this engine reads
 DEFAULT_PROFILE = "default"  # the profile of a VM whose VMM names none

@@ -22,14 +22,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from broker.dispatch import Dispatcher
-from broker.policies import PolicyRegistry
-from broker.policy import PolicyError, PolicyInvalid
-from broker.service import AdminService, BrokerService
-from broker.store import MemoryStore, SqliteStore, Store
-from handlers.api import discover_plugins
-from hyperbroker.tls import TlsFiles
-from hyperbroker.v1 import admin_pb2, admin_pb2_grpc, broker_pb2, broker_pb2_grpc
+from hyperbroker.broker.dispatch import Dispatcher
+from hyperbroker.broker.policies import PolicyRegistry
+from hyperbroker.broker.policy import PolicyError, PolicyInvalid
+from hyperbroker.broker.service import AdminService, BrokerService
+from hyperbroker.broker.store import MemoryStore, SqliteStore, Store
+from hyperbroker.handlers.api import discover_plugins
+from hyperbroker.runtime.tls import TlsFiles
+from hyperbroker.wire.v1 import admin_pb2, admin_pb2_grpc, broker_pb2, broker_pb2_grpc
 
 log = logging.getLogger("hyperbroker.broker")
 

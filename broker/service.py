@@ -16,10 +16,10 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from broker import metrics
-from broker.dispatch import CallCtx, Dispatcher, HostSession
-from broker.policy import PolicyInvalid, to_json
-from hyperbroker.v1 import admin_pb2, admin_pb2_grpc, broker_pb2, broker_pb2_grpc
+from hyperbroker.broker import metrics
+from hyperbroker.broker.dispatch import CallCtx, Dispatcher, HostSession
+from hyperbroker.broker.policy import PolicyInvalid, to_json
+from hyperbroker.wire.v1 import admin_pb2, admin_pb2_grpc, broker_pb2, broker_pb2_grpc
 
 log = logging.getLogger("hyperbroker.broker")
 

@@ -2,6 +2,6 @@
 
 import sys
 
-from tee.server import main
+from hyperbroker.tee.server import main
 
 sys.exit(main())

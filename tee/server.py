@@ -26,12 +26,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from hyperbroker.v1 import tee_pb2, tee_pb2_grpc
-from tee import metrics
-from tee.apps import discover_trusted_apps
-from tee.gp import ParamType, result_name
-from tee.service import DEFAULT_MAX_SESSIONS_PER_VM, Reply, Status, TeeService
-from tee.ta import Param, TrustedApp, VmIdentity
+from hyperbroker.tee import metrics
+from hyperbroker.tee.apps import discover_trusted_apps
+from hyperbroker.tee.gp import ParamType, result_name
+from hyperbroker.tee.service import DEFAULT_MAX_SESSIONS_PER_VM, Reply, Status, TeeService
+from hyperbroker.tee.ta import Param, TrustedApp, VmIdentity
+from hyperbroker.wire.v1 import tee_pb2, tee_pb2_grpc
 
 log = logging.getLogger("hyperbroker.tee.server")
 

@@ -23,10 +23,25 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tee import metrics
-from tee.gp import ANONYMOUS_LOGINS, NORMAL_WORLD_LOGINS, NUM_PARAMS, Origin, ParamType, TeeResult
-from tee.sealing import Sealer, load_master_key
-from tee.ta import Client, Operation, Param, TaEnvironment, TaInfo, TrustedApp, VmIdentity
+from hyperbroker.tee import metrics
+from hyperbroker.tee.gp import (
+    ANONYMOUS_LOGINS,
+    NORMAL_WORLD_LOGINS,
+    NUM_PARAMS,
+    Origin,
+    ParamType,
+    TeeResult,
+)
+from hyperbroker.tee.sealing import Sealer, load_master_key
+from hyperbroker.tee.ta import (
+    Client,
+    Operation,
+    Param,
+    TaEnvironment,
+    TaInfo,
+    TrustedApp,
+    VmIdentity,
+)
 
 log = logging.getLogger("hyperbroker.tee")
 

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from tee.gp import NUM_PARAMS, ParamType, TeeResult
-from tee.sealing import Sealer
+from hyperbroker.tee.gp import NUM_PARAMS, ParamType, TeeResult
+from hyperbroker.tee.sealing import Sealer
 
 ENTRY_POINT_GROUP = "hyperbroker.trusted_apps"
 

@@ -10,11 +10,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.memory import MappedRam, MemoryAccessError, RegionMap
-from agent.policy import AgentPolicy, AgentProfile
+from hyperbroker.agent.memory import MappedRam, MemoryAccessError, RegionMap
+from hyperbroker.agent.policy import AgentPolicy, AgentProfile
 from hyperbroker.smccc import NOT_SUPPORTED_U64
-from hyperbroker.v1 import broker_pb2
-from hyperbroker.vmm_protocol import REGION_READONLY, MemRegion
+from hyperbroker.wire.v1 import broker_pb2
+from hyperbroker.wire.vmm import REGION_READONLY, MemRegion
 
 RAM = MemRegion(0x4000_0000, 0x10_0000)
 ROM = MemRegion(0x1000, 0x1000, 0, REGION_READONLY)

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from hyperbroker.busypoll import BusyPoll
+from hyperbroker.runtime.busypoll import BusyPoll
 
 
 async def until_asleep(poll: BusyPoll) -> None:

@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 
 from hyperbroker import kvm
-from hyperbroker import vmm_protocol as proto
 from hyperbroker.calls import ActionKind, Outcome, VmmAction
 from hyperbroker.smccc import NR_ARGS
+from hyperbroker.wire import vmm as proto
 
 ROOT = Path(__file__).resolve().parent.parent
 HEADER_PATH = ROOT / "include" / "hyperbroker" / "vmm_protocol.h"

@@ -414,7 +414,7 @@ def exec_argv(unit: Path, dropin: Path | None) -> list[str]:
 
 
 def cli_options(command: str) -> set[str]:
-    from hyperbroker.cli import build_parser
+    from hyperbroker.cli.main import build_parser
 
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
@@ -568,8 +568,8 @@ def test_policy_configmap_holds_the_policy_file() -> None:
 
 
 def test_default_policy_in_values_is_valid() -> None:
-    from broker.policy import load_policy
-    from handlers.api import discover_plugins
+    from hyperbroker.broker.policy import load_policy
+    from hyperbroker.handlers.api import discover_plugins
 
     policy = load_policy(chart_values()["policy"]["content"], discover_plugins())
     assert "default" in policy.profiles
@@ -650,7 +650,7 @@ def exported_metrics(modules: list[Any]) -> dict[str, Metric]:
     """The metrics defined at the top level of `modules`, named as they are exposed."""
     from prometheus_client.metrics import MetricWrapperBase
 
-    from hyperbroker.fastmetrics import FastCounter, FastHistogram
+    from hyperbroker.runtime.metrics import FastCounter, FastHistogram
 
     exported: dict[str, Metric] = {}
     for module in modules:
@@ -669,11 +669,11 @@ def exported_metrics(modules: list[Any]) -> dict[str, Metric]:
 
 
 def test_broker_and_agent_export_exactly_the_contract() -> None:
-    import agent.metrics
-    import broker.metrics
+    from hyperbroker.agent import metrics as agent_metrics
+    from hyperbroker.broker import metrics as broker_metrics
 
     wanted = {n: m for n, m in METRICS.items() if n.startswith(PROCESS_PREFIXES)}
-    assert exported_metrics([broker.metrics, agent.metrics]) == wanted
+    assert exported_metrics([broker_metrics, agent_metrics]) == wanted
 
 
 def test_shipped_handlers_export_exactly_the_contract() -> None:
@@ -682,11 +682,12 @@ def test_shipped_handlers_export_exactly_the_contract() -> None:
     import pkgutil
     from importlib.metadata import entry_points
 
-    from handlers.api import ENTRY_POINT_GROUP
+    from hyperbroker.handlers.api import ENTRY_POINT_GROUP
 
     packages = {ep.value.split(":")[0] for ep in entry_points(group=ENTRY_POINT_GROUP)
-                if ep.value.startswith("handlers.")}
-    assert {"handlers.trng", "handlers.ffa", "handlers.hyperv", "handlers.memshare"} <= packages
+                if ep.value.startswith("hyperbroker.handlers.")}
+    assert {"hyperbroker.handlers.trng", "hyperbroker.handlers.ffa", "hyperbroker.handlers.hyperv",
+            "hyperbroker.handlers.memshare"} <= packages
     modules = []
     for name in sorted(packages):
         package = importlib.import_module(name)
@@ -698,7 +699,7 @@ def test_shipped_handlers_export_exactly_the_contract() -> None:
 
 
 def test_broker_call_buckets_span_10us_to_1s() -> None:
-    from broker.metrics import CALL_DURATION
+    from hyperbroker.broker.metrics import CALL_DURATION
 
     child = CALL_DURATION.labels("h", "f", "ok")
     assert child.bounds[0] == pytest.approx(10e-6)
@@ -896,7 +897,7 @@ def test_broker_unit_keeps_state_and_drains_within_its_stop_timeout() -> None:
     assert flags["--listen"] == "0.0.0.0:50051"
     assert flags["--metrics-listen"] == "0.0.0.0:9464"
     # The broker's default drain grace (hyperbroker/cli.py --drain-grace) fits in the timeout.
-    from hyperbroker.cli import build_parser
+    from hyperbroker.cli.main import build_parser
 
     grace = build_parser().parse_args(argv[1:]).drain_grace
     assert grace + 5 < int(service["TimeoutStopSec"].removesuffix("s"))
@@ -920,7 +921,7 @@ def test_agent_unit_owns_the_socket_directory() -> None:
 @pytest.mark.parametrize("unit,command", [("hyperbroker-broker.service", "serve"),
                                           ("hyperbroker-agent.service", "agent")])
 def test_unit_command_lines_parse_with_the_cli(unit: str, command: str) -> None:
-    from hyperbroker.cli import build_parser
+    from hyperbroker.cli.main import build_parser
 
     dropin = SYSTEMD / f"{unit}.d" / "tls.conf"
     for with_tls in (None, dropin):

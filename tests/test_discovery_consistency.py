@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from broker.policy import (
+from hyperbroker.broker.policy import (
     KERNEL,
     KERNEL_SERVED,
     DiscoveryClaim,
@@ -28,14 +28,14 @@ from broker.policy import (
     load_policy,
     to_json,
 )
-from handlers.api import CallContext, Handler, discover_plugins
-from handlers.ffa import abi as ffa_abi
-from handlers.psci import PsciHandler
-from handlers.psci import abi as psci_abi
-from handlers.testing import FakeContext
-from handlers.trng import abi as trng_abi
 from hyperbroker.calls import NOT_SUPPORTED, Call, Result
+from hyperbroker.handlers.api import CallContext, Handler, discover_plugins
+from hyperbroker.handlers.ffa import abi as ffa_abi
+from hyperbroker.handlers.psci import PsciHandler
+from hyperbroker.handlers.psci import abi as psci_abi
+from hyperbroker.handlers.trng import abi as trng_abi
 from hyperbroker.smccc import NR_ARGS, RESERVED_ARCH_RANGES, FunctionRange
+from hyperbroker.testing.context import FakeContext
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "policy.yaml"
 W_MASK = 0xFFFF_FFFF

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from hyperbroker.drive import run_eagerly
+from hyperbroker.runtime.drive import run_eagerly
 
 
 async def test_a_coroutine_that_never_awaits_finishes_without_a_task() -> None:

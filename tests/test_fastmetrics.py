@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
-from hyperbroker.fastmetrics import FastCounter, FastHistogram
+from hyperbroker.runtime.metrics import FastCounter, FastHistogram
 
 BUCKETS = (10e-6, 25e-6, 100e-6, 1e-3, 1.0)
 # On, between and beyond the bounds, and negative: each must land where Histogram puts it.

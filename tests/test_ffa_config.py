@@ -6,12 +6,12 @@ from typing import Any
 
 import pytest
 
-from handlers.api import HandlerConfigError
-from handlers.ffa import FfaHandler, abi, endpoints
-from handlers.ffa.config import ECHO_UUID
-from handlers.ffa.testing import FfaGuest, error_of
 from hyperbroker.calls import Outcome
+from hyperbroker.handlers.api import HandlerConfigError
+from hyperbroker.handlers.ffa import FfaHandler, abi, endpoints
+from hyperbroker.handlers.ffa.config import ECHO_UUID
 from hyperbroker.smccc import NAMED_ABIS
+from hyperbroker.testing.ffa import FfaGuest, error_of
 
 ECHO = {"kind": "echo", "id": 0x8001, "uuid": str(ECHO_UUID)}
 

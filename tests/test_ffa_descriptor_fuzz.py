@@ -14,9 +14,9 @@ import struct
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from handlers.ffa import FfaHandler, abi
-from handlers.ffa.abi import FfaError
-from handlers.ffa.descriptors import (
+from hyperbroker.handlers.ffa import FfaHandler, abi
+from hyperbroker.handlers.ffa.abi import FfaError
+from hyperbroker.handlers.ffa.descriptors import (
     PAGE_SIZE,
     Constituent,
     EndpointAccess,
@@ -25,7 +25,7 @@ from handlers.ffa.descriptors import (
     encode_mem_transaction,
     parse_mem_transaction,
 )
-from handlers.ffa.testing import TX_ADDRESS, FfaGuest
+from hyperbroker.testing.ffa import TX_ADDRESS, FfaGuest
 
 VERSIONS = st.sampled_from([abi.VERSION_1_0, abi.VERSION_1_1, abi.VERSION_1_2])
 ATTRIBUTES = [0x2F, 0x2E, 0x24, 0x2C, 0x10, 0x1C, 0x00]  # each a defined encoding (§5.2)

@@ -7,13 +7,13 @@ import uuid
 
 import pytest
 
-from handlers.ffa import FfaHandler, abi
-from handlers.ffa.abi import FfaError
-from handlers.ffa.config import ECHO_UUID, SHA256_UUID
-from handlers.ffa.discovery import uuid_to_pair
-from handlers.ffa.testing import RX_ADDRESS, FfaGuest, error_of, make_context
-from handlers.testing import MemoryState
+from hyperbroker.handlers.ffa import FfaHandler, abi
+from hyperbroker.handlers.ffa.abi import FfaError
+from hyperbroker.handlers.ffa.config import ECHO_UUID, SHA256_UUID
+from hyperbroker.handlers.ffa.discovery import uuid_to_pair
 from hyperbroker.smccc import uuid_to_regs
+from hyperbroker.testing.context import MemoryState
+from hyperbroker.testing.ffa import RX_ADDRESS, FfaGuest, error_of, make_context
 
 
 def _many(n: int) -> list[dict[str, object]]:

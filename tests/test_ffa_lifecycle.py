@@ -12,10 +12,10 @@ import asyncio
 import pytest
 from prometheus_client import REGISTRY
 
-from handlers.ffa import FfaHandler, abi, endpoints
-from handlers.ffa.abi import FfaError
-from handlers.ffa.config import ECHO_UUID, SHA256_UUID
-from handlers.ffa.partitions import (
+from hyperbroker.handlers.ffa import FfaHandler, abi, endpoints
+from hyperbroker.handlers.ffa.abi import FfaError
+from hyperbroker.handlers.ffa.config import ECHO_UUID, SHA256_UUID
+from hyperbroker.handlers.ffa.partitions import (
     DirectMessage,
     EchoPartition,
     PartitionInfo,
@@ -23,8 +23,9 @@ from handlers.ffa.partitions import (
     Reply,
     SharedMemory,
 )
-from handlers.ffa.state import VmState
-from handlers.ffa.testing import (
+from hyperbroker.handlers.ffa.state import VmState
+from hyperbroker.testing.context import FakeContext, FakeGuestMemory, MemoryState
+from hyperbroker.testing.ffa import (
     BUFFER_ADDRESS,
     TX_ADDRESS,
     FfaGuest,
@@ -32,7 +33,6 @@ from handlers.ffa.testing import (
     handle_of,
     make_context,
 )
-from handlers.testing import FakeContext, FakeGuestMemory, MemoryState
 
 SHA = 0x8002
 ECHO_INFO = PartitionInfo("echo", 0x8001, ECHO_UUID)
@@ -279,9 +279,9 @@ async def test_concurrent_calls_of_one_vm_do_not_lose_updates() -> None:
 
 async def test_a_reset_forgets_the_boot_but_keeps_the_endpoint_id() -> None:
     """After SYSTEM_RESET the guest negotiates again and maps again; its ID does not change."""
-    from handlers.ffa import FfaHandler
-    from handlers.testing import FakeContext, FakeGuestMemory
     from hyperbroker.calls import Call
+    from hyperbroker.handlers.ffa import FfaHandler
+    from hyperbroker.testing.context import FakeContext, FakeGuestMemory
 
     handler = FfaHandler({})
     ctx = FakeContext(memory=FakeGuestMemory({0x4000_0000: bytearray(0x10_0000)}))

@@ -12,10 +12,10 @@ import struct
 import uuid
 from dataclasses import dataclass, field
 
-from handlers.ffa import FfaHandler, abi
-from handlers.ffa.config import ECHO_UUID, SHA256_UUID
-from handlers.ffa.testing import RX_ADDRESS, TX_ADDRESS, FfaGuest
+from hyperbroker.handlers.ffa import FfaHandler, abi
+from hyperbroker.handlers.ffa.config import ECHO_UUID, SHA256_UUID
 from hyperbroker.smccc import to_s32
+from hyperbroker.testing.ffa import RX_ADDRESS, TX_ADDRESS, FfaGuest
 
 NIL = (0, 0, 0, 0)
 

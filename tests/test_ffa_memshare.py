@@ -8,10 +8,10 @@ import struct
 import pytest
 from prometheus_client import REGISTRY
 
-from handlers.ffa import FfaHandler, abi
-from handlers.ffa.abi import FfaError
-from handlers.ffa.partitions import digest_words
-from handlers.ffa.testing import (
+from hyperbroker.handlers.ffa import FfaHandler, abi
+from hyperbroker.handlers.ffa.abi import FfaError
+from hyperbroker.handlers.ffa.partitions import digest_words
+from hyperbroker.testing.ffa import (
     BUFFER_ADDRESS,
     RAM_BASE,
     RAM_SIZE,

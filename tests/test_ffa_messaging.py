@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 from prometheus_client import REGISTRY
 
-from handlers.ffa import FfaHandler, abi
-from handlers.ffa.abi import FfaError
-from handlers.ffa.config import ECHO_UUID, SHA256_UUID
-from handlers.ffa.discovery import uuid_to_pair
-from handlers.ffa.testing import FfaGuest, error_of
+from hyperbroker.handlers.ffa import FfaHandler, abi
+from hyperbroker.handlers.ffa.abi import FfaError
+from hyperbroker.handlers.ffa.config import ECHO_UUID, SHA256_UUID
+from hyperbroker.handlers.ffa.discovery import uuid_to_pair
+from hyperbroker.testing.ffa import FfaGuest, error_of
 
 ECHO = 0x8001
 

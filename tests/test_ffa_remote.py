@@ -18,11 +18,11 @@ import pytest
 import trustme
 from prometheus_client import REGISTRY
 
-from handlers.ffa import FfaHandler, abi
-from handlers.ffa.abi import FfaError
-from handlers.ffa.config import ECHO_UUID, SHA256_UUID
-from handlers.ffa.discovery import uuid_to_pair
-from handlers.ffa.partitions import (
+from hyperbroker.handlers.ffa import FfaHandler, abi
+from hyperbroker.handlers.ffa.abi import FfaError
+from hyperbroker.handlers.ffa.config import ECHO_UUID, SHA256_UUID
+from hyperbroker.handlers.ffa.discovery import uuid_to_pair
+from hyperbroker.handlers.ffa.partitions import (
     DirectMessage,
     EchoPartition,
     Partition,
@@ -32,8 +32,8 @@ from handlers.ffa.partitions import (
     SharedMemory,
     digest_words,
 )
-from handlers.ffa.remote import PartitionServer
-from handlers.ffa.testing import BUFFER_ADDRESS, FfaGuest, error_of, handle_of
+from hyperbroker.handlers.ffa.remote import PartitionServer
+from hyperbroker.testing.ffa import BUFFER_ADDRESS, FfaGuest, error_of, handle_of
 
 ECHO, SHA, PROBE = 0x8001, 0x8002, 0x8003
 PROBE_UUID = "0b5c1f6e-9a57-4d8e-9d2c-3f1e2a4b5c6d"

@@ -11,10 +11,10 @@ from __future__ import annotations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from handlers.ffa import FfaHandler, abi
-from handlers.ffa.state import VmState
-from handlers.ffa.testing import RX_ADDRESS, TX_ADDRESS, FfaGuest
-from handlers.ffa.version import SERVED_SINCE
+from hyperbroker.handlers.ffa import FfaHandler, abi
+from hyperbroker.handlers.ffa.state import VmState
+from hyperbroker.handlers.ffa.version import SERVED_SINCE
+from hyperbroker.testing.ffa import RX_ADDRESS, TX_ADDRESS, FfaGuest
 
 U64 = st.integers(0, (1 << 64) - 1)
 SMALL = st.sampled_from([0, 1, 16, 48, 4096, TX_ADDRESS, RX_ADDRESS, abi.pack_target(1, 0x8001),

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from handlers.ffa import FfaHandler, abi
-from handlers.ffa.abi import FfaError
-from handlers.ffa.testing import RAM_BASE, RAM_SIZE, RX_ADDRESS, TX_ADDRESS, FfaGuest, error_of
+from hyperbroker.handlers.ffa import FfaHandler, abi
+from hyperbroker.handlers.ffa.abi import FfaError
+from hyperbroker.testing.ffa import RAM_BASE, RAM_SIZE, RX_ADDRESS, TX_ADDRESS, FfaGuest, error_of
 
 
 @pytest.fixture

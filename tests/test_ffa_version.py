@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from handlers.ffa import FfaHandler, abi
-from handlers.ffa.abi import FfaError
-from handlers.ffa.testing import FfaGuest, error_of
 from hyperbroker.calls import Outcome
+from hyperbroker.handlers.ffa import FfaHandler, abi
+from hyperbroker.handlers.ffa.abi import FfaError
 from hyperbroker.smccc import NOT_SUPPORTED_U64
+from hyperbroker.testing.ffa import FfaGuest, error_of
 
 
 @pytest.fixture

@@ -8,13 +8,13 @@ from typing import Any
 
 import pytest
 
-from handlers.api import VmInfo
-from handlers.hyperv import HypervHandler, abi
-from handlers.hyperv.abi import HvStatus
-from handlers.hyperv.layout import PostMessageInput
-from handlers.testing import FakeContext, FakeGuestMemory
 from hyperbroker.calls import Call
+from hyperbroker.handlers.api import VmInfo
+from hyperbroker.handlers.hyperv import HypervHandler, abi
+from hyperbroker.handlers.hyperv.abi import HvStatus
+from hyperbroker.handlers.hyperv.layout import PostMessageInput
 from hyperbroker.smccc import NOT_SUPPORTED_U64
+from hyperbroker.testing.context import FakeContext, FakeGuestMemory
 
 RAM = 0x4000_0000
 CONFIGS: list[dict[str, Any]] = [

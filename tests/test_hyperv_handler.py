@@ -15,14 +15,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 
-from handlers.api import HandlerConfigError, VmInfo
-from handlers.hyperv import HypervHandler, abi
-from handlers.hyperv.abi import HvStatus
-from handlers.hyperv.layout import PostMessageInput, RegisterAssoc, SignalEventInput, VpHeader
-from handlers.hyperv.synic import PostMessage, SignalEvent
-from handlers.testing import FakeContext, FakeGuestMemory, MemoryState
 from hyperbroker.calls import Call, Outcome, Result
+from hyperbroker.handlers.api import HandlerConfigError, VmInfo
+from hyperbroker.handlers.hyperv import HypervHandler, abi
+from hyperbroker.handlers.hyperv.abi import HvStatus
+from hyperbroker.handlers.hyperv.layout import (
+    PostMessageInput,
+    RegisterAssoc,
+    SignalEventInput,
+    VpHeader,
+)
+from hyperbroker.handlers.hyperv.synic import PostMessage, SignalEvent
 from hyperbroker.smccc import NOT_SUPPORTED_U64
+from hyperbroker.testing.context import FakeContext, FakeGuestMemory, MemoryState
 
 RAM = 0x4000_0000
 IN = RAM + 0x1000

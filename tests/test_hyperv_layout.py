@@ -9,9 +9,14 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from handlers.hyperv import abi, layout
-from handlers.hyperv.abi import Control
-from handlers.hyperv.layout import PostMessageInput, RegisterAssoc, SignalEventInput, VpHeader
+from hyperbroker.handlers.hyperv import abi, layout
+from hyperbroker.handlers.hyperv.abi import Control
+from hyperbroker.handlers.hyperv.layout import (
+    PostMessageInput,
+    RegisterAssoc,
+    SignalEventInput,
+    VpHeader,
+)
 
 u8 = st.integers(0, 0xFF)
 u16 = st.integers(0, 0xFFFF)

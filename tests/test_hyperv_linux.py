@@ -11,12 +11,12 @@ import struct
 import pytest
 from prometheus_client import REGISTRY
 
-from handlers.api import VmInfo
-from handlers.hyperv import HypervHandler, abi
-from handlers.hyperv.abi import HvStatus
-from handlers.hyperv.crash import GuestCrash
-from handlers.testing import FakeContext, FakeGuestMemory
 from hyperbroker.calls import Call, Result
+from hyperbroker.handlers.api import VmInfo
+from hyperbroker.handlers.hyperv import HypervHandler, abi
+from hyperbroker.handlers.hyperv.abi import HvStatus
+from hyperbroker.handlers.hyperv.crash import GuestCrash
+from hyperbroker.testing.context import FakeContext, FakeGuestMemory
 
 RAM = 0x4000_0000
 OUTPUT_ARG = RAM + 0x3000  # hyperv_pcpu_output_arg

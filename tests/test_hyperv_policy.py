@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from broker.policy import PolicyInvalid, load_policy
-from handlers.api import Handler
-from handlers.hyperv import HypervHandler
-from handlers.memshare import MemshareHandler
+from hyperbroker.broker.policy import PolicyInvalid, load_policy
+from hyperbroker.handlers.api import Handler
+from hyperbroker.handlers.hyperv import HypervHandler
+from hyperbroker.handlers.memshare import MemshareHandler
 
 PLUGINS: dict[str, type[Handler]] = {"hyperv": HypervHandler, "memshare": MemshareHandler}
 HEAD = "handlers:\n  hyperv: {}\n  memshare: {}\nprofiles:\n"

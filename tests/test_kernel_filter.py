@@ -12,7 +12,7 @@ import errno
 from hypothesis import given
 from hypothesis import strategies as st
 
-from broker.kernel_filter import KernelFilterModel, errno_name
+from hyperbroker.broker.kernel_filter import KernelFilterModel, errno_name
 from hyperbroker.kvm import FilterAction, SmcccFilter
 from hyperbroker.smccc import RESERVED_ARCH_RANGES
 

@@ -7,11 +7,11 @@ from typing import Any
 
 import pytest
 
-from handlers.api import VmInfo
-from handlers.memshare import MemshareHandler, abi
-from handlers.testing import FakeContext
 from hyperbroker.calls import Call
+from hyperbroker.handlers.api import VmInfo
+from hyperbroker.handlers.memshare import MemshareHandler, abi
 from hyperbroker.smccc import NOT_SUPPORTED_U64
+from hyperbroker.testing.context import FakeContext
 
 CONFIGS: list[dict[str, Any]] = [{}, {"mmio_guard": False}, {"granule": 65536}]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from handlers.memshare.granules import GranuleSet
+from hyperbroker.handlers.memshare.granules import GranuleSet
 
 G = 4096
 

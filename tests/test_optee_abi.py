@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from handlers.api import HandlerConfigError
-from handlers.optee import OpteeHandler, abi
-from handlers.optee.abi import SmcReturn
-from handlers.optee.testing import Harness
 from hyperbroker.calls import Call, Outcome, Result
+from hyperbroker.handlers.api import HandlerConfigError
+from hyperbroker.handlers.optee import OpteeHandler, abi
+from hyperbroker.handlers.optee.abi import SmcReturn
 from hyperbroker.smccc import NAMED_ABIS
+from hyperbroker.testing.optee import Harness
 
 
 def call(fid: int, *args: int) -> Call:

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from broker.policy import load_policy
-from handlers.optee import OpteeHandler, abi
-from handlers.optee.abi import SmcReturn
-from handlers.optee.testing import Harness
+from hyperbroker.broker.policy import load_policy
 from hyperbroker.calls import Call
-from tee.uuids import WELL_KNOWN
+from hyperbroker.handlers.optee import OpteeHandler, abi
+from hyperbroker.handlers.optee.abi import SmcReturn
+from hyperbroker.tee.uuids import WELL_KNOWN
+from hyperbroker.testing.optee import Harness
 
 DOC = (Path(__file__).resolve().parent.parent / "docs" / "tee-proxy.md").read_text()
 

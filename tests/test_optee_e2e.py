@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 import trustme
 
-from handlers.optee import OpteeHandler
-from handlers.optee.guest import GuestParam
-from handlers.optee.testing import Guest, TeeProcess, guest_of, start_tee_process
-from tee.apps import mac, storage
-from tee.apps.storage import decode_id_list
-from tee.gp import Origin, ParamType, TeeResult
-from tee.uuids import KEYED_MAC_TA, SECURE_STORAGE_TA
+from hyperbroker.handlers.optee import OpteeHandler
+from hyperbroker.tee.apps import mac, storage
+from hyperbroker.tee.apps.storage import decode_id_list
+from hyperbroker.tee.gp import Origin, ParamType, TeeResult
+from hyperbroker.tee.uuids import KEYED_MAC_TA, SECURE_STORAGE_TA
+from hyperbroker.testing.optee import Guest, TeeProcess, guest_of, start_tee_process
+from hyperbroker.testing.optee_guest import GuestParam
 
 pytestmark = pytest.mark.slow
 

@@ -17,14 +17,14 @@ from typing import Any, TypeVar
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from handlers.optee import abi, msg
-from handlers.optee.abi import SmcReturn
-from handlers.optee.shm import PageListError, SharedBuffer, pages_needed, read_page_list
-from handlers.optee.state import VmTeeState
-from handlers.optee.testing import DRIVER_BASE, RAM_BASE, RAM_SIZE, Harness
-from handlers.testing import FakeGuestMemory
 from hyperbroker.calls import Call
-from tee.uuids import DEVICE_ENUM_PTA, SECURE_STORAGE_TA
+from hyperbroker.handlers.optee import abi, msg
+from hyperbroker.handlers.optee.abi import SmcReturn
+from hyperbroker.handlers.optee.shm import PageListError, SharedBuffer, pages_needed, read_page_list
+from hyperbroker.handlers.optee.state import VmTeeState
+from hyperbroker.tee.uuids import DEVICE_ENUM_PTA, SECURE_STORAGE_TA
+from hyperbroker.testing.context import FakeGuestMemory
+from hyperbroker.testing.optee import DRIVER_BASE, RAM_BASE, RAM_SIZE, Harness
 
 T = TypeVar("T")
 STATE_DIR = Path(tempfile.mkdtemp(prefix="optee-fuzz-"))

@@ -8,19 +8,19 @@ from pathlib import Path
 
 import pytest
 
-from handlers.optee import grpc_backend
-from handlers.optee.backend import (
+from hyperbroker.handlers.optee import grpc_backend
+from hyperbroker.handlers.optee.backend import (
     BackendStatus,
     BackendUnavailable,
     OpenSessionRequest,
     TeeParam,
     TeeVm,
 )
-from handlers.optee.grpc_backend import ChannelSpec, GrpcTeeBackend
-from hyperbroker.v1 import tee_pb2
-from tee import server
-from tee.gp import ParamType, TeeResult
-from tee.uuids import DEVICE_ENUM_PTA
+from hyperbroker.handlers.optee.grpc_backend import ChannelSpec, GrpcTeeBackend
+from hyperbroker.tee import server
+from hyperbroker.tee.gp import ParamType, TeeResult
+from hyperbroker.tee.uuids import DEVICE_ENUM_PTA
+from hyperbroker.wire.v1 import tee_pb2
 
 VM = TeeVm("host-a", "vm-1", "boot")
 

@@ -10,10 +10,15 @@ from pathlib import Path
 
 from prometheus_client import REGISTRY
 
-from handlers.optee import OpteeHandler
-from handlers.optee.guest import GuestParam
-from handlers.optee.state import VmTeeState
-from handlers.optee.testing import (
+from hyperbroker.handlers.optee import OpteeHandler
+from hyperbroker.handlers.optee.state import VmTeeState
+from hyperbroker.tee import server
+from hyperbroker.tee.apps import BUILTIN, storage
+from hyperbroker.tee.apps.storage import CMD_CREATE, CMD_READ
+from hyperbroker.tee.gp import Origin, TeeResult
+from hyperbroker.tee.ta import VmIdentity
+from hyperbroker.tee.uuids import SECURE_STORAGE_TA
+from hyperbroker.testing.optee import (
     ECHO_MIRROR,
     ECHO_SLEEP,
     ECHO_TA,
@@ -23,12 +28,7 @@ from handlers.optee.testing import (
     guest_of,
     wait_until,
 )
-from tee import server
-from tee.apps import BUILTIN, storage
-from tee.apps.storage import CMD_CREATE, CMD_READ
-from tee.gp import Origin, TeeResult
-from tee.ta import VmIdentity
-from tee.uuids import SECURE_STORAGE_TA
+from hyperbroker.testing.optee_guest import GuestParam
 
 
 def vm_of(g: Guest) -> VmIdentity:

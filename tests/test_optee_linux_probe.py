@@ -15,14 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from handlers.optee import abi, msg
-from handlers.optee.abi import SmcReturn
-from handlers.optee.guest import Smc
-from handlers.optee.state import VmTeeState
-from handlers.optee.testing import Guest, Harness
-from tee.apps import DeviceEnumPta
-from tee.ta import VmIdentity
-from tee.uuids import KEYED_MAC_TA, SECURE_STORAGE_TA
+from hyperbroker.handlers.optee import abi, msg
+from hyperbroker.handlers.optee.abi import SmcReturn
+from hyperbroker.handlers.optee.state import VmTeeState
+from hyperbroker.tee.apps import DeviceEnumPta
+from hyperbroker.tee.ta import VmIdentity
+from hyperbroker.tee.uuids import KEYED_MAC_TA, SECURE_STORAGE_TA
+from hyperbroker.testing.optee import Guest, Harness
+from hyperbroker.testing.optee_guest import Smc
 
 LINUX_6_12_FAST_CALLS = [
     abi.CALLS_UID, abi.GET_OS_REVISION, abi.CALLS_REVISION, abi.GET_THREAD_COUNT,

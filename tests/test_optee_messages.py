@@ -15,11 +15,15 @@ from pathlib import Path
 
 import pytest
 
-from handlers.optee import abi, msg, std
-from handlers.optee.abi import SmcReturn
-from handlers.optee.guest import GuestParam
-from handlers.optee.state import VmTeeState
-from handlers.optee.testing import (
+from hyperbroker.calls import Call, Result
+from hyperbroker.handlers.optee import abi, msg, std
+from hyperbroker.handlers.optee.abi import SmcReturn
+from hyperbroker.handlers.optee.state import VmTeeState
+from hyperbroker.tee.gp import Login, Origin, ParamType, TeeResult
+from hyperbroker.tee.ta import VmIdentity
+from hyperbroker.tee.uuids import SECURE_STORAGE_TA
+from hyperbroker.testing.context import MemoryState
+from hyperbroker.testing.optee import (
     ECHO_FILL,
     ECHO_INOUT,
     ECHO_MIRROR,
@@ -31,11 +35,7 @@ from handlers.optee.testing import (
     Harness,
     wait_until,
 )
-from handlers.testing import MemoryState
-from hyperbroker.calls import Call, Result
-from tee.gp import Login, Origin, ParamType, TeeResult
-from tee.ta import VmIdentity
-from tee.uuids import SECURE_STORAGE_TA
+from hyperbroker.testing.optee_guest import GuestParam
 
 PARG = RAM_BASE + 0x10000  # a page-aligned message address below the driver model's pages
 META = msg.ATTR_META | msg.ATTR_TYPE_VALUE_INPUT

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from broker.policy import (
+from hyperbroker.broker.policy import (
     Action,
     Policy,
     PolicyError,
@@ -24,12 +24,12 @@ from broker.policy import (
     to_json,
     to_proto,
 )
-from handlers.api import CallContext, Handler, HandlerConfigError
 from hyperbroker.calls import NOT_SUPPORTED, Call, MemoryWrite, Outcome, Result, VmmAction
 from hyperbroker.calls import ActionKind as VmmActionKind
+from hyperbroker.handlers.api import CallContext, Handler, HandlerConfigError
 from hyperbroker.kvm import FilterAction
 from hyperbroker.smccc import NAMED_ABIS, NOT_SUPPORTED_U64, FunctionRange
-from hyperbroker.v1 import broker_pb2
+from hyperbroker.wire.v1 import broker_pb2
 
 TRNG_VERSION = 0x8400_0050
 TRNG_GET_UUID = 0x8400_0052
@@ -863,7 +863,7 @@ def test_to_json_is_json_and_names_the_served_functions() -> None:
 
 def test_not_supported_is_the_abis_own_form_when_the_handler_names_one() -> None:
     """An FF-A guest reads errors from FFA_ERROR in x0, not from x0 = -1."""
-    from handlers.api import discover_plugins
+    from hyperbroker.handlers.api import discover_plugins
 
     text = """
 handlers: {ffa: {}}

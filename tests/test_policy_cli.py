@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from broker import policy_cli
-from handlers.api import CallContext, Handler
 from hyperbroker.calls import NOT_SUPPORTED, Call, Result
+from hyperbroker.cli import policy as policy_cli
+from hyperbroker.handlers.api import CallContext, Handler
 from hyperbroker.smccc import FunctionRange
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -245,12 +245,12 @@ def test_records_that_are_not_json_exit_2(tmp_path: Path,
 
 
 def test_the_module_runs_as_a_command(tmp_path: Path) -> None:
-    ok = subprocess.run([sys.executable, "-m", "broker.policy_cli", str(EXAMPLE), "--json"],
+    ok = subprocess.run([sys.executable, "-m", "hyperbroker.cli.policy", str(EXAMPLE), "--json"],
                         capture_output=True, text=True, cwd=ROOT, timeout=60, check=False)
     assert ok.returncode == 0, ok.stderr
     records = json.loads(ok.stdout)["profiles"]["entropy-batch"]["kernel_filter"]
     assert records[0]["rule"] == "trng-discovery"
-    bad = subprocess.run([sys.executable, "-m", "broker.policy_cli",
+    bad = subprocess.run([sys.executable, "-m", "hyperbroker.cli.policy",
                           write(tmp_path, "bad.yaml", BAD_POLICY)],
                          capture_output=True, text=True, cwd=ROOT, timeout=60, check=False)
     assert bad.returncode == 1 and "[EEXIST]" in bad.stderr and bad.stdout == ""

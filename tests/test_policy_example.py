@@ -5,9 +5,9 @@ from __future__ import annotations
 from importlib.metadata import entry_points
 from pathlib import Path
 
-from broker.kernel_filter import KernelFilterModel
-from broker.policy import DEFAULT_PROFILE, Action, Policy, load_policy
-from handlers.api import ENTRY_POINT_GROUP, discover_plugins
+from hyperbroker.broker.kernel_filter import KernelFilterModel
+from hyperbroker.broker.policy import DEFAULT_PROFILE, Action, Policy, load_policy
+from hyperbroker.handlers.api import ENTRY_POINT_GROUP, discover_plugins
 from hyperbroker.kvm import FilterAction
 from hyperbroker.smccc import (
     NAMED_ABIS,
@@ -34,7 +34,7 @@ def test_every_shipped_handler_has_an_instance_in_the_example() -> None:
     # Shipped = entry points into this project's handlers package (issue 2 item 3: the example
     # uses every shipped handler); plugins installed by tests or operators do not count.
     shipped = {ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)
-               if ep.value.startswith("handlers.")}
+               if ep.value.startswith("hyperbroker.handlers.")}
     assert shipped and shipped <= set(discover_plugins())
     assert {type(h).plugin for h in example().handlers.values()} >= shipped
 

@@ -16,8 +16,8 @@ import yaml
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from broker.kernel_filter import KernelFilterModel, errno_name
-from broker.policy import PolicyInvalid, load_policy
+from hyperbroker.broker.kernel_filter import KernelFilterModel, errno_name
+from hyperbroker.broker.policy import PolicyInvalid, load_policy
 from hyperbroker.kvm import FilterAction, SmcccFilter
 from hyperbroker.smccc import RESERVED_ARCH_RANGES, FunctionRange, merge_ranges, subtract_ranges
 

@@ -7,11 +7,11 @@ from typing import Any
 
 import pytest
 
-from handlers.api import VmInfo
-from handlers.psci import PsciHandler, abi
-from handlers.testing import FakeContext
 from hyperbroker.calls import Call
+from hyperbroker.handlers.api import VmInfo
+from hyperbroker.handlers.psci import PsciHandler, abi
 from hyperbroker.smccc import NOT_SUPPORTED_U64, RESERVED_ARCH_RANGES
+from hyperbroker.testing.context import FakeContext
 
 CONFIGS: list[dict[str, Any]] = [
     {},

@@ -12,11 +12,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from handlers.api import HandlerConfigError, VmInfo
-from handlers.psci import PsciHandler, abi
-from handlers.testing import FakeContext
 from hyperbroker.calls import ActionKind, Call, Outcome, Result, VmmAction
+from hyperbroker.handlers.api import HandlerConfigError, VmInfo
+from hyperbroker.handlers.psci import PsciHandler, abi
 from hyperbroker.smccc import NOT_SUPPORTED_U64, to_s64
+from hyperbroker.testing.context import FakeContext
 
 ENTRY = 0x4020_0000
 CONTEXT = 0x1234_5678

@@ -4,11 +4,11 @@ MIGRATE_INFO_TYPE, PSCI_FEATURES probes, CPU_ON of the secondary, SYSTEM_OFF).""
 
 from __future__ import annotations
 
-from handlers.api import VmInfo
-from handlers.psci import PsciHandler, abi
-from handlers.testing import FakeContext
 from hyperbroker.calls import ActionKind, Call, Result, VmmAction
+from hyperbroker.handlers.api import VmInfo
+from hyperbroker.handlers.psci import PsciHandler, abi
 from hyperbroker.smccc import to_s64
+from hyperbroker.testing.context import FakeContext
 
 SECONDARY_ENTRY = 0x4020_1000  # secondary_entry's physical address
 TASK_STACK = 0xFFFF_0000_0123_4000  # the context id Linux passes is opaque to PSCI

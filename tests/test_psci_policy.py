@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from broker.policy import PolicyInvalid, load_policy
-from handlers.psci import PsciHandler
+from hyperbroker.broker.policy import PolicyInvalid, load_policy
+from hyperbroker.handlers.psci import PsciHandler
 
 PLUGINS = {"psci": PsciHandler}
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from broker.store import MemoryStore, SqliteStore, Store, StoreBatch, StoredPolicy
+from hyperbroker.broker.store import MemoryStore, SqliteStore, Store, StoreBatch, StoredPolicy
 
 VM_A = "host-a/vm-1"
 VM_B = "host-a/vm-10"  # shares a prefix with VM_A on purpose

@@ -11,13 +11,13 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from handlers.optee.testing import ECHO_TA, EchoTa
-from hyperbroker.v1 import tee_pb2, tee_pb2_grpc
-from tee import server
-from tee.apps import BUILTIN
-from tee.gp import Origin, ParamType, TeeResult
-from tee.ta import Param
-from tee.uuids import DEVICE_ENUM_PTA
+from hyperbroker.tee import server
+from hyperbroker.tee.apps import BUILTIN
+from hyperbroker.tee.gp import Origin, ParamType, TeeResult
+from hyperbroker.tee.ta import Param
+from hyperbroker.tee.uuids import DEVICE_ENUM_PTA
+from hyperbroker.testing.optee import ECHO_TA, EchoTa
+from hyperbroker.wire.v1 import tee_pb2, tee_pb2_grpc
 
 VM = tee_pb2.TeeVm(host="host-a", name="vm-1", incarnation="boot")
 

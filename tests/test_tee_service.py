@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from handlers.optee.testing import ECHO_PANIC, ECHO_SLEEP, ECHO_TA, EchoTa
-from tee import apps as apps_module
-from tee.apps import (
+from hyperbroker.tee import apps as apps_module
+from hyperbroker.tee.apps import (
     BUILTIN,
     DeviceEnumPta,
     KeyedMacTa,
@@ -26,11 +25,12 @@ from tee.apps import (
     mac,
     storage,
 )
-from tee.gp import Login, Origin, ParamType, TeeResult, param_types
-from tee.sealing import SealError, load_master_key
-from tee.service import Status, TeeService
-from tee.ta import Operation, Param, TrustedApp, VmIdentity
-from tee.uuids import DEVICE_ENUM_PTA, KEYED_MAC_TA, SECURE_STORAGE_TA
+from hyperbroker.tee.gp import Login, Origin, ParamType, TeeResult, param_types
+from hyperbroker.tee.sealing import SealError, load_master_key
+from hyperbroker.tee.service import Status, TeeService
+from hyperbroker.tee.ta import Operation, Param, TrustedApp, VmIdentity
+from hyperbroker.tee.uuids import DEVICE_ENUM_PTA, KEYED_MAC_TA, SECURE_STORAGE_TA
+from hyperbroker.testing.optee import ECHO_PANIC, ECHO_SLEEP, ECHO_TA, EchoTa
 
 VM_A = VmIdentity("host-a", "vm-a")
 VM_B = VmIdentity("host-a", "vm-b")
@@ -358,7 +358,7 @@ def test_discovery_adds_entry_point_apps_and_refuses_uuid_clashes(
         monkeypatch: pytest.MonkeyPatch) -> None:
     def fake_entry_points(group: str) -> list[EntryPoint]:
         assert group == "hyperbroker.trusted_apps"
-        return [EntryPoint("echo", "handlers.optee.testing:EchoTa", group)]
+        return [EntryPoint("echo", "hyperbroker.testing.optee:EchoTa", group)]
 
     monkeypatch.setattr(apps_module, "entry_points", fake_entry_points)
     expected: tuple[type[TrustedApp], ...] = (*BUILTIN, EchoTa)

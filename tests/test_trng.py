@@ -13,11 +13,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from handlers.api import HandlerConfigError
-from handlers.testing import FakeContext
-from handlers.trng import TrngHandler, abi
 from hyperbroker.calls import Call, Outcome, Result
+from hyperbroker.handlers.api import HandlerConfigError
+from hyperbroker.handlers.trng import TrngHandler, abi
 from hyperbroker.smccc import NAMED_ABIS, NR_ARGS
+from hyperbroker.testing.context import FakeContext
 
 # §5.2: ARM_SMCCC_TRNG_VERSION, _FEATURES, _GET_UUID, _RND32, _RND64.
 VERSION = 0x8400_0050

@@ -16,10 +16,10 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from hyperbroker import vmm_protocol as proto
 from hyperbroker.calls import ActionKind, Outcome, VmmAction
 from hyperbroker.kvm import SmcccFilter
 from hyperbroker.smccc import NR_ARGS
+from hyperbroker.wire import vmm as proto
 
 u8 = st.integers(0, 0xFF)
 u16 = st.integers(0, 0xFFFF)

@@ -18,17 +18,17 @@ from typing import Any
 
 import grpc
 
-from handlers.api import HandlerConfigError
-from handlers.ffa import abi
-from handlers.ffa.memshare import Limits
-from handlers.ffa.partitions import (
+from hyperbroker.handlers.api import HandlerConfigError
+from hyperbroker.handlers.ffa import abi
+from hyperbroker.handlers.ffa.memshare import Limits
+from hyperbroker.handlers.ffa.partitions import (
     EchoPartition,
     Partition,
     PartitionInfo,
     PartitionSet,
     Sha256Partition,
 )
-from handlers.ffa.remote import RemotePartition
+from hyperbroker.handlers.ffa.remote import RemotePartition
 
 # uuid5(NAMESPACE_URL, "urn:hyperbroker:ffa:<kind>"): fixed, so guests can match on them.
 ECHO_UUID = uuid.UUID("aa9ba0ec-0243-587a-b991-4243e1bc11d5")

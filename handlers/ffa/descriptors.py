@@ -16,7 +16,7 @@ import itertools
 import struct
 from dataclasses import dataclass
 
-from handlers.ffa.abi import VERSION_1_0, VERSION_1_2, FfaError
+from hyperbroker.handlers.ffa.abi import VERSION_1_0, VERSION_1_2, FfaError
 
 PAGE_SIZE = 4096  # the FF-A granule: Linux FFA_PAGE_SIZE SZ_4K (§3.6, §5.2 constituents)
 ADDRESS_LIMIT = 1 << 64

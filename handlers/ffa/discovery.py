@@ -11,11 +11,11 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 
-from handlers.ffa import abi
-from handlers.ffa.abi import FfaError, Success
-from handlers.ffa.descriptors import encode_partition_info, partition_info_size
-from handlers.ffa.partitions import Partition, PartitionSet
-from handlers.ffa.version import served_at
+from hyperbroker.handlers.ffa import abi
+from hyperbroker.handlers.ffa.abi import FfaError, Success
+from hyperbroker.handlers.ffa.descriptors import encode_partition_info, partition_info_size
+from hyperbroker.handlers.ffa.partitions import Partition, PartitionSet
+from hyperbroker.handlers.ffa.version import served_at
 
 # §3.2 FFA_RXTX_MAP properties: bits[1:0] minimum size and alignment (0 = 4 KiB), bits[31:16]
 # the maximum buffer size in pages, a field that exists from v1.2.

@@ -16,8 +16,9 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
-from handlers.api import CallContext, GuestMemoryError, Handler
-from handlers.ffa import (
+from hyperbroker.calls import Call, Outcome, Result
+from hyperbroker.handlers.api import CallContext, GuestMemoryError, Handler
+from hyperbroker.handlers.ffa import (
     abi,
     config,
     discovery,
@@ -28,11 +29,10 @@ from handlers.ffa import (
     metrics,
     version,
 )
-from handlers.ffa.abi import Answer, Failure, FfaError, FragRx, Success
-from handlers.ffa.partitions import MAX_READ
-from handlers.ffa.sharedmem import GuestShares
-from handlers.ffa.state import VmState
-from hyperbroker.calls import Call, Outcome, Result
+from hyperbroker.handlers.ffa.abi import Answer, Failure, FfaError, FragRx, Success
+from hyperbroker.handlers.ffa.partitions import MAX_READ
+from hyperbroker.handlers.ffa.sharedmem import GuestShares
+from hyperbroker.handlers.ffa.state import VmState
 from hyperbroker.smccc import NAMED_ABIS, FunctionRange
 
 Step = tuple[VmState, Answer | FfaError]

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from handlers.ffa import abi
-from handlers.ffa.abi import FfaError
-from handlers.ffa.descriptors import PAGE_SIZE
-from handlers.ffa.state import Mailbox, VmState
+from hyperbroker.handlers.ffa import abi
+from hyperbroker.handlers.ffa.abi import FfaError
+from hyperbroker.handlers.ffa.descriptors import PAGE_SIZE
+from hyperbroker.handlers.ffa.state import Mailbox, VmState
 
 RXTX_PAGE_COUNT_MASK = 0xFFFF_FFFF  # w3; its exact width is UNVERIFIED (§3.6), w3 holds it all
 ADDRESS_MASK_32 = 0xFFFF_FFFF  # Xen masks SMC32 RXTX_MAP addresses to 32 bits (§3.6)

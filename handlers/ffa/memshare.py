@@ -22,16 +22,16 @@ import itertools
 from collections.abc import Collection
 from dataclasses import dataclass, replace
 
-from handlers.ffa import abi, descriptors
-from handlers.ffa.abi import FfaError, FragRx
-from handlers.ffa.descriptors import (
+from hyperbroker.handlers.ffa import abi, descriptors
+from hyperbroker.handlers.ffa.abi import FfaError, FragRx
+from hyperbroker.handlers.ffa.descriptors import (
     CONSTITUENT_SIZE,
     DataAccess,
     InstructionAccess,
     MemTransaction,
 )
-from handlers.ffa.mailbox import ADDRESS_MASK_32, tx_fragment
-from handlers.ffa.state import Grant, Pending, Share, ShareKind, VmState
+from hyperbroker.handlers.ffa.mailbox import ADDRESS_MASK_32, tx_fragment
+from hyperbroker.handlers.ffa.state import Grant, Pending, Share, ShareKind, VmState
 from hyperbroker.smccc import is_smc64
 
 # §5.2 transaction flags a sender may set on SHARE/LEND here: bit1 "time-slicing allowed".

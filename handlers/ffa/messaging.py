@@ -11,10 +11,16 @@ outstanding towards it, so its own DIRECT_RESP/RESP2 is DENIED. Pure: no I/O, no
 
 from __future__ import annotations
 
-from handlers.ffa import abi
-from handlers.ffa.abi import DirectResponse, FfaError
-from handlers.ffa.discovery import uuid_from_pair
-from handlers.ffa.partitions import DirectMessage, MessageKind, Partition, PartitionSet, Reply
+from hyperbroker.handlers.ffa import abi
+from hyperbroker.handlers.ffa.abi import DirectResponse, FfaError
+from hyperbroker.handlers.ffa.discovery import uuid_from_pair
+from hyperbroker.handlers.ffa.partitions import (
+    DirectMessage,
+    MessageKind,
+    Partition,
+    PartitionSet,
+    Reply,
+)
 
 _KIND = {
     abi.FFA_MSG_SEND_DIRECT_REQ_32: MessageKind.REQ_32,

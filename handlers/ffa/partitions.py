@@ -26,8 +26,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from handlers.ffa import abi
-from handlers.ffa.abi import FfaError
+from hyperbroker.handlers.ffa import abi
+from hyperbroker.handlers.ffa.abi import FfaError
 from hyperbroker.smccc import U64_MASK
 
 MAX_READ = 64 * 1024  # guest-memory reads are bounded per read (handlers.api)

@@ -24,9 +24,9 @@ from typing import Any, cast
 import grpc
 import grpc.aio
 
-from handlers.ffa import metrics
-from handlers.ffa.abi import FfaError
-from handlers.ffa.partitions import (
+from hyperbroker.handlers.ffa import metrics
+from hyperbroker.handlers.ffa.abi import FfaError
+from hyperbroker.handlers.ffa.partitions import (
     MAX_READ,
     DirectMessage,
     MessageKind,
@@ -36,7 +36,7 @@ from handlers.ffa.partitions import (
     SharedMemory,
     ShareGrant,
 )
-from hyperbroker.v1 import ffa_partition_pb2 as pb
+from hyperbroker.wire.v1 import ffa_partition_pb2 as pb
 
 log = logging.getLogger("hyperbroker.handlers.ffa.remote")
 

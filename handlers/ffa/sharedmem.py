@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
-from handlers.api import GuestMemory, GuestMemoryError
-from handlers.ffa.abi import FfaError
-from handlers.ffa.descriptors import PAGE_SIZE, DataAccess
-from handlers.ffa.partitions import MAX_READ, ShareGrant
-from handlers.ffa.state import Share, ShareKind
+from hyperbroker.handlers.api import GuestMemory, GuestMemoryError
+from hyperbroker.handlers.ffa.abi import FfaError
+from hyperbroker.handlers.ffa.descriptors import PAGE_SIZE, DataAccess
+from hyperbroker.handlers.ffa.partitions import MAX_READ, ShareGrant
+from hyperbroker.handlers.ffa.state import Share, ShareKind
 
 
 def _slices(share: Share, offset: int, length: int) -> Iterator[tuple[int, int]]:

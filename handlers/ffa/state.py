@@ -15,7 +15,7 @@ import enum
 from dataclasses import dataclass, replace
 from typing import Any
 
-from handlers.ffa.descriptors import PAGE_SIZE, Constituent
+from hyperbroker.handlers.ffa.descriptors import PAGE_SIZE, Constituent
 
 SCHEMA = 1  # bump when the JSON layout changes; from_json refuses unknown schemas
 

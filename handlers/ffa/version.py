@@ -14,9 +14,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import replace
 
-from handlers.ffa import abi
-from handlers.ffa.abi import FfaError, VersionAnswer
-from handlers.ffa.state import VmState
+from hyperbroker.handlers.ffa import abi
+from hyperbroker.handlers.ffa.abi import FfaError, VersionAnswer
+from hyperbroker.handlers.ffa.state import VmState
 
 # The calls this endpoint serves, and the version that introduced each (§1 "Ver").
 SERVED_SINCE: Mapping[int, int] = {

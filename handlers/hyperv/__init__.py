@@ -1,5 +1,5 @@
 """Hyper-V persona for arm64 guests: Hyper-V's vendor-hyp UID and HV_FUNC_ID hypercalls."""
 
-from handlers.hyperv.handler import HypervHandler
+from hyperbroker.handlers.hyperv.handler import HypervHandler
 
 __all__ = ["HypervHandler"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from handlers.hyperv.registers import CrashReport
+from hyperbroker.handlers.hyperv.registers import CrashReport
 
 
 @dataclass(frozen=True, slots=True)

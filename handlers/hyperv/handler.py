@@ -17,21 +17,21 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge
 
-from handlers.api import CallContext, GuestMemoryError, Handler, HandlerConfigError
-from handlers.hyperv import abi, hypercall, layout
-from handlers.hyperv.abi import Control, HvStatus
-from handlers.hyperv.crash import GuestCrash
-from handlers.hyperv.hypercall import Caller, Execution, Plan
-from handlers.hyperv.partition import PartitionState
-from handlers.hyperv.persona import (
+from hyperbroker.calls import Call, Outcome, Result
+from hyperbroker.handlers.api import CallContext, GuestMemoryError, Handler, HandlerConfigError
+from hyperbroker.handlers.hyperv import abi, hypercall, layout
+from hyperbroker.handlers.hyperv.abi import Control, HvStatus
+from hyperbroker.handlers.hyperv.crash import GuestCrash
+from hyperbroker.handlers.hyperv.hypercall import Caller, Execution, Plan
+from hyperbroker.handlers.hyperv.partition import PartitionState
+from hyperbroker.handlers.hyperv.persona import (
     SERVED_MISC,
     SERVED_PRIVILEGES,
     HypervisorVersion,
     PersonaConfig,
 )
-from handlers.hyperv.registers import CrashReport
-from handlers.hyperv.synic import CountingSink, SynicSink
-from hyperbroker.calls import Call, Outcome, Result
+from hyperbroker.handlers.hyperv.registers import CrashReport
+from hyperbroker.handlers.hyperv.synic import CountingSink, SynicSink
 from hyperbroker.smccc import NAMED_ABIS, NOT_SUPPORTED_U64, U64_MASK, FunctionRange
 
 HYPERCALLS = Counter("hyperbroker_hyperv_hypercalls_total",

@@ -15,13 +15,18 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from handlers.api import VmInfo
-from handlers.hyperv import abi, layout, registers, synic
-from handlers.hyperv.abi import Control, HvStatus
-from handlers.hyperv.layout import PostMessageInput, RegisterAssoc, SignalEventInput, VpHeader
-from handlers.hyperv.partition import PartitionState
-from handlers.hyperv.persona import PersonaConfig
-from handlers.hyperv.registers import CrashReport
+from hyperbroker.handlers.api import VmInfo
+from hyperbroker.handlers.hyperv import abi, layout, registers, synic
+from hyperbroker.handlers.hyperv.abi import Control, HvStatus
+from hyperbroker.handlers.hyperv.layout import (
+    PostMessageInput,
+    RegisterAssoc,
+    SignalEventInput,
+    VpHeader,
+)
+from hyperbroker.handlers.hyperv.partition import PartitionState
+from hyperbroker.handlers.hyperv.persona import PersonaConfig
+from hyperbroker.handlers.hyperv.registers import CrashReport
 
 
 @dataclass(frozen=True, slots=True)

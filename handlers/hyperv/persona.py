@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from handlers.hyperv import abi
+from hyperbroker.handlers.hyperv import abi
 
 # Privilege bit -> the hypercall codes it promises (HV_PARTITION_PRIVILEGE_MASK).
 PRIVILEGE_HYPERCALLS: Mapping[int, frozenset[int]] = {

@@ -15,10 +15,10 @@ import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from handlers.hyperv import abi
-from handlers.hyperv.abi import HvStatus
-from handlers.hyperv.partition import PartitionState
-from handlers.hyperv.persona import PersonaConfig
+from hyperbroker.handlers.hyperv import abi
+from hyperbroker.handlers.hyperv.abi import HvStatus
+from hyperbroker.handlers.hyperv.partition import PartitionState
+from hyperbroker.handlers.hyperv.persona import PersonaConfig
 
 U64 = (1 << 64) - 1
 TIME_UNIT_NS = 100  # HV_CLOCK_HZ = NSEC_PER_SEC / 100

@@ -14,11 +14,15 @@ from typing import Protocol
 
 from prometheus_client import Counter
 
-from handlers.api import VmInfo
-from handlers.hyperv import abi
-from handlers.hyperv.abi import HvStatus
-from handlers.hyperv.layout import CONNECTION_ID_MASK, PostMessageInput, SignalEventInput
-from handlers.hyperv.persona import PersonaConfig
+from hyperbroker.handlers.api import VmInfo
+from hyperbroker.handlers.hyperv import abi
+from hyperbroker.handlers.hyperv.abi import HvStatus
+from hyperbroker.handlers.hyperv.layout import (
+    CONNECTION_ID_MASK,
+    PostMessageInput,
+    SignalEventInput,
+)
+from hyperbroker.handlers.hyperv.persona import PersonaConfig
 
 SYNIC_CALLS = Counter("hyperbroker_hyperv_synic_total",
                       "SynIC messages posted and events signalled by guests, by the default sink",

@@ -15,10 +15,10 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge
 
-from handlers.api import CallContext, Handler, HandlerConfigError
-from handlers.memshare import abi, record
-from handlers.memshare.record import IpaRange, MemsharePolicy, MemshareRecord, Refusal
 from hyperbroker.calls import Call, Outcome, Result
+from hyperbroker.handlers.api import CallContext, Handler, HandlerConfigError
+from hyperbroker.handlers.memshare import abi, record
+from hyperbroker.handlers.memshare.record import IpaRange, MemsharePolicy, MemshareRecord, Refusal
 from hyperbroker.smccc import NAMED_ABIS, RET_INVALID_PARAMETER, RET_NOT_SUPPORTED, FunctionRange
 
 CALLS = Counter("hyperbroker_memshare_calls_total",

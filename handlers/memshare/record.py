@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from handlers.memshare.granules import GranuleSet
+from hyperbroker.handlers.memshare.granules import GranuleSet
 
 
 @dataclass(frozen=True, slots=True)

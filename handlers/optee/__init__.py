@@ -1,5 +1,5 @@
 """OP-TEE proxy: the OP-TEE SMC ABI for guests, in front of a TEE service over gRPC."""
 
-from handlers.optee.handler import OpteeHandler
+from hyperbroker.handlers.optee.handler import OpteeHandler
 
 __all__ = ["OpteeHandler"]

@@ -13,7 +13,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Protocol
 
-from tee.gp import Origin, ParamType, TeeResult
+from hyperbroker.tee.gp import Origin, ParamType, TeeResult
 
 
 @dataclass(frozen=True, slots=True)

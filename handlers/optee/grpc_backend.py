@@ -19,7 +19,7 @@ from typing import Any
 
 import grpc
 
-from handlers.optee.backend import (
+from hyperbroker.handlers.optee.backend import (
     BackendReply,
     BackendStatus,
     BackendUnavailable,
@@ -30,8 +30,8 @@ from handlers.optee.backend import (
     TeeParam,
     TeeVm,
 )
-from hyperbroker.v1 import tee_pb2, tee_pb2_grpc
-from tee.gp import ParamType
+from hyperbroker.tee.gp import ParamType
+from hyperbroker.wire.v1 import tee_pb2, tee_pb2_grpc
 
 
 @dataclass(frozen=True, slots=True)

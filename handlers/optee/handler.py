@@ -27,17 +27,17 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from handlers.api import CallContext, GuestMemoryError, Handler, HandlerConfigError
-from handlers.optee import abi, metrics, std
-from handlers.optee.abi import SmcReturn
-from handlers.optee.backend import BackendUnavailable, TeeBackend, TeeVm
-from handlers.optee.grpc_backend import ChannelSpec, GrpcTeeBackend
-from handlers.optee.shm import split_runs, write_runs
-from handlers.optee.state import VmTeeState
-from handlers.optee.threads import Key, Thread, ThreadTable
 from hyperbroker.calls import Call, Outcome, Result
+from hyperbroker.handlers.api import CallContext, GuestMemoryError, Handler, HandlerConfigError
+from hyperbroker.handlers.optee import abi, metrics, std
+from hyperbroker.handlers.optee.abi import SmcReturn
+from hyperbroker.handlers.optee.backend import BackendUnavailable, TeeBackend, TeeVm
+from hyperbroker.handlers.optee.grpc_backend import ChannelSpec, GrpcTeeBackend
+from hyperbroker.handlers.optee.shm import split_runs, write_runs
+from hyperbroker.handlers.optee.state import VmTeeState
+from hyperbroker.handlers.optee.threads import Key, Thread, ThreadTable
 from hyperbroker.smccc import NAMED_ABIS, FunctionRange, is_fast
-from tee.uuids import WELL_KNOWN
+from hyperbroker.tee.uuids import WELL_KNOWN
 
 U32 = 0xFFFF_FFFF
 

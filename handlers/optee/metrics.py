@@ -12,7 +12,7 @@ from functools import cache
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from tee.gp import origin_name, result_name
+from hyperbroker.tee.gp import origin_name, result_name
 
 # Microsecond-range buckets up to seconds (DESIGN.md "Observability").
 BUCKETS = (5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2,

@@ -17,8 +17,8 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from handlers.api import GuestMemory, GuestMemoryError
-from handlers.optee.msg import NONCONTIG_PAGE_SIZE, PAGE_MASK, PAGELIST_ENTRIES_PER_PAGE
+from hyperbroker.handlers.api import GuestMemory, GuestMemoryError
+from hyperbroker.handlers.optee.msg import NONCONTIG_PAGE_SIZE, PAGE_MASK, PAGELIST_ENTRIES_PER_PAGE
 
 MAX_READ = 64 * 1024  # the agent bounds one guest-memory read (handlers.testing.FakeGuestMemory)
 

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from handlers.optee.shm import SharedBuffer
+from hyperbroker.handlers.optee.shm import SharedBuffer
 
 FORMAT = 1
 MAX_ORPHANS = 64  # backend sessions whose close could not be delivered, retried later

@@ -27,10 +27,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from handlers.api import GuestMemory, GuestMemoryError
-from handlers.optee import msg
-from handlers.optee.abi import THREAD_RPC_MAX_NUM_PARAMS, SmcReturn
-from handlers.optee.backend import (
+from hyperbroker.handlers.api import GuestMemory, GuestMemoryError
+from hyperbroker.handlers.optee import msg
+from hyperbroker.handlers.optee.abi import THREAD_RPC_MAX_NUM_PARAMS, SmcReturn
+from hyperbroker.handlers.optee.backend import (
     BackendStatus,
     BackendUnavailable,
     CancelRequest,
@@ -41,7 +41,7 @@ from handlers.optee.backend import (
     TeeParam,
     TeeVm,
 )
-from handlers.optee.shm import (
+from hyperbroker.handlers.optee.shm import (
     PageListError,
     Run,
     SharedBuffer,
@@ -49,8 +49,15 @@ from handlers.optee.shm import (
     read_runs,
     split_runs,
 )
-from handlers.optee.state import SessionRecord, VmTeeState
-from tee.gp import ANONYMOUS_LOGINS, NORMAL_WORLD_LOGINS, NUM_PARAMS, Origin, ParamType, TeeResult
+from hyperbroker.handlers.optee.state import SessionRecord, VmTeeState
+from hyperbroker.tee.gp import (
+    ANONYMOUS_LOGINS,
+    NORMAL_WORLD_LOGINS,
+    NUM_PARAMS,
+    Origin,
+    ParamType,
+    TeeResult,
+)
 
 T = TypeVar("T")
 U32 = 0xFFFF_FFFF

@@ -1,5 +1,5 @@
 """Userspace PSCI 1.3 (Arm DEN0022): vCPU power and system power through VMM actions."""
 
-from handlers.psci.handler import PsciHandler
+from hyperbroker.handlers.psci.handler import PsciHandler
 
 __all__ = ["PsciHandler"]

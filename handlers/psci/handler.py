@@ -9,11 +9,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from handlers.api import CallContext, Handler, HandlerConfigError
-from handlers.psci import abi, service
-from handlers.psci.power import VmPower
-from handlers.psci.service import AddressRange, PsciConfig
 from hyperbroker.calls import Call, Outcome, Result
+from hyperbroker.handlers.api import CallContext, Handler, HandlerConfigError
+from hyperbroker.handlers.psci import abi, service
+from hyperbroker.handlers.psci.power import VmPower
+from hyperbroker.handlers.psci.service import AddressRange, PsciConfig
 from hyperbroker.smccc import NAMED_ABIS, FunctionRange
 
 STATE_VERSION = 1

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from handlers.psci.abi import AffinityState
+from hyperbroker.handlers.psci.abi import AffinityState
 
 
 class Power(enum.Enum):

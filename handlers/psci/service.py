@@ -13,10 +13,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from handlers.psci import abi
-from handlers.psci.abi import PsciError
-from handlers.psci.power import Power, VmPower
 from hyperbroker.calls import ActionKind, VmmAction
+from hyperbroker.handlers.psci import abi
+from hyperbroker.handlers.psci.abi import PsciError
+from hyperbroker.handlers.psci.power import Power, VmPower
 from hyperbroker.smccc import is_smc64
 
 U32 = 0xFFFF_FFFF

@@ -1,5 +1,5 @@
 """SMCCC TRNG (Arm DEN0098): true random numbers for guests, from the host's entropy source."""
 
-from handlers.trng.handler import TrngHandler
+from hyperbroker.handlers.trng.handler import TrngHandler
 
 __all__ = ["TrngHandler"]

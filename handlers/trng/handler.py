@@ -11,10 +11,10 @@ import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from handlers.api import CallContext, Handler, HandlerConfigError
-from handlers.trng import abi
 from hyperbroker.calls import Call, Outcome, Result
-from hyperbroker.fastmetrics import FastCounter
+from hyperbroker.handlers.api import CallContext, Handler, HandlerConfigError
+from hyperbroker.handlers.trng import abi
+from hyperbroker.runtime.metrics import FastCounter
 from hyperbroker.smccc import NAMED_ABIS, FunctionRange
 
 BITS_SERVED = FastCounter("hyperbroker_trng_bits_total", "Random bits handed to guests")

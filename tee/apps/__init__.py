@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from importlib.metadata import entry_points
 
-from tee.apps.device_enum import DeviceEnumPta
-from tee.apps.mac import KeyedMacTa
-from tee.apps.storage import SecureStorageTa
-from tee.ta import ENTRY_POINT_GROUP, TrustedApp
+from hyperbroker.tee.apps.device_enum import DeviceEnumPta
+from hyperbroker.tee.apps.mac import KeyedMacTa
+from hyperbroker.tee.apps.storage import SecureStorageTa
+from hyperbroker.tee.ta import ENTRY_POINT_GROUP, TrustedApp
 
 # The device-enumeration PTA is part of the service itself: the Linux driver's probe needs it.
 BUILTIN: tuple[type[TrustedApp], ...] = (DeviceEnumPta, SecureStorageTa, KeyedMacTa)

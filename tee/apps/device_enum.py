@@ -10,9 +10,9 @@ It lists the TAs of this service flagged `device_enum`; it keeps no state.
 
 from __future__ import annotations
 
-from tee.gp import ParamType, TeeResult, param_types
-from tee.ta import Operation, TrustedApp
-from tee.uuids import DEVICE_ENUM_PTA
+from hyperbroker.tee.gp import ParamType, TeeResult, param_types
+from hyperbroker.tee.ta import Operation, TrustedApp
+from hyperbroker.tee.uuids import DEVICE_ENUM_PTA
 
 # OP-TEE lib/libutee/include/pta_device.h.
 PTA_CMD_GET_DEVICES = 0x0  # TAs usable without tee-supplicant

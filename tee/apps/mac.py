@@ -25,11 +25,11 @@ import os
 import secrets
 from pathlib import Path
 
-from tee.apps.storage import write_atomically
-from tee.gp import ParamType, TeeResult, param_types
-from tee.sealing import SealError
-from tee.ta import Operation, TaEnvironment, TrustedApp, VmIdentity
-from tee.uuids import KEYED_MAC_TA
+from hyperbroker.tee.apps.storage import write_atomically
+from hyperbroker.tee.gp import ParamType, TeeResult, param_types
+from hyperbroker.tee.sealing import SealError
+from hyperbroker.tee.ta import Operation, TaEnvironment, TrustedApp, VmIdentity
+from hyperbroker.tee.uuids import KEYED_MAC_TA
 
 CMD_GENERATE_KEY = 0
 CMD_SIGN = 1

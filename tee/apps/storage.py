@@ -26,10 +26,10 @@ import secrets
 import struct
 from pathlib import Path
 
-from tee.gp import ParamType, TeeResult, param_types
-from tee.sealing import SealError
-from tee.ta import Operation, TaEnvironment, TrustedApp, VmIdentity
-from tee.uuids import SECURE_STORAGE_TA
+from hyperbroker.tee.gp import ParamType, TeeResult, param_types
+from hyperbroker.tee.sealing import SealError
+from hyperbroker.tee.ta import Operation, TaEnvironment, TrustedApp, VmIdentity
+from hyperbroker.tee.uuids import SECURE_STORAGE_TA
 
 CMD_CREATE = 0
 CMD_READ = 1

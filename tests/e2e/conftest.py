@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from hyperbroker.procs import AgentProcess, Broker, start_agent, start_broker
+from hyperbroker.testing.procs import AgentProcess, Broker, start_agent, start_broker
 
 PLUGINS = Path(__file__).resolve().parent.parent / "plugins"
 POLICY = """\

@@ -12,9 +12,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from hyperbroker.procs import AgentProcess, Broker
-from hyperbroker.v1 import admin_pb2, admin_pb2_grpc
-from hyperbroker.vmm_client import VmmClient
+from hyperbroker.testing.procs import AgentProcess, Broker
+from hyperbroker.testing.vmm import VmmClient
+from hyperbroker.wire.v1 import admin_pb2, admin_pb2_grpc
 
 from .conftest import POLICY
 

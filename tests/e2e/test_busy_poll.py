@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from hyperbroker.calls import Outcome
-from hyperbroker.procs import AgentProcess, Broker, start_agent
-from hyperbroker.vmm_client import VmmClient
-from hyperbroker.vmm_protocol import ResultSource
+from hyperbroker.testing.procs import AgentProcess, Broker, start_agent
+from hyperbroker.testing.vmm import VmmClient
+from hyperbroker.wire.vmm import ResultSource
 
 pytestmark = pytest.mark.slow
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from hyperbroker.procs import AgentProcess
+from hyperbroker.testing.procs import AgentProcess
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]

@@ -15,12 +15,12 @@ import urllib.request
 
 import pytest
 
-from hyperbroker import vmm_protocol as proto
 from hyperbroker.calls import ActionKind, Outcome
-from hyperbroker.procs import AgentProcess, Broker
 from hyperbroker.smccc import NOT_SUPPORTED_U64, to_s64
-from hyperbroker.vmm_client import AgentError, GuestRam, VmmClient
-from hyperbroker.vmm_protocol import ResultSource
+from hyperbroker.testing.procs import AgentProcess, Broker
+from hyperbroker.testing.vmm import AgentError, GuestRam, VmmClient
+from hyperbroker.wire import vmm as proto
+from hyperbroker.wire.vmm import ResultSource
 
 pytestmark = pytest.mark.slow
 

@@ -12,10 +12,10 @@ import trustme
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from hyperbroker.calls import Outcome
-from hyperbroker.procs import start_agent, start_broker
-from hyperbroker.v1 import admin_pb2, admin_pb2_grpc
-from hyperbroker.vmm_client import VmmClient
-from hyperbroker.vmm_protocol import ResultSource
+from hyperbroker.testing.procs import start_agent, start_broker
+from hyperbroker.testing.vmm import VmmClient
+from hyperbroker.wire.v1 import admin_pb2, admin_pb2_grpc
+from hyperbroker.wire.vmm import ResultSource
 
 from .conftest import plugin_env
 

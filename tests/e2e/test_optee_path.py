@@ -24,17 +24,17 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from handlers.optee import abi
-from handlers.optee.guest import CallResult, GuestDriver, GuestParam
-from handlers.optee.testing import TeeProcess, start_tee_process
-from hyperbroker.procs import AgentProcess, Broker, start_agent, start_broker
+from hyperbroker.handlers.optee import abi
 from hyperbroker.smccc import NR_ARGS
-from hyperbroker.vmm_client import GuestRam, VmmClient
-from hyperbroker.vmm_protocol import ResultSource
-from tee.apps import mac, storage
-from tee.apps.storage import decode_id_list
-from tee.gp import Origin, ParamType, TeeResult
-from tee.uuids import KEYED_MAC_TA, SECURE_STORAGE_TA
+from hyperbroker.tee.apps import mac, storage
+from hyperbroker.tee.apps.storage import decode_id_list
+from hyperbroker.tee.gp import Origin, ParamType, TeeResult
+from hyperbroker.tee.uuids import KEYED_MAC_TA, SECURE_STORAGE_TA
+from hyperbroker.testing.optee import TeeProcess, start_tee_process
+from hyperbroker.testing.optee_guest import CallResult, GuestDriver, GuestParam
+from hyperbroker.testing.procs import AgentProcess, Broker, start_agent, start_broker
+from hyperbroker.testing.vmm import GuestRam, VmmClient
+from hyperbroker.wire.vmm import ResultSource
 
 pytestmark = pytest.mark.slow
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from hyperbroker.calls import Outcome
-from hyperbroker.procs import start_agent, start_broker
-from hyperbroker.vmm_client import VmmClient
-from hyperbroker.vmm_protocol import ResultSource
+from hyperbroker.testing.procs import start_agent, start_broker
+from hyperbroker.testing.vmm import VmmClient
+from hyperbroker.wire.vmm import ResultSource
 
 from .conftest import plugin_env
 

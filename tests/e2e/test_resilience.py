@@ -13,13 +13,13 @@ from pathlib import Path
 import grpc
 import pytest
 
-from hyperbroker import vmm_protocol as proto
 from hyperbroker.calls import Outcome
-from hyperbroker.procs import start_agent, start_broker
 from hyperbroker.smccc import to_s64
-from hyperbroker.v1 import broker_pb2, broker_pb2_grpc
-from hyperbroker.vmm_client import VmmClient
-from hyperbroker.vmm_protocol import ResultSource
+from hyperbroker.testing.procs import start_agent, start_broker
+from hyperbroker.testing.vmm import VmmClient
+from hyperbroker.wire import vmm as proto
+from hyperbroker.wire.v1 import broker_pb2, broker_pb2_grpc
+from hyperbroker.wire.vmm import ResultSource
 
 from .conftest import plugin_env
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from hyperbroker.procs import ManagedProcess, spawn_cli, start_agent, start_broker
-from hyperbroker.v1 import admin_pb2, admin_pb2_grpc
-from hyperbroker.vmm_client import VmmClient
+from hyperbroker.testing.procs import ManagedProcess, spawn_cli, start_agent, start_broker
+from hyperbroker.testing.vmm import VmmClient
+from hyperbroker.wire.v1 import admin_pb2, admin_pb2_grpc
 
 from .conftest import POLICY, plugin_env
 

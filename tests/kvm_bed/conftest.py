@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from hyperbroker import kvm_bed
 from hyperbroker.kvm import FilterAction, SmcccFilter
+from hyperbroker_tools import kvm_bed
 
 # The bed's policy (docs/policy.md format). "default": TRNG served by the broker's handler with a
 # 50 ms deadline and SMCCC NOT_SUPPORTED as fallback, one vendor-hyp function denied in the

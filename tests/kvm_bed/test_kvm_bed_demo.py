@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from hyperbroker import kvm_bed
+from hyperbroker_tools import kvm_bed
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 

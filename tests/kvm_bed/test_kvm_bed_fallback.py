@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from hyperbroker import kvm_bed
 from hyperbroker.smccc import U64_MASK
+from hyperbroker_tools import kvm_bed
 
 from .conftest import DEADLINE_MS
 

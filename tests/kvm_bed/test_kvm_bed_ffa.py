@@ -27,11 +27,11 @@ from pathlib import Path
 
 import pytest
 
-from handlers.ffa.config import ECHO_UUID, SHA256_UUID
-from handlers.ffa.discovery import uuid_to_pair
-from handlers.ffa.partitions import digest_words
-from hyperbroker import kvm_bed
-from hyperbroker.vmm_client import GuestRam, VmmClient
+from hyperbroker.handlers.ffa.config import ECHO_UUID, SHA256_UUID
+from hyperbroker.handlers.ffa.discovery import uuid_to_pair
+from hyperbroker.handlers.ffa.partitions import digest_words
+from hyperbroker.testing.vmm import GuestRam, VmmClient
+from hyperbroker_tools import kvm_bed
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 

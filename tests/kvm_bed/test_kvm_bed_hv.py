@@ -24,8 +24,8 @@ from typing import Any
 
 import pytest
 
-from hyperbroker import kvm_bed
 from hyperbroker.smccc import U64_MASK
+from hyperbroker_tools import kvm_bed
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 

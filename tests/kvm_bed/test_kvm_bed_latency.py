@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from hyperbroker import kvm_bed
+from hyperbroker_tools import kvm_bed
 
 from .conftest import MainRun
 

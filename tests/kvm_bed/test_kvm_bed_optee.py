@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from handlers.optee import abi
-from handlers.optee.testing import start_tee_process
-from hyperbroker import kvm_bed
-from tee.gp import Origin, TeeResult
+from hyperbroker.handlers.optee import abi
+from hyperbroker.tee.gp import Origin, TeeResult
+from hyperbroker.testing.optee import start_tee_process
+from hyperbroker_tools import kvm_bed
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from hyperbroker import kvm_bed
 from hyperbroker.kvm import SmcccFilter
 from hyperbroker.smccc import U64_MASK, default_function_name
+from hyperbroker_tools import kvm_bed
 
 from .conftest import DENIED_FUNCTION, FILTER_TABLE, UNSERVED_FUNCTION, MainRun
 

@@ -8,8 +8,8 @@ from pathlib import Path
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hyperbroker import kvm_bed
 from hyperbroker.kvm import SmcccFilter
+from hyperbroker_tools import kvm_bed
 
 u64 = st.integers(0, (1 << 64) - 1)
 label = st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E, exclude_characters='"='),

@@ -11,8 +11,8 @@ import asyncio
 import hashlib
 from collections.abc import Sequence
 
-from handlers.api import CallContext, GuestMemoryError, Handler
 from hyperbroker.calls import ActionKind, Call, Outcome, Result, VmmAction
+from hyperbroker.handlers.api import CallContext, GuestMemoryError, Handler
 from hyperbroker.smccc import NAMED_ABIS, FunctionRange
 
 INCREMENT = 0x8200_0001  # state counter += 1; x1 = counter, x2 = calls this handler saw

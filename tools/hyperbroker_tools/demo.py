@@ -20,11 +20,11 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from hyperbroker.calls import Outcome
-from hyperbroker.procs import start_agent, start_broker
-from hyperbroker.vmm_client import GuestRam, VmmClient
-from hyperbroker.vmm_protocol import ResultSource
+from hyperbroker.testing.procs import start_agent, start_broker
+from hyperbroker.testing.vmm import GuestRam, VmmClient
+from hyperbroker.wire.vmm import ResultSource
 
-EXAMPLE_POLICY = Path(__file__).resolve().parent.parent / "examples" / "policy.yaml"
+EXAMPLE_POLICY = Path(__file__).resolve().parents[2] / "examples" / "policy.yaml"
 DEMO_POLICY = """\
 handlers:
   trng: {}
@@ -139,6 +139,6 @@ async def _demo(duration: float, vms: int) -> int:
 
 
 def run_demo(duration: float, vms: int) -> int:
-    from hyperbroker.cli import run_async
+    from hyperbroker.runtime.loop import run as run_async
 
     return run_async(_demo(duration, vms))

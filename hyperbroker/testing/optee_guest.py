@@ -17,11 +17,11 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from handlers.api import CallContext, Handler
-from handlers.optee import abi, msg
 from hyperbroker.calls import Call
-from tee.gp import Login, Origin, ParamType, TeeResult
-from tee.uuids import DEVICE_ENUM_PTA
+from hyperbroker.handlers.api import CallContext, Handler
+from hyperbroker.handlers.optee import abi, msg
+from hyperbroker.tee.gp import Login, Origin, ParamType, TeeResult
+from hyperbroker.tee.uuids import DEVICE_ENUM_PTA
 
 PAGE = msg.NONCONTIG_PAGE_SIZE
 Smc = Callable[[Sequence[int]], Awaitable[tuple[int, ...]]]  # x0..x7 in, x0..x3 out

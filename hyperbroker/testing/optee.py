@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from handlers.api import VmInfo
-from handlers.optee.backend import (
+from hyperbroker.handlers.api import VmInfo
+from hyperbroker.handlers.optee.backend import (
     BackendReply,
     BackendUnavailable,
     CancelRequest,
@@ -34,14 +34,14 @@ from handlers.optee.backend import (
     TeeBackend,
     TeeVm,
 )
-from handlers.optee.guest import GuestDriver, context_smc
-from handlers.optee.handler import OpteeHandler
-from handlers.optee.local_backend import LocalTeeBackend
-from handlers.testing import FakeContext, FakeGuestMemory
-from tee.apps import BUILTIN
-from tee.gp import ParamType, TeeResult
-from tee.service import TeeService
-from tee.ta import Operation, TrustedApp
+from hyperbroker.handlers.optee.handler import OpteeHandler
+from hyperbroker.tee.apps import BUILTIN
+from hyperbroker.tee.gp import ParamType, TeeResult
+from hyperbroker.tee.service import TeeService
+from hyperbroker.tee.ta import Operation, TrustedApp
+from hyperbroker.testing.context import FakeContext, FakeGuestMemory
+from hyperbroker.testing.optee_guest import GuestDriver, context_smc
+from hyperbroker.testing.tee_backend import LocalTeeBackend
 
 RAM_BASE = 0x4000_0000
 RAM_SIZE = 4 << 20
@@ -218,13 +218,11 @@ class TeeProcess:
 def start_tee_process(state_dir: Path, port: int = 0, extra: tuple[str, ...] = (),
                       timeout: float = 30.0) -> TeeProcess:
     """Start the TEE service on 127.0.0.1:`port`; returns once it prints its listening line."""
-    root = Path(__file__).resolve().parents[2]  # the source tree holding tee/ and handlers/
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH", "")) if p)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tee.server", "--listen", f"127.0.0.1:{port}",
+        [sys.executable, "-m", "hyperbroker.tee.server", "--listen", f"127.0.0.1:{port}",
          "--state-dir", str(state_dir), "--log-level", "WARNING", *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=root,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
         start_new_session=True)
     lines: list[str] = []
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import grpc
 
-from hyperbroker.tls import TlsFiles
-from hyperbroker.v1 import admin_pb2, admin_pb2_grpc
+from hyperbroker.runtime.tls import TlsFiles
+from hyperbroker.wire.v1 import admin_pb2, admin_pb2_grpc
 
 
 def channel(address: str, args: argparse.Namespace) -> grpc.aio.Channel:

@@ -1,28 +1,26 @@
-"""The `hyperbroker` command: serve, agent, policy, call, status, demo, bench."""
+"""The `hyperbroker` command: serve, agent, policy, call, status, inspect, tee-serve.
+
+Commands that are not the product (the demo, the benchmark, the KVM test bed) come from the
+source tree's tools distribution (tools/), which adds its subcommands through the entry-point
+group `hyperbroker.commands`: each entry point is called with the subparsers object.
+"""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import socket
 import sys
-from collections.abc import Coroutine, Sequence
+from collections.abc import Sequence
+from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any
 
 from hyperbroker import __version__
-from hyperbroker.tls import TlsFiles
+from hyperbroker.runtime.loop import run as run_loop
+from hyperbroker.runtime.tls import TlsFiles
 
-
-def run_async(coro: Coroutine[Any, Any, int]) -> int:
-    """Run on uvloop (grpc.aio works on it and it is faster), one loop per process."""
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency; keep working without it
-        return asyncio.run(coro)
-    return int(uvloop.run(coro))
+COMMANDS_GROUP = "hyperbroker.commands"
 
 
 def _tls_args(p: argparse.ArgumentParser) -> None:
@@ -36,7 +34,7 @@ def _tls(args: argparse.Namespace) -> TlsFiles | None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from broker.server import BrokerConfig, serve
+    from hyperbroker.broker.server import BrokerConfig, serve
 
     config = BrokerConfig(
         listen=args.listen,
@@ -52,16 +50,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         vm_burst=args.vm_burst,
     )
     if args.workers > 1:
-        from broker.workers import run_workers
+        from hyperbroker.broker.workers import run_workers
 
         if args.listen.endswith(":0"):
             print("hyperbroker serve: --workers needs a fixed --listen port", file=sys.stderr)
             return 2
         return run_workers(args.workers, sys.argv[1:])
-    return run_async(serve(config))
+    return run_loop(serve(config))
 
 
-def _non_negative(text: str) -> float:
+def non_negative(text: str) -> float:
     value = float(text)
     if not value >= 0:  # also refuses nan
         raise argparse.ArgumentTypeError(f"must be >= 0, not {text}")
@@ -69,8 +67,8 @@ def _non_negative(text: str) -> float:
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
-    from agent.core import AgentConfig
-    from agent.server import run_agent
+    from hyperbroker.agent.core import AgentConfig
+    from hyperbroker.agent.server import run_agent
 
     if not args.socket and not args.stream_socket:
         print("hyperbroker agent: give --socket and/or --stream-socket", file=sys.stderr)
@@ -80,59 +78,43 @@ def cmd_agent(args: argparse.Namespace) -> int:
         socket_path=Path(args.socket) if args.socket else None,
         stream_socket_path=Path(args.stream_socket) if args.stream_socket else None,
         metrics_listen=args.metrics_listen, tls=_tls(args), busy_poll_us=args.busy_poll_us)
-    return run_async(run_agent(config))
+    return run_loop(run_agent(config))
 
 
 def cmd_policy_check(args: argparse.Namespace) -> int:
-    from broker import policy_cli
+    from hyperbroker.cli import policy as policy_cli
 
     return policy_cli.run(args)
 
 
 def cmd_call(args: argparse.Namespace) -> int:
-    from hyperbroker.callcmd import run_call
+    from hyperbroker.cli.call import run_call
 
-    return run_async(run_call(args))
+    return run_loop(run_call(args))
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from hyperbroker.admin_client import run_status
+    from hyperbroker.cli.admin import run_status
 
-    return run_async(run_status(args))
+    return run_loop(run_status(args))
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from hyperbroker.admin_client import run_inspect
+    from hyperbroker.cli.admin import run_inspect
 
-    return run_async(run_inspect(args))
+    return run_loop(run_inspect(args))
 
 
 def cmd_policy_apply(args: argparse.Namespace) -> int:
-    from hyperbroker.admin_client import run_apply
+    from hyperbroker.cli.admin import run_apply
 
-    return run_async(run_apply(args))
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    if args.real_kvm:
-        from hyperbroker import kvm_bed
-
-        return int(kvm_bed.run_demo(args.duration))
-    from hyperbroker.demo import run_demo
-
-    return run_demo(args.duration, args.vms)
+    return run_loop(run_apply(args))
 
 
 def cmd_tee_serve(args: argparse.Namespace) -> int:
-    from tee.server import main as tee_main
+    from hyperbroker.tee.server import main as tee_main
 
     return int(tee_main(args.tee_args))
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    from hyperbroker.bench import run_bench
-
-    return run_bench(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -175,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--socket", help="SOCK_SEQPACKET path for VMMs (guest RAM by fd)")
     p.add_argument("--stream-socket", help="SOCK_STREAM path for VMMs (guest RAM by messages)")
     p.add_argument("--metrics-listen", help="Prometheus endpoint, e.g. 127.0.0.1:9465")
-    p.add_argument("--busy-poll-us", type=_non_negative, default=0.0, metavar="US",
+    p.add_argument("--busy-poll-us", type=non_negative, default=0.0, metavar="US",
                    help="keep polling this long after each call and broker frame instead of "
                         "sleeping: lower latency for up to a core of CPU (default 0: off)")
     _tls_args(p)
@@ -184,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("policy", help="check or apply a policy")
     psub = p.add_subparsers(dest="policy_command", required=True)
     pc = psub.add_parser("check", help="validate a policy file and print what it compiles to")
-    from broker import policy_cli
+    from hyperbroker.cli import policy as policy_cli
 
     policy_cli.add_arguments(pc)
     pc.set_defaults(func=cmd_policy_check)
@@ -219,28 +201,14 @@ def build_parser() -> argparse.ArgumentParser:
     _tls_args(p)
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("demo", help="broker, agent and simulated guests, with live latency")
-    p.add_argument("--duration", type=float, default=10.0)
-    p.add_argument("--vms", type=int, default=3)
-    p.add_argument("--real-kvm", action="store_true",
-                   help="boot a real arm64 guest under KVM (QEMU) instead of simulated ones")
-    p.set_defaults(func=cmd_demo)
-
     p = sub.add_parser("tee-serve", help="run the reference TEE service (OP-TEE proxy backend)",
                        add_help=False)
     p.add_argument("tee_args", nargs=argparse.REMAINDER,
                    help="the TEE service's own arguments (tee-serve --help)")
     p.set_defaults(func=cmd_tee_serve)
 
-    p = sub.add_parser("bench", help="full-path benchmark against a bare gRPC baseline")
-    p.add_argument("--calls", type=int, default=3000, help="calls per measurement")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians reported)")
-    p.add_argument("--inflight", type=int, nargs="+", default=[1, 64])
-    p.add_argument("--json", help="also write the figures to this JSON file")
-    p.add_argument("--busy-poll-us", type=_non_negative, default=1000.0, metavar="US",
-                   help="also measure every level against an agent run with --busy-poll-us US "
-                        "(0: skip)")
-    p.set_defaults(func=cmd_bench)
+    for ep in entry_points(group=COMMANDS_GROUP):
+        ep.load()(sub)
     return parser
 
 
@@ -260,6 +228,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"hyperbroker: {e}", file=sys.stderr)
         return 2
 
-
-if __name__ == "__main__":
-    sys.exit(main())

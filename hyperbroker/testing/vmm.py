@@ -18,9 +18,9 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from hyperbroker import vmm_protocol as proto
 from hyperbroker.kvm import SmcccFilter
 from hyperbroker.smccc import NR_ARGS
+from hyperbroker.wire import vmm as proto
 
 
 class AgentError(Exception):

@@ -11,18 +11,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from handlers.api import VmInfo
-from handlers.ffa import abi
-from handlers.ffa.descriptors import (
+from hyperbroker.calls import Call, Result
+from hyperbroker.handlers.api import VmInfo
+from hyperbroker.handlers.ffa import abi
+from hyperbroker.handlers.ffa.descriptors import (
     Constituent,
     EndpointAccess,
     build_mem_transaction,
     encode_mem_transaction,
 )
-from handlers.ffa.handler import FfaHandler
-from handlers.testing import FakeContext, FakeGuestMemory, MemoryState
-from hyperbroker.calls import Call, Result
+from hyperbroker.handlers.ffa.handler import FfaHandler
 from hyperbroker.smccc import NR_ARGS
+from hyperbroker.testing.context import FakeContext, FakeGuestMemory, MemoryState
 
 RAM_BASE = 0x4000_0000
 RAM_SIZE = 8 * 1024 * 1024

@@ -7,7 +7,7 @@ network. It only converts between handlers.optee.backend values and the service'
 
 from __future__ import annotations
 
-from handlers.optee.backend import (
+from hyperbroker.handlers.optee.backend import (
     BackendReply,
     BackendStatus,
     CancelRequest,
@@ -17,8 +17,8 @@ from handlers.optee.backend import (
     TeeParam,
     TeeVm,
 )
-from tee.service import Reply, TeeService
-from tee.ta import Param, VmIdentity
+from hyperbroker.tee.service import Reply, TeeService
+from hyperbroker.tee.ta import Param, VmIdentity
 
 
 def to_service(p: TeeParam) -> Param:

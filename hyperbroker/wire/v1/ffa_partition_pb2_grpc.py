@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from hyperbroker.v1 import ffa_partition_pb2 as hyperbroker_dot_v1_dot_ffa__partition__pb2
+from hyperbroker.wire.v1 import ffa_partition_pb2 as hyperbroker_dot_v1_dot_ffa__partition__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from hyperbroker.v1 import tee_pb2 as hyperbroker_dot_v1_dot_tee__pb2
+from hyperbroker.wire.v1 import admin_pb2 as hyperbroker_dot_v1_dot_admin__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,14 +18,14 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in hyperbroker/v1/tee_pb2_grpc.py depends on'
+        + ' but the generated code in hyperbroker/v1/admin_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
 
 
-class TeeBackendStub:
+class AdminStub:
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -34,144 +34,140 @@ class TeeBackendStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.VmCreated = channel.unary_unary(
-                '/hyperbroker.v1.TeeBackend/VmCreated',
-                request_serializer=hyperbroker_dot_v1_dot_tee__pb2.TeeVmCreatedRequest.SerializeToString,
-                response_deserializer=hyperbroker_dot_v1_dot_tee__pb2.TeeVmCreatedReply.FromString,
+        self.ValidatePolicy = channel.unary_unary(
+                '/hyperbroker.v1.Admin/ValidatePolicy',
+                request_serializer=hyperbroker_dot_v1_dot_admin__pb2.PolicyText.SerializeToString,
+                response_deserializer=hyperbroker_dot_v1_dot_admin__pb2.PolicyReport.FromString,
                 _registered_method=True)
-        self.VmDestroyed = channel.unary_unary(
-                '/hyperbroker.v1.TeeBackend/VmDestroyed',
-                request_serializer=hyperbroker_dot_v1_dot_tee__pb2.TeeVmDestroyedRequest.SerializeToString,
-                response_deserializer=hyperbroker_dot_v1_dot_tee__pb2.TeeVmDestroyedReply.FromString,
+        self.ApplyPolicy = channel.unary_unary(
+                '/hyperbroker.v1.Admin/ApplyPolicy',
+                request_serializer=hyperbroker_dot_v1_dot_admin__pb2.PolicyText.SerializeToString,
+                response_deserializer=hyperbroker_dot_v1_dot_admin__pb2.PolicyReport.FromString,
                 _registered_method=True)
-        self.OpenSession = channel.unary_unary(
-                '/hyperbroker.v1.TeeBackend/OpenSession',
-                request_serializer=hyperbroker_dot_v1_dot_tee__pb2.TeeOpenSessionRequest.SerializeToString,
-                response_deserializer=hyperbroker_dot_v1_dot_tee__pb2.TeeReply.FromString,
+        self.GetPolicy = channel.unary_unary(
+                '/hyperbroker.v1.Admin/GetPolicy',
+                request_serializer=hyperbroker_dot_v1_dot_admin__pb2.GetPolicyRequest.SerializeToString,
+                response_deserializer=hyperbroker_dot_v1_dot_admin__pb2.PolicyText.FromString,
                 _registered_method=True)
-        self.InvokeCommand = channel.unary_unary(
-                '/hyperbroker.v1.TeeBackend/InvokeCommand',
-                request_serializer=hyperbroker_dot_v1_dot_tee__pb2.TeeInvokeCommandRequest.SerializeToString,
-                response_deserializer=hyperbroker_dot_v1_dot_tee__pb2.TeeReply.FromString,
+        self.ListHosts = channel.unary_unary(
+                '/hyperbroker.v1.Admin/ListHosts',
+                request_serializer=hyperbroker_dot_v1_dot_admin__pb2.ListHostsRequest.SerializeToString,
+                response_deserializer=hyperbroker_dot_v1_dot_admin__pb2.ListHostsResponse.FromString,
                 _registered_method=True)
-        self.CloseSession = channel.unary_unary(
-                '/hyperbroker.v1.TeeBackend/CloseSession',
-                request_serializer=hyperbroker_dot_v1_dot_tee__pb2.TeeCloseSessionRequest.SerializeToString,
-                response_deserializer=hyperbroker_dot_v1_dot_tee__pb2.TeeReply.FromString,
+        self.ListVms = channel.unary_unary(
+                '/hyperbroker.v1.Admin/ListVms',
+                request_serializer=hyperbroker_dot_v1_dot_admin__pb2.ListVmsRequest.SerializeToString,
+                response_deserializer=hyperbroker_dot_v1_dot_admin__pb2.ListVmsResponse.FromString,
                 _registered_method=True)
-        self.Cancel = channel.unary_unary(
-                '/hyperbroker.v1.TeeBackend/Cancel',
-                request_serializer=hyperbroker_dot_v1_dot_tee__pb2.TeeCancelRequest.SerializeToString,
-                response_deserializer=hyperbroker_dot_v1_dot_tee__pb2.TeeReply.FromString,
+        self.GetStats = channel.unary_unary(
+                '/hyperbroker.v1.Admin/GetStats',
+                request_serializer=hyperbroker_dot_v1_dot_admin__pb2.GetStatsRequest.SerializeToString,
+                response_deserializer=hyperbroker_dot_v1_dot_admin__pb2.Stats.FromString,
                 _registered_method=True)
-        self.Describe = channel.unary_unary(
-                '/hyperbroker.v1.TeeBackend/Describe',
-                request_serializer=hyperbroker_dot_v1_dot_tee__pb2.TeeDescribeRequest.SerializeToString,
-                response_deserializer=hyperbroker_dot_v1_dot_tee__pb2.TeeDescribeReply.FromString,
+        self.GetVmHandlerView = channel.unary_unary(
+                '/hyperbroker.v1.Admin/GetVmHandlerView',
+                request_serializer=hyperbroker_dot_v1_dot_admin__pb2.VmHandlerViewRequest.SerializeToString,
+                response_deserializer=hyperbroker_dot_v1_dot_admin__pb2.VmHandlerView.FromString,
                 _registered_method=True)
 
 
-class TeeBackendServicer:
+class AdminServicer:
     """Missing associated documentation comment in .proto file."""
 
-    def VmCreated(self, request, context):
-        """A VM incarnation starts using the TEE: replaces any older incarnation of the same VM (its
-        sessions are closed). The proxy sends it on a VM's first request and whenever a reply says
-        TEE_STATUS_VM_UNKNOWN (the service restarted or forgot the VM).
+    def ValidatePolicy(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ApplyPolicy(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetPolicy(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListHosts(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListVms(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetStats(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetVmHandlerView(self, request, context):
+        """What one handler holds for one VM (its admin_view): a memshare record, Hyper-V crashes ...
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def VmDestroyed(self, request, context):
-        """The VM is gone for good: close its sessions, forget it. Persistent objects stay.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
 
-    def OpenSession(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def InvokeCommand(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def CloseSession(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def Cancel(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def Describe(self, request, context):
-        """The service's epoch, limits and trusted applications (operations, health dashboards).
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-
-def add_TeeBackendServicer_to_server(servicer, server):
+def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'VmCreated': grpc.unary_unary_rpc_method_handler(
-                    servicer.VmCreated,
-                    request_deserializer=hyperbroker_dot_v1_dot_tee__pb2.TeeVmCreatedRequest.FromString,
-                    response_serializer=hyperbroker_dot_v1_dot_tee__pb2.TeeVmCreatedReply.SerializeToString,
+            'ValidatePolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.ValidatePolicy,
+                    request_deserializer=hyperbroker_dot_v1_dot_admin__pb2.PolicyText.FromString,
+                    response_serializer=hyperbroker_dot_v1_dot_admin__pb2.PolicyReport.SerializeToString,
             ),
-            'VmDestroyed': grpc.unary_unary_rpc_method_handler(
-                    servicer.VmDestroyed,
-                    request_deserializer=hyperbroker_dot_v1_dot_tee__pb2.TeeVmDestroyedRequest.FromString,
-                    response_serializer=hyperbroker_dot_v1_dot_tee__pb2.TeeVmDestroyedReply.SerializeToString,
+            'ApplyPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApplyPolicy,
+                    request_deserializer=hyperbroker_dot_v1_dot_admin__pb2.PolicyText.FromString,
+                    response_serializer=hyperbroker_dot_v1_dot_admin__pb2.PolicyReport.SerializeToString,
             ),
-            'OpenSession': grpc.unary_unary_rpc_method_handler(
-                    servicer.OpenSession,
-                    request_deserializer=hyperbroker_dot_v1_dot_tee__pb2.TeeOpenSessionRequest.FromString,
-                    response_serializer=hyperbroker_dot_v1_dot_tee__pb2.TeeReply.SerializeToString,
+            'GetPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPolicy,
+                    request_deserializer=hyperbroker_dot_v1_dot_admin__pb2.GetPolicyRequest.FromString,
+                    response_serializer=hyperbroker_dot_v1_dot_admin__pb2.PolicyText.SerializeToString,
             ),
-            'InvokeCommand': grpc.unary_unary_rpc_method_handler(
-                    servicer.InvokeCommand,
-                    request_deserializer=hyperbroker_dot_v1_dot_tee__pb2.TeeInvokeCommandRequest.FromString,
-                    response_serializer=hyperbroker_dot_v1_dot_tee__pb2.TeeReply.SerializeToString,
+            'ListHosts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListHosts,
+                    request_deserializer=hyperbroker_dot_v1_dot_admin__pb2.ListHostsRequest.FromString,
+                    response_serializer=hyperbroker_dot_v1_dot_admin__pb2.ListHostsResponse.SerializeToString,
             ),
-            'CloseSession': grpc.unary_unary_rpc_method_handler(
-                    servicer.CloseSession,
-                    request_deserializer=hyperbroker_dot_v1_dot_tee__pb2.TeeCloseSessionRequest.FromString,
-                    response_serializer=hyperbroker_dot_v1_dot_tee__pb2.TeeReply.SerializeToString,
+            'ListVms': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListVms,
+                    request_deserializer=hyperbroker_dot_v1_dot_admin__pb2.ListVmsRequest.FromString,
+                    response_serializer=hyperbroker_dot_v1_dot_admin__pb2.ListVmsResponse.SerializeToString,
             ),
-            'Cancel': grpc.unary_unary_rpc_method_handler(
-                    servicer.Cancel,
-                    request_deserializer=hyperbroker_dot_v1_dot_tee__pb2.TeeCancelRequest.FromString,
-                    response_serializer=hyperbroker_dot_v1_dot_tee__pb2.TeeReply.SerializeToString,
+            'GetStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStats,
+                    request_deserializer=hyperbroker_dot_v1_dot_admin__pb2.GetStatsRequest.FromString,
+                    response_serializer=hyperbroker_dot_v1_dot_admin__pb2.Stats.SerializeToString,
             ),
-            'Describe': grpc.unary_unary_rpc_method_handler(
-                    servicer.Describe,
-                    request_deserializer=hyperbroker_dot_v1_dot_tee__pb2.TeeDescribeRequest.FromString,
-                    response_serializer=hyperbroker_dot_v1_dot_tee__pb2.TeeDescribeReply.SerializeToString,
+            'GetVmHandlerView': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetVmHandlerView,
+                    request_deserializer=hyperbroker_dot_v1_dot_admin__pb2.VmHandlerViewRequest.FromString,
+                    response_serializer=hyperbroker_dot_v1_dot_admin__pb2.VmHandlerView.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'hyperbroker.v1.TeeBackend', rpc_method_handlers)
+            'hyperbroker.v1.Admin', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('hyperbroker.v1.TeeBackend', rpc_method_handlers)
+    server.add_registered_method_handlers('hyperbroker.v1.Admin', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
-class TeeBackend:
+class Admin:
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
-    def VmCreated(request,
+    def ValidatePolicy(request,
             target,
             options=(),
             channel_credentials=None,
@@ -184,9 +180,9 @@ class TeeBackend:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/hyperbroker.v1.TeeBackend/VmCreated',
-            hyperbroker_dot_v1_dot_tee__pb2.TeeVmCreatedRequest.SerializeToString,
-            hyperbroker_dot_v1_dot_tee__pb2.TeeVmCreatedReply.FromString,
+            '/hyperbroker.v1.Admin/ValidatePolicy',
+            hyperbroker_dot_v1_dot_admin__pb2.PolicyText.SerializeToString,
+            hyperbroker_dot_v1_dot_admin__pb2.PolicyReport.FromString,
             options,
             channel_credentials,
             insecure,
@@ -198,7 +194,7 @@ class TeeBackend:
             _registered_method=True)
 
     @staticmethod
-    def VmDestroyed(request,
+    def ApplyPolicy(request,
             target,
             options=(),
             channel_credentials=None,
@@ -211,9 +207,9 @@ class TeeBackend:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/hyperbroker.v1.TeeBackend/VmDestroyed',
-            hyperbroker_dot_v1_dot_tee__pb2.TeeVmDestroyedRequest.SerializeToString,
-            hyperbroker_dot_v1_dot_tee__pb2.TeeVmDestroyedReply.FromString,
+            '/hyperbroker.v1.Admin/ApplyPolicy',
+            hyperbroker_dot_v1_dot_admin__pb2.PolicyText.SerializeToString,
+            hyperbroker_dot_v1_dot_admin__pb2.PolicyReport.FromString,
             options,
             channel_credentials,
             insecure,
@@ -225,7 +221,7 @@ class TeeBackend:
             _registered_method=True)
 
     @staticmethod
-    def OpenSession(request,
+    def GetPolicy(request,
             target,
             options=(),
             channel_credentials=None,
@@ -238,9 +234,9 @@ class TeeBackend:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/hyperbroker.v1.TeeBackend/OpenSession',
-            hyperbroker_dot_v1_dot_tee__pb2.TeeOpenSessionRequest.SerializeToString,
-            hyperbroker_dot_v1_dot_tee__pb2.TeeReply.FromString,
+            '/hyperbroker.v1.Admin/GetPolicy',
+            hyperbroker_dot_v1_dot_admin__pb2.GetPolicyRequest.SerializeToString,
+            hyperbroker_dot_v1_dot_admin__pb2.PolicyText.FromString,
             options,
             channel_credentials,
             insecure,
@@ -252,7 +248,7 @@ class TeeBackend:
             _registered_method=True)
 
     @staticmethod
-    def InvokeCommand(request,
+    def ListHosts(request,
             target,
             options=(),
             channel_credentials=None,
@@ -265,9 +261,9 @@ class TeeBackend:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/hyperbroker.v1.TeeBackend/InvokeCommand',
-            hyperbroker_dot_v1_dot_tee__pb2.TeeInvokeCommandRequest.SerializeToString,
-            hyperbroker_dot_v1_dot_tee__pb2.TeeReply.FromString,
+            '/hyperbroker.v1.Admin/ListHosts',
+            hyperbroker_dot_v1_dot_admin__pb2.ListHostsRequest.SerializeToString,
+            hyperbroker_dot_v1_dot_admin__pb2.ListHostsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -279,7 +275,7 @@ class TeeBackend:
             _registered_method=True)
 
     @staticmethod
-    def CloseSession(request,
+    def ListVms(request,
             target,
             options=(),
             channel_credentials=None,
@@ -292,9 +288,9 @@ class TeeBackend:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/hyperbroker.v1.TeeBackend/CloseSession',
-            hyperbroker_dot_v1_dot_tee__pb2.TeeCloseSessionRequest.SerializeToString,
-            hyperbroker_dot_v1_dot_tee__pb2.TeeReply.FromString,
+            '/hyperbroker.v1.Admin/ListVms',
+            hyperbroker_dot_v1_dot_admin__pb2.ListVmsRequest.SerializeToString,
+            hyperbroker_dot_v1_dot_admin__pb2.ListVmsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -306,7 +302,7 @@ class TeeBackend:
             _registered_method=True)
 
     @staticmethod
-    def Cancel(request,
+    def GetStats(request,
             target,
             options=(),
             channel_credentials=None,
@@ -319,9 +315,9 @@ class TeeBackend:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/hyperbroker.v1.TeeBackend/Cancel',
-            hyperbroker_dot_v1_dot_tee__pb2.TeeCancelRequest.SerializeToString,
-            hyperbroker_dot_v1_dot_tee__pb2.TeeReply.FromString,
+            '/hyperbroker.v1.Admin/GetStats',
+            hyperbroker_dot_v1_dot_admin__pb2.GetStatsRequest.SerializeToString,
+            hyperbroker_dot_v1_dot_admin__pb2.Stats.FromString,
             options,
             channel_credentials,
             insecure,
@@ -333,7 +329,7 @@ class TeeBackend:
             _registered_method=True)
 
     @staticmethod
-    def Describe(request,
+    def GetVmHandlerView(request,
             target,
             options=(),
             channel_credentials=None,
@@ -346,9 +342,9 @@ class TeeBackend:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/hyperbroker.v1.TeeBackend/Describe',
-            hyperbroker_dot_v1_dot_tee__pb2.TeeDescribeRequest.SerializeToString,
-            hyperbroker_dot_v1_dot_tee__pb2.TeeDescribeReply.FromString,
+            '/hyperbroker.v1.Admin/GetVmHandlerView',
+            hyperbroker_dot_v1_dot_admin__pb2.VmHandlerViewRequest.SerializeToString,
+            hyperbroker_dot_v1_dot_admin__pb2.VmHandlerView.FromString,
             options,
             channel_credentials,
             insecure,

@@ -34,10 +34,10 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
-from hyperbroker import procs
 from hyperbroker.kvm import SmcccFilter
+from hyperbroker.testing import procs
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 VMM_DIR = REPO_ROOT / "vmm" / "arm64"
 VMM_BUILD_DIR = VMM_DIR / "build"
 

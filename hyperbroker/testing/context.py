@@ -13,7 +13,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from handlers.api import GuestMemoryError, JsonValue, VmInfo
+from hyperbroker.handlers.api import GuestMemoryError, JsonValue, VmInfo
 
 
 class MemoryState:

@@ -17,8 +17,8 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
 
-from broker.kernel_filter import KernelFilterModel, errno_name
-from broker.policy import (
+from hyperbroker.broker.kernel_filter import KernelFilterModel, errno_name
+from hyperbroker.broker.policy import (
     Action,
     Policy,
     PolicyInvalid,
@@ -27,7 +27,7 @@ from broker.policy import (
     static_answers,
     to_json,
 )
-from handlers.api import Handler, discover_plugins
+from hyperbroker.handlers.api import Handler, discover_plugins
 from hyperbroker.kvm import SMCCC_FILTER, SmcccFilter
 from hyperbroker.smccc import merge_ranges, to_s64
 

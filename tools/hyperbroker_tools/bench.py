@@ -25,10 +25,10 @@ from pathlib import Path
 
 import grpc
 
-from hyperbroker import vmm_protocol as proto
-from hyperbroker.procs import start_agent, start_broker
-from hyperbroker.v1 import broker_pb2
-from hyperbroker.vmm_client import GuestRam, VmmClient
+from hyperbroker.testing.procs import start_agent, start_broker
+from hyperbroker.testing.vmm import GuestRam, VmmClient
+from hyperbroker.wire import vmm as proto
+from hyperbroker.wire.v1 import broker_pb2
 
 RND64 = 0xC400_0053
 RND64_X = (RND64, 192) + (0,) * 16  # x0..x17 of every benchmark call
@@ -93,7 +93,7 @@ class EchoBaseline:
     async def __aenter__(self) -> EchoBaseline:
         self._tmp = tempfile.TemporaryDirectory()
         port_file = os.path.join(self._tmp.name, "port")
-        self._proc = subprocess.Popen([sys.executable, "-m", "hyperbroker.bench",
+        self._proc = subprocess.Popen([sys.executable, "-m", "hyperbroker_tools.bench",
                                        "--echo-server", port_file])
         for _ in range(400):
             if os.path.exists(port_file) and Path(port_file).read_text():
@@ -299,7 +299,7 @@ def _median_figures(column: list[Figures]) -> Figures:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from hyperbroker.cli import run_async
+    from hyperbroker.runtime.loop import run as run_async
 
     rows: list[list[Figures]] = []
 
@@ -337,7 +337,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--echo-server":
-        from hyperbroker.cli import run_async as _run
+        from hyperbroker.runtime.loop import run as _run
 
         async def _serve() -> int:
             await _echo_server(sys.argv[2])

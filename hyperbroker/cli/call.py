@@ -8,8 +8,8 @@ import sys
 from hyperbroker import smccc
 from hyperbroker.calls import Outcome
 from hyperbroker.kvm import KVM_HYPERCALL_EXIT_SMC
-from hyperbroker.vmm_client import AgentError, GuestRam, VmmClient
-from hyperbroker.vmm_protocol import ResultMsg, ResultSource
+from hyperbroker.testing.vmm import AgentError, GuestRam, VmmClient
+from hyperbroker.wire.vmm import ResultMsg, ResultSource
 
 SMCCC_ERRORS = {-1: "NOT_SUPPORTED", -2: "NOT_REQUIRED / INVALID_PARAMETERS",
                 -3: "INVALID_PARAMETER / NO_ENTROPY"}

@@ -1,0 +1,46 @@
+"""The tools' subcommands of `hyperbroker`: `demo` and `bench` (entry-point group
+`hyperbroker.commands`; each function adds its parser to the CLI's subparsers)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from hyperbroker.cli.main import non_negative
+
+
+def demo(sub: Any) -> None:
+    p = sub.add_parser("demo", help="broker, agent and simulated guests, with live latency")
+    p.add_argument("--duration", type=float, default=10.0)
+    p.add_argument("--vms", type=int, default=3)
+    p.add_argument("--real-kvm", action="store_true",
+                   help="boot a real arm64 guest under KVM (QEMU) instead of simulated ones")
+    p.set_defaults(func=run_demo)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    if args.real_kvm:
+        from hyperbroker_tools import kvm_bed
+
+        return int(kvm_bed.run_demo(args.duration))
+    from hyperbroker_tools.demo import run_demo as simulated
+
+    return simulated(args.duration, args.vms)
+
+
+def bench(sub: Any) -> None:
+    p = sub.add_parser("bench", help="full-path benchmark against a bare gRPC baseline")
+    p.add_argument("--calls", type=int, default=3000, help="calls per measurement")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians reported)")
+    p.add_argument("--inflight", type=int, nargs="+", default=[1, 64])
+    p.add_argument("--json", help="also write the figures to this JSON file")
+    p.add_argument("--busy-poll-us", type=non_negative, default=1000.0, metavar="US",
+                   help="also measure every level against an agent run with --busy-poll-us US "
+                        "(0: skip)")
+    p.set_defaults(func=run_bench)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from hyperbroker_tools.bench import run_bench as measure
+
+    return measure(args)
