@@ -3,12 +3,9 @@ per-call ones are hyperbroker.fastmetrics families (no lock, no bucket scan)."""
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge
+from hyperbroker.runtime.metrics import LATENCY_BUCKETS, Counter, Gauge, Histogram
 
-from hyperbroker.broker.metrics import LATENCY_BUCKETS
-from hyperbroker.runtime.metrics import FastHistogram
-
-CALL_DURATION = FastHistogram(
+CALL_DURATION = Histogram(
     "hyperbroker_agent_call_duration_seconds",
     "Call received from the VMM to result sent back, by who answered and outcome",
     ["source", "outcome"],
@@ -35,6 +32,6 @@ MEMORY_BYTES = Counter("hyperbroker_agent_memory_bytes_total", "Guest-memory byt
                        ["direction"])
 MEMORY_READ = MEMORY_BYTES.labels("read")
 MEMORY_WRITE = MEMORY_BYTES.labels("write")
-LINK_RTT = FastHistogram("hyperbroker_agent_link_rtt_seconds",
+LINK_RTT = Histogram("hyperbroker_agent_link_rtt_seconds",
                      "Agent -> broker -> agent time per call, minus the broker's own time",
                      buckets=LATENCY_BUCKETS)

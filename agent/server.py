@@ -6,10 +6,8 @@ import asyncio
 import logging
 import signal
 
-from prometheus_client import start_http_server
-
 from hyperbroker.agent.core import Agent, AgentConfig
-from hyperbroker.broker.server import split_hostport
+from hyperbroker.runtime import metrics
 
 log = logging.getLogger("hyperbroker.agent")
 
@@ -23,9 +21,7 @@ async def run_agent(config: AgentConfig) -> int:
     await agent.start()
     metrics_port = None
     if config.metrics_listen:
-        addr, port = split_hostport(config.metrics_listen)
-        httpd, _ = start_http_server(port, addr)
-        metrics_port = httpd.server_port
+        metrics_port = metrics.serve(config.metrics_listen)
     print(f"hyperbroker agent {config.host_id} ready: broker {config.broker}"
           + (f" socket {config.socket_path}" if config.socket_path else "")
           + (f" stream-socket {config.stream_socket_path}" if config.stream_socket_path else "")

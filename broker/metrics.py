@@ -7,17 +7,9 @@ hyperbroker.fastmetrics family: no lock, no bucket scan.
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge
+from hyperbroker.runtime.metrics import BATCH_BUCKETS, LATENCY_BUCKETS, Counter, Gauge, Histogram
 
-from hyperbroker.runtime.metrics import FastCounter, FastHistogram
-
-# Microsecond-range buckets: the whole path is ~100 us, in-broker handling ~10 us.
-LATENCY_BUCKETS = (
-    10e-6, 25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3,
-    0.1, 0.25, 1.0,
-)
-
-CALL_DURATION = FastHistogram(
+CALL_DURATION = Histogram(
     "hyperbroker_broker_call_duration_seconds",
     "Broker time per call, frame received to result queued, by handler, function and outcome",
     ["handler", "function", "outcome"],
@@ -34,12 +26,12 @@ DUPLICATE_CALLS = Counter(
 )
 AGENTS_CONNECTED = Gauge("hyperbroker_broker_agents_connected", "Agent streams open")
 VMS = Gauge("hyperbroker_broker_vms", "VMs registered with this broker")
-FRAMES = FastCounter("hyperbroker_broker_frames_total", "Stream frames", ["direction"])
+FRAMES = Counter("hyperbroker_broker_frames_total", "Stream frames", ["direction"])
 FRAMES_IN = FRAMES.labels("in")
 FRAMES_OUT = FRAMES.labels("out")
-BATCH_SIZE = FastHistogram(
+BATCH_SIZE = Histogram(
     "hyperbroker_broker_batch_size", "Calls per received frame",
-    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+    buckets=BATCH_BUCKETS,
 )
 MEMORY_REQUESTS = Counter(
     "hyperbroker_broker_memory_requests_total", "Guest-memory reads sent to agents"

@@ -20,7 +20,6 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import start_http_server
 
 from hyperbroker.broker.dispatch import Dispatcher
 from hyperbroker.broker.policies import PolicyRegistry
@@ -28,6 +27,8 @@ from hyperbroker.broker.policy import PolicyError, PolicyInvalid
 from hyperbroker.broker.service import AdminService, BrokerService
 from hyperbroker.broker.store import MemoryStore, SqliteStore, Store
 from hyperbroker.handlers.api import discover_plugins
+from hyperbroker.runtime import metrics
+from hyperbroker.runtime.net import split_hostport
 from hyperbroker.runtime.tls import TlsFiles
 from hyperbroker.wire.v1 import admin_pb2, admin_pb2_grpc, broker_pb2, broker_pb2_grpc
 
@@ -53,11 +54,6 @@ class BrokerConfig:
     vm_burst: float = 0.0  # bucket size; 0: one second's worth
     host_expiry_s: float = 600.0  # a host away this long is gone: its VMs are cleaned up
     housekeeping_s: float = 2.0  # how often to look for newer policies and expired hosts
-
-
-def split_hostport(text: str) -> tuple[str, int]:
-    host, _, port = text.rpartition(":")
-    return host.strip("[]") or "0.0.0.0", int(port)
 
 
 class BrokerServer:
@@ -114,9 +110,7 @@ class BrokerServer:
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if self.config.metrics_listen:
-            addr, port = split_hostport(self.config.metrics_listen)
-            httpd, _ = start_http_server(port, addr)
-            self.metrics_port = httpd.server_port
+            self.metrics_port = metrics.serve(self.config.metrics_listen)
         host, _ = split_hostport(self.config.listen)
         pv = self.policies.current
         assert pv is not None

@@ -1,6 +1,8 @@
 """The handler API: what a plugin implements and what the broker gives it per call.
 
-A handler owns whole ABI ranges, answers `async handle(call, ctx) -> Result`, and keeps its
+A handler declares the ABI it serves (`abi`: its name in policies, its function-ID ranges and
+function names; the policy engine learns named ABIs from the installed handlers), answers
+`async handle(call, ctx) -> Result`, and keeps its
 per-VM state through `ctx.state`. Guest memory reads are round trips to the agent; writes are
 buffered and travel with the result. Handlers are discovered through the entry-point group
 `hyperbroker.handlers`. This module must not know about gRPC, the store's backend or the agent.
@@ -11,7 +13,7 @@ from __future__ import annotations
 import abc
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any, ClassVar, Protocol
 
@@ -29,6 +31,17 @@ class HandlerConfigError(ValueError):
 
 class GuestMemoryError(Exception):
     """A guest-memory access was refused: outside the VM's regions, too large, or the VMM failed."""
+
+
+@dataclass(frozen=True, slots=True)
+class Abi:
+    """An ABI as a policy names it (`abi: NAME`): its function-ID ranges, taken whole, and the
+    names of its functions (metric labels, `hyperbroker call NAME`). Two handlers may declare one
+    name (Hyper-V and memshare both serve the vendor-hyp service) only with the same ranges."""
+
+    name: str
+    ranges: tuple[FunctionRange, ...]
+    functions: Mapping[int, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,12 +111,13 @@ class CallContext(Protocol):
 class Handler(abc.ABC):
     """Base class of every handler plugin.
 
-    Subclasses set `plugin` (the entry-point name) and implement `ranges` and `handle`. The
+    Subclasses set `plugin` (the entry-point name) and `abi`, and implement `handle`. The
     constructor takes the handler's `config:` mapping from the policy and raises
     HandlerConfigError on anything it does not accept.
     """
 
     plugin: ClassVar[str]
+    abi: ClassVar[Abi]
     # True when handle() may start inside the broker's stream task: it then runs without a task
     # of its own until its first await (none at all when it never awaits). Such a handler must
     # not call asyncio.current_task(), asyncio.timeout() or anything that binds to the current
@@ -125,9 +139,13 @@ class Handler(abc.ABC):
         return ()
 
     @property
-    @abc.abstractmethod
     def ranges(self) -> Sequence[FunctionRange]:
-        """The ABI ranges this handler owns; a policy must forward all of them to it or none."""
+        """The ABI ranges this handler owns; a policy must forward all of them to it or none.
+        Those of `abi` unless a handler says otherwise (one that declares no `abi` must)."""
+        abi: Abi | None = getattr(type(self), "abi", None)
+        if abi is None:
+            raise TypeError(f"{type(self).__name__} declares neither `abi` nor `ranges`")
+        return abi.ranges
 
     @abc.abstractmethod
     async def handle(self, call: Call, ctx: CallContext) -> Result:
@@ -135,7 +153,8 @@ class Handler(abc.ABC):
 
     def function_name(self, fid: int) -> str | None:
         """A short name for `fid` (metrics label, CLI); None for 'not one of mine'."""
-        return None
+        abi: Abi | None = getattr(type(self), "abi", None)
+        return abi.functions.get(fid) if abi is not None else None
 
     def static_answers(self) -> Mapping[int, Result]:
         """Calls whose answer depends on nothing but the function ID; the agent may serve them."""

@@ -2,7 +2,8 @@
 
 Everything here mirrors Arm DEN0028 (SMC Calling Convention) as the Linux header
 include/linux/arm-smccc.h spells it (reference/kvm-smccc.md §4). It knows nothing of KVM ioctls,
-policy files or handlers; those build on it.
+policy files or handlers; those build on it. An ABI inside the SMCCC space (PSCI, TRNG, FF-A,
+OP-TEE, ...) is defined by the handler package that serves it, not here.
 """
 
 from __future__ import annotations
@@ -178,55 +179,29 @@ def _owner_ranges(owner_id: int, fast: bool = True, yielding: bool = False) -> l
     return out
 
 
-# The ABIs a policy rule may name. Each is the set of function IDs that ABI defines, taken whole:
-# either the kernel or one userspace handler serves it (DESIGN.md "Policy").
-NAMED_ABIS: Mapping[str, tuple[FunctionRange, ...]] = {
-    # PSCI 0.2+: standard service functions 0x00..0x1F (kvmtool's forwarding filters, psci.h).
-    "psci": (FunctionRange(0x8400_0000, 0x20), FunctionRange(0xC400_0000, 0x20)),
-    # SMCCC TRNG, DEN0098: 0x50..0x5F (crosvm smccc_trng.rs owns exactly these).
-    "trng": (FunctionRange(0x8400_0050, 0x10), FunctionRange(0xC400_0050, 0x10)),
-    # FF-A, DEN0077: 0x60..0xFF of the standard secure service (pKVM FFA_MAX_FUNC_NUM 0xFF).
-    "ffa": (FunctionRange(0x8400_0060, 0xA0), FunctionRange(0xC400_0060, 0xA0)),
-    # OP-TEE: Trusted OS owner 50, fast and yielding, plus the owner-63 API calls (CALLS_UID ...).
-    "optee": (
-        FunctionRange(0x3200_0000, 0x1_0000),
-        FunctionRange(0xB200_0000, 0x1_0000),
-        FunctionRange(0xBF00_0000, 0x1_0000),
-    ),
-    # The whole vendor-specific hypervisor service, owner 6: fast and yielding, SMC32 and SMC64.
+# The SMCCC service owners (DEN0028 table 6-1) as a policy may name them whole: fast calls, SMC32
+# and SMC64 (the vendor-hyp service, owner 6, also its yielding calls). An ABI inside one of
+# these is named by the handler that serves it (handlers.api.Abi), not here.
+OWNER_SERVICES: Mapping[str, tuple[FunctionRange, ...]] = {
     "vendor-hyp": tuple(sorted(_owner_ranges(OWNER_VENDOR_HYP, fast=True, yielding=True))),
     "std-hyp": tuple(_owner_ranges(OWNER_STANDARD_HYP)),
     "sip": tuple(_owner_ranges(OWNER_SIP)),
     "oem": tuple(_owner_ranges(OWNER_OEM)),
 }
 
-# Well-known IDs by name, for the CLI and for metric labels (a bounded set).
-KNOWN_FUNCTIONS: Mapping[str, int] = {
-    "SMCCC_VERSION": 0x8000_0000,
-    "SMCCC_ARCH_FEATURES": 0x8000_0001,
-    "SMCCC_ARCH_SOC_ID": 0x8000_0002,
-    "PSCI_VERSION": 0x8400_0000,
-    "PSCI_CPU_SUSPEND": 0xC400_0001,
-    "PSCI_CPU_OFF": 0x8400_0002,
-    "PSCI_CPU_ON": 0xC400_0003,
-    "PSCI_AFFINITY_INFO": 0xC400_0004,
-    "PSCI_MIGRATE_INFO_TYPE": 0x8400_0006,
-    "PSCI_SYSTEM_OFF": 0x8400_0008,
-    "PSCI_SYSTEM_RESET": 0x8400_0009,
-    "PSCI_FEATURES": 0x8400_000A,
-    "TRNG_VERSION": 0x8400_0050,
-    "TRNG_FEATURES": 0x8400_0051,
-    "TRNG_GET_UUID": 0x8400_0052,
-    "TRNG_RND32": 0x8400_0053,
-    "TRNG_RND64": 0xC400_0053,
-    "FFA_VERSION": 0x8400_0063,
-    "FFA_FEATURES": 0x8400_0064,
-    "FFA_ID_GET": 0x8400_0069,
-    "VENDOR_HYP_KVM_FEATURES": 0x8600_0000,
-    "VENDOR_HYP_CALL_UID": 0x8600_FF01,
-    "HV_FUNC_ID": 0x4600_0001,
-    "OPTEE_CALLS_UID": 0xBF00_FF01,
+# The Arm-architecture calls, inside the ranges KVM keeps (DEN0028 §7; arm-smccc.h
+# ARM_SMCCC_VERSION_FUNC_ID, ARM_SMCCC_ARCH_FEATURES_FUNC_ID, ARM_SMCCC_ARCH_SOC_ID_FUNC_ID,
+# ARM_SMCCC_ARCH_WORKAROUND_{1,2,3}): named for the CLI and metric labels.
+ARCH_FUNCTIONS: Mapping[int, str] = {
+    0x8000_0000: "SMCCC_VERSION",
+    0x8000_0001: "SMCCC_ARCH_FEATURES",
+    0x8000_0002: "SMCCC_ARCH_SOC_ID",
+    0x8000_8000: "SMCCC_ARCH_WORKAROUND_1",
+    0x8000_7FFF: "SMCCC_ARCH_WORKAROUND_2",
+    0x8000_3FFF: "SMCCC_ARCH_WORKAROUND_3",
 }
+SMCCC_VERSION = 0x8000_0000
+SMCCC_ARCH_FEATURES = 0x8000_0001
 
 
 def default_function_name(fid: int) -> str:
@@ -245,11 +220,12 @@ def default_function_name(fid: int) -> str:
     return f"{who}-{kind}{width}"
 
 
-def parse_function(text: str) -> int:
-    """A function ID from a name in KNOWN_FUNCTIONS or an integer literal (0x..., decimal)."""
+def parse_function(text: str, names: Mapping[int, str] = ARCH_FUNCTIONS) -> int:
+    """A function ID from one of `names` (any case) or an integer literal (0x..., decimal)."""
     name = text.strip()
-    if name.upper() in KNOWN_FUNCTIONS:
-        return KNOWN_FUNCTIONS[name.upper()]
+    by_name = {n.upper(): fid for fid, n in names.items()}
+    if name.upper() in by_name:
+        return by_name[name.upper()]
     try:
         value = int(name, 0)
     except ValueError:

@@ -17,15 +17,15 @@ import signal
 import sys
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import start_http_server
 
+from hyperbroker.runtime.metrics import serve as serve_metrics
+from hyperbroker.runtime.tls import TlsFiles
 from hyperbroker.tee import metrics
 from hyperbroker.tee.apps import discover_trusted_apps
 from hyperbroker.tee.gp import ParamType, result_name
@@ -39,22 +39,6 @@ T = TypeVar("T")
 
 SERVICE_NAME = tee_pb2.DESCRIPTOR.services_by_name["TeeBackend"].full_name
 DEFAULT_MAX_MESSAGE_BYTES = 16 << 20
-
-
-@dataclass(frozen=True, slots=True)
-class TlsFiles:
-    """PEM files for mTLS: this end's certificate and key, and the CA that signs the peers."""
-
-    cert: Path
-    key: Path
-    ca: Path
-
-    def server_credentials(self) -> grpc.ServerCredentials:
-        return grpc.ssl_server_credentials(
-            [(self.key.read_bytes(), self.cert.read_bytes())],
-            root_certificates=self.ca.read_bytes(),
-            require_client_auth=True,
-        )
 
 
 class BadRequest(ValueError):
@@ -268,14 +252,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     opts = build_parser().parse_args(argv)
     logging.basicConfig(level=opts.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    tls_args = (opts.tls_cert, opts.tls_key, opts.tls_ca)
-    if any(tls_args) and not all(tls_args):
-        print("tee-serve: mTLS needs all of --tls-cert, --tls-key and --tls-ca", file=sys.stderr)
+    try:
+        tls = TlsFiles.from_args(opts.tls_cert, opts.tls_key, opts.tls_ca)
+    except ValueError as e:
+        print(f"tee-serve: {e}", file=sys.stderr)
         return 2
-    tls = TlsFiles(Path(opts.tls_cert), Path(opts.tls_key), Path(opts.tls_ca)) if all(
-        tls_args) else None
     if opts.metrics_port is not None:
-        start_http_server(opts.metrics_port)
+        serve_metrics(f":{opts.metrics_port}")
     host = opts.listen.rpartition(":")[0] or "0.0.0.0"
 
     async def run() -> None:

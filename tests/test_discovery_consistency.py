@@ -29,7 +29,7 @@ from hyperbroker.broker.policy import (
     to_json,
 )
 from hyperbroker.calls import NOT_SUPPORTED, Call, Result
-from hyperbroker.handlers.api import CallContext, Handler, discover_plugins
+from hyperbroker.handlers.api import Abi, CallContext, Handler, discover_plugins
 from hyperbroker.handlers.ffa import abi as ffa_abi
 from hyperbroker.handlers.psci import PsciHandler
 from hyperbroker.handlers.psci import abi as psci_abi
@@ -161,10 +161,7 @@ class TrngFront(Handler):
     """Answers TRNG discovery; the random numbers come from whatever the profile forwards."""
 
     plugin = "trng-front"
-
-    @property
-    def ranges(self) -> Sequence[FunctionRange]:
-        return (TRNG_DISCOVERY,)
+    abi = Abi("trng-front", (TRNG_DISCOVERY,), trng_abi.FUNCTION_NAMES)
 
     async def handle(self, call: Call, ctx: CallContext) -> Result:
         return NOT_SUPPORTED
@@ -180,6 +177,7 @@ class TrngPool(Handler):
     """Serves TRNG_RND32/RND64; `serves` may narrow it (the other answers NOT_SUPPORTED)."""
 
     plugin = "trng-pool"
+    abi = Abi("trng-pool", TRNG_RND, {trng_abi.RND32: "TRNG_RND32", trng_abi.RND64: "TRNG_RND64"})
 
     @classmethod
     def config_keys(cls) -> Sequence[str]:

@@ -8,9 +8,9 @@ import pytest
 
 from hyperbroker.calls import Outcome
 from hyperbroker.handlers.api import HandlerConfigError
-from hyperbroker.handlers.ffa import FfaHandler, abi, endpoints
+from hyperbroker.handlers.ffa import abi, endpoints
 from hyperbroker.handlers.ffa.config import ECHO_UUID
-from hyperbroker.smccc import NAMED_ABIS
+from hyperbroker.handlers.ffa.remote import FfaPlugin
 from hyperbroker.testing.ffa import FfaGuest, error_of
 
 ECHO = {"kind": "echo", "id": 0x8001, "uuid": str(ECHO_UUID)}
@@ -40,35 +40,35 @@ ECHO = {"kind": "echo", "id": 0x8001, "uuid": str(ECHO_UUID)}
 ])
 def test_bad_config_names_the_key(config: dict[str, Any], key: str) -> None:
     with pytest.raises(HandlerConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):
-        FfaHandler(config)
+        FfaPlugin(config)
 
 
 def test_hex_strings_are_accepted_for_ids() -> None:
-    h = FfaHandler({"spmc_id": "0x8100", "partitions": [{**ECHO, "id": "0x8042"}]})
+    h = FfaPlugin({"spmc_id": "0x8100", "partitions": [{**ECHO, "id": "0x8042"}]})
     assert h.settings.spmc_id == 0x8100 and h.partitions.get(0x8042) is not None
 
 
 def test_default_config_serves_echo_and_sha256() -> None:
-    h = FfaHandler({})
+    h = FfaPlugin({})
     assert [p.info.name for p in h.partitions] == ["echo", "sha256"]
 
 
 def test_handler_owns_the_named_ffa_ranges() -> None:
-    h = FfaHandler({})
-    assert tuple(h.ranges) == NAMED_ABIS["ffa"]
+    h = FfaPlugin({})
+    assert tuple(h.ranges) == abi.RANGES
     assert h.function_name(abi.FFA_MEM_SHARE_64) == "FFA_MEM_SHARE_64"
     assert h.function_name(0x8400_00F0) == "FFA_OTHER"
     assert h.function_name(0x8400_0000) is None  # PSCI is not ours
 
 
 def test_named_fallbacks_are_ffa_errors() -> None:
-    fallbacks = FfaHandler({}).named_fallbacks()
+    fallbacks = FfaPlugin({}).named_fallbacks()
     assert fallbacks["busy"].x[:3] == (abi.FFA_ERROR, 0, abi.FfaError.BUSY & abi.W_MASK)
     assert all(r.outcome is Outcome.GUEST_ERROR for r in fallbacks.values())
 
 
 async def test_unknown_ids_in_range_are_answered_not_raised() -> None:
-    g = FfaGuest(FfaHandler({}))
+    g = FfaGuest(FfaPlugin({}))
     for fid in (0x8400_0060, 0x8400_0061, 0xC400_00FF, 0x8400_008F):
         assert error_of(await g.call(fid)) is abi.FfaError.NOT_SUPPORTED
 
@@ -90,7 +90,7 @@ def test_endpoint_ids_run_out_after_32767_vms() -> None:
 
 
 async def test_no_endpoint_id_left_is_no_memory() -> None:
-    g = FfaGuest(FfaHandler({}))
+    g = FfaGuest(FfaPlugin({}))
     g.ctx.shared.put({"schema": 1, "next": 1,
                       "by_id": {str(i): f"h/{i}" for i in range(1, 0x8000)},
                       "by_vm": {f"h/{i}": i for i in range(1, 0x8000)}})

@@ -18,7 +18,7 @@ import pytest
 import trustme
 from prometheus_client import REGISTRY
 
-from hyperbroker.handlers.ffa import FfaHandler, abi
+from hyperbroker.handlers.ffa import abi
 from hyperbroker.handlers.ffa.abi import FfaError
 from hyperbroker.handlers.ffa.config import ECHO_UUID, SHA256_UUID
 from hyperbroker.handlers.ffa.discovery import uuid_to_pair
@@ -32,8 +32,9 @@ from hyperbroker.handlers.ffa.partitions import (
     SharedMemory,
     digest_words,
 )
-from hyperbroker.handlers.ffa.remote import PartitionServer
+from hyperbroker.handlers.ffa.remote import FfaPlugin
 from hyperbroker.testing.ffa import BUFFER_ADDRESS, FfaGuest, error_of, handle_of
+from hyperbroker.testing.ffa_partition import PartitionServer
 
 ECHO, SHA, PROBE = 0x8001, 0x8002, 0x8003
 PROBE_UUID = "0b5c1f6e-9a57-4d8e-9d2c-3f1e2a4b5c6d"
@@ -94,7 +95,7 @@ async def service() -> AsyncIterator[tuple[str, ProbingPartition]]:
 
 @pytest.fixture
 async def guest(service: tuple[str, ProbingPartition]) -> AsyncIterator[FfaGuest]:
-    g = FfaGuest(FfaHandler(remote_config(service[0])))
+    g = FfaGuest(FfaPlugin(remote_config(service[0])))
     await g.setup()
     yield g
     await g.handler.close()
@@ -161,7 +162,7 @@ async def test_reclaim_and_destroy_reach_the_remote_service(
 
 
 async def test_unreachable_service_answers_aborted_and_marks_it_down() -> None:
-    g = FfaGuest(FfaHandler(remote_config("127.0.0.1:1", timeout_ms=500)))
+    g = FfaGuest(FfaPlugin(remote_config("127.0.0.1:1", timeout_ms=500)))
     await g.setup()
     r = await g.call(abi.FFA_MSG_SEND_DIRECT_REQ_64, to(g, ECHO), 0)
     assert error_of(r) is FfaError.ABORTED
@@ -186,7 +187,7 @@ async def test_remote_partition_over_tls(tmp_path: Path) -> None:
     ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
     spec = {"kind": "remote", "id": ECHO, "uuid": str(ECHO_UUID), "target": f"localhost:{port}",
             "tls_ca": str(tmp_path / "ca.pem")}
-    g = FfaGuest(FfaHandler({"partitions": [spec]}))
+    g = FfaGuest(FfaPlugin({"partitions": [spec]}))
     await g.setup()
     r = await g.call(abi.FFA_MSG_SEND_DIRECT_REQ_64, to(g, ECHO), 0, 77)
     assert r.x[0] == abi.FFA_MSG_SEND_DIRECT_RESP_64 and r.x[3] == 77
@@ -204,7 +205,7 @@ async def test_service_that_hangs_up_without_answering_is_aborted() -> None:
         {"DirectMessage": grpc.stream_stream_rpc_method_handler(hang_up)})])
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    g = FfaGuest(FfaHandler(remote_config(f"127.0.0.1:{port}")))
+    g = FfaGuest(FfaPlugin(remote_config(f"127.0.0.1:{port}")))
     await g.setup()
     r = await g.call(abi.FFA_MSG_SEND_DIRECT_REQ_64, to(g, ECHO), 0)
     assert error_of(r) is FfaError.ABORTED

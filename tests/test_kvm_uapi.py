@@ -15,8 +15,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hyperbroker import kvm, smccc
+from hyperbroker.broker.policy.abis import AbiCatalog
+from hyperbroker.handlers.api import discover_plugins
 from hyperbroker.kvm import FilterAction, SmcccFilter, filter_errno
 from hyperbroker.smccc import FunctionRange
+
+CATALOG = AbiCatalog.from_plugins(discover_plugins())
+NAMED = CATALOG.ranges
+NAMES = CATALOG.names
 
 u8 = st.integers(0, 0xFF)
 u32 = st.integers(0, 0xFFFF_FFFF)
@@ -251,9 +257,11 @@ def test_uuid_to_regs_refuses_anything_but_16_bytes(n: int) -> None:
 
 @pytest.mark.parametrize(("text", "fid"), [
     ("PSCI_VERSION", 0x8400_0000),
-    ("psci_cpu_on", 0xC400_0003),
+    ("psci_cpu_on", 0x8400_0003),  # the SMC32 ID, as psci.h's PSCI_0_2_FN_CPU_ON
+    ("psci_cpu_on64", 0xC400_0003),
     ("  TRNG_RND64 ", 0xC400_0053),
     ("HV_FUNC_ID", 0x4600_0001),
+    ("smccc_arch_features", 0x8000_0001),
     ("0x84000050", 0x8400_0050),
     ("0XBF00FF01", 0xBF00_FF01),
     ("2214592512", 0x8400_0000),
@@ -261,7 +269,14 @@ def test_uuid_to_regs_refuses_anything_but_16_bytes(n: int) -> None:
     ("0xffffffff", 0xFFFF_FFFF),
 ])
 def test_parse_function_accepts_known_names_and_integer_literals(text: str, fid: int) -> None:
-    assert smccc.parse_function(text) == fid
+    assert smccc.parse_function(text, NAMES) == fid
+
+
+def test_parse_function_alone_knows_only_the_arm_architecture_names() -> None:
+    # Handler ABIs name their own functions: without them only SMCCC's own names resolve.
+    assert smccc.parse_function("SMCCC_VERSION") == 0x8000_0000
+    with pytest.raises(ValueError, match="unknown function"):
+        smccc.parse_function("PSCI_VERSION")
 
 
 @pytest.mark.parametrize("text", ["", "PSCI_FROB", "0x1_0000_0000", "-1", "0x", "84000000h"])
@@ -271,14 +286,17 @@ def test_parse_function_refuses_unknown_names_and_ids_beyond_32_bits(text: str) 
 
 
 def test_known_functions_agree_with_the_reference_ids() -> None:
-    known = smccc.KNOWN_FUNCTIONS
-    assert known["SMCCC_VERSION"] == 0x8000_0000  # §4.3
-    assert known["PSCI_CPU_ON"] == 0xC400_0003  # §5.1
+    # The names the installed handlers declare, with SMCCC's own (arm-smccc.h, psci.h, DEN0098).
+    known = {name: fid for fid, name in NAMES.items()}
+    assert known["SMCCC_VERSION"] == 0x8000_0000
+    assert known["SMCCC_ARCH_WORKAROUND_1"] == 0x8000_8000
+    assert known["PSCI_CPU_ON64"] == 0xC400_0003
     assert known["PSCI_SYSTEM_RESET"] == 0x8400_0009
-    assert known["TRNG_GET_UUID"] == 0x8400_0052  # §5.2
-    assert known["VENDOR_HYP_CALL_UID"] == 0x8600_FF01  # §5.3
+    assert known["TRNG_GET_UUID"] == 0x8400_0052
+    assert known["VENDOR_HYP_CALL_UID"] == 0x8600_FF01
     assert known["OPTEE_CALLS_UID"] == 0xBF00_FF01
     assert all(0 <= fid <= 0xFFFF_FFFF for fid in known.values())
+    assert smccc.parse_function("psci_cpu_on64", NAMES) == 0xC400_0003
 
 
 # Every label default_function_name can give: one per (kind, width, owner) over the 64 owners.
@@ -313,11 +331,12 @@ def test_default_function_name_does_not_call_reserved_owners_trusted_os(own: int
     assert not name.startswith("trusted-os")
 
 
-# ---- NAMED_ABIS ---------------------------------------------------------------------------------
+# ---- the named ABIs: SMCCC service owners and what the installed handlers declare ------------
 
 
 def all_named_ranges() -> list[tuple[str, FunctionRange]]:
-    return [(abi, r) for abi, ranges in smccc.NAMED_ABIS.items() for r in ranges]
+    # vendor-hyp holds Hyper-V's and KVM's vendor services: one owner, one ABI name.
+    return [(abi, r) for abi, ranges in NAMED.items() for r in ranges]
 
 
 @pytest.mark.parametrize(("abi", "r"), all_named_ranges(), ids=lambda v: str(v))
@@ -356,7 +375,7 @@ def test_named_abis_cover_the_reference_ids() -> None:
     }
     for abi, fids in expect.items():
         for fid in fids:
-            assert any(fid in r for r in smccc.NAMED_ABIS[abi]), f"{fid:#010x} not in {abi}"
+            assert any(fid in r for r in NAMED[abi]), f"{fid:#010x} not in {abi}"
 
 
 def test_named_abi_ranges_keep_their_owner() -> None:

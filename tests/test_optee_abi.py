@@ -10,7 +10,7 @@ from hyperbroker.calls import Call, Outcome, Result
 from hyperbroker.handlers.api import HandlerConfigError
 from hyperbroker.handlers.optee import OpteeHandler, abi
 from hyperbroker.handlers.optee.abi import SmcReturn
-from hyperbroker.smccc import NAMED_ABIS
+from hyperbroker.handlers.optee.grpc_backend import OpteePlugin
 from hyperbroker.testing.optee import Harness
 
 
@@ -119,7 +119,7 @@ async def test_static_answers_exclude_calls_that_depend_on_registers_or_state(
 
 def test_ranges_are_the_named_optee_abi(tmp_path: Path) -> None:
     h = Harness(tmp_path)
-    assert tuple(h.handler.ranges) == NAMED_ABIS["optee"]
+    assert tuple(h.handler.ranges) == abi.RANGES
     assert OpteeHandler.plugin == "optee"
 
 
@@ -148,16 +148,16 @@ def test_foreign_interrupt_fallback_writes_only_a0(tmp_path: Path) -> None:
 ])
 def test_config_errors_name_the_key(config: dict[str, object], key: str) -> None:
     with pytest.raises(HandlerConfigError, match=key):
-        OpteeHandler(config)
+        OpteePlugin(config)
 
 
 def test_tls_files_must_exist(tmp_path: Path) -> None:
     cfg = {"backend": "x:1", "tls_cert": str(tmp_path / "c"), "tls_key": str(tmp_path / "k"),
            "tls_ca": str(tmp_path / "ca")}
     with pytest.raises(HandlerConfigError, match="tls_cert"):
-        OpteeHandler(cfg)
+        OpteePlugin(cfg)
 
 
 def test_a_valid_config_builds_without_connecting() -> None:
-    h = OpteeHandler({"backend": "127.0.0.1:1", "yield_ms": 0, "thread_count": 2})
+    h = OpteePlugin({"backend": "127.0.0.1:1", "yield_ms": 0, "thread_count": 2})
     assert h.thread_count == 2 and h.yield_s == 0

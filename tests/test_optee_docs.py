@@ -10,8 +10,9 @@ import pytest
 
 from hyperbroker.broker.policy import load_policy
 from hyperbroker.calls import Call
-from hyperbroker.handlers.optee import OpteeHandler, abi
+from hyperbroker.handlers.optee import abi
 from hyperbroker.handlers.optee.abi import SmcReturn
+from hyperbroker.handlers.optee.grpc_backend import OpteePlugin
 from hyperbroker.tee.uuids import WELL_KNOWN
 from hyperbroker.testing.optee import Harness
 
@@ -56,7 +57,7 @@ async def test_each_call_answers_what_the_table_says(tmp_path: Path, row: list[s
 def test_the_configuration_defaults_are_the_documented_ones() -> None:
     rows = {key.strip("`"): r[1] for r in table_rows(section("Configuration"))
             for key in r[0].split(", ")}
-    h = OpteeHandler({"backend": "127.0.0.1:1"})
+    h = OpteePlugin({"backend": "127.0.0.1:1"})
     assert int(rows["timeout_ms"]) / 1000 == h.backend.timeout  # type: ignore[attr-defined]
     assert int(rows["yield_ms"]) / 1000 == h.yield_s
     assert int(rows["thread_count"]) == h.thread_count
@@ -66,7 +67,7 @@ def test_the_configuration_defaults_are_the_documented_ones() -> None:
     assert int(rows["max_shm_pages"]) == h.limits.max_shm_pages
     assert int(rows["max_sessions"]) == h.limits.max_sessions
     assert rows["os_revision"].strip("`") == "{}.{}".format(*h.fast.os_revision)
-    assert set(rows) == set(OpteeHandler.config_keys())
+    assert set(rows) == set(OpteePlugin.config_keys())
 
 
 def test_the_shipped_ta_uuids_are_the_documented_ones() -> None:
@@ -79,6 +80,6 @@ def test_the_policy_example_compiles_with_the_handler() -> None:
     example = re.search(r"```yaml\n(handlers:.*?)```", DOC, re.S)
     assert example is not None
     text = "\n".join(line for line in example.group(1).splitlines() if "tls_" not in line)
-    policy = load_policy(text, {"optee": OpteeHandler})
+    policy = load_policy(text, {"optee": OpteePlugin})
     rules = {r.name: r for p in policy.profiles.values() for r in p.rules}
     assert rules["optee-yield"].fallback.mask == 0x1

@@ -15,6 +15,7 @@ import pytest
 import trustme
 
 from hyperbroker.handlers.optee import OpteeHandler
+from hyperbroker.handlers.optee.grpc_backend import OpteePlugin
 from hyperbroker.tee.apps import mac, storage
 from hyperbroker.tee.apps.storage import decode_id_list
 from hyperbroker.tee.gp import Origin, ParamType, TeeResult
@@ -34,7 +35,7 @@ def tee(tmp_path: Path) -> Iterator[TeeProcess]:
 
 @pytest.fixture
 async def handler(tee: TeeProcess) -> AsyncIterator[OpteeHandler]:
-    h = OpteeHandler({"backend": tee.address, "timeout_ms": 3000})
+    h = OpteePlugin({"backend": tee.address, "timeout_ms": 3000})
     yield h
     await h.close()
 
@@ -122,7 +123,7 @@ async def test_two_vms_cannot_see_each_others_objects_or_keys(handler: OpteeHand
 async def test_service_restart_loses_sessions_and_keeps_objects(tmp_path: Path) -> None:
     state = tmp_path / "tee-state"
     tee = start_tee_process(state)
-    handler = OpteeHandler({"backend": tee.address, "timeout_ms": 1000, "yield_ms": 50})
+    handler = OpteePlugin({"backend": tee.address, "timeout_ms": 1000, "yield_ms": 50})
     g = guest_of(handler)
     try:
         session = await open_ok(g, SECURE_STORAGE_TA)
@@ -178,7 +179,7 @@ def tls_tee(tmp_path: Path, pki: dict[str, Path]) -> Iterator[TeeProcess]:
 
 async def test_mtls_between_proxy_and_service(tls_tee: TeeProcess,
                                               pki: dict[str, Path]) -> None:
-    handler = OpteeHandler({"backend": tls_tee.address, "tls_cert": str(pki["proxy-cert"]),
+    handler = OpteePlugin({"backend": tls_tee.address, "tls_cert": str(pki["proxy-cert"]),
                             "tls_key": str(pki["proxy-key"]), "tls_ca": str(pki["ca"]),
                             "tls_server_name": "tee.example"})
     try:
@@ -195,7 +196,7 @@ async def test_mtls_refuses_a_client_from_another_ca(tls_tee: TeeProcess,
          "tls_ca": str(pki["ca"]), "tls_server_name": "tee.example"},
         {},  # plaintext against a TLS port
     ):
-        handler = OpteeHandler({"backend": tls_tee.address, "timeout_ms": 1000, **config})
+        handler = OpteePlugin({"backend": tls_tee.address, "timeout_ms": 1000, **config})
         try:
             r = await guest_of(handler).driver.open_session(SECURE_STORAGE_TA)
             assert (r.ret, r.origin) == (TeeResult.COMMUNICATION, Origin.COMMS)
@@ -205,7 +206,7 @@ async def test_mtls_refuses_a_client_from_another_ca(tls_tee: TeeProcess,
 
 async def test_mtls_refuses_a_service_from_another_ca(tls_tee: TeeProcess,
                                                       pki: dict[str, Path]) -> None:
-    handler = OpteeHandler({"backend": tls_tee.address, "timeout_ms": 1000,
+    handler = OpteePlugin({"backend": tls_tee.address, "timeout_ms": 1000,
                             "tls_cert": str(pki["proxy-cert"]), "tls_key": str(pki["proxy-key"]),
                             "tls_ca": str(pki["stranger-ca"]), "tls_server_name": "tee.example"})
     try:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from prometheus_client import REGISTRY
 
-from hyperbroker.handlers.optee import OpteeHandler
+from hyperbroker.handlers.optee.grpc_backend import OpteePlugin
 from hyperbroker.handlers.optee.state import VmTeeState
 from hyperbroker.tee import server
 from hyperbroker.tee.apps import BUILTIN, storage
@@ -162,7 +162,7 @@ async def test_a_close_the_service_missed_is_sent_again_later(tmp_path: Path) ->
 async def test_a_silent_service_costs_at_most_the_timeout(tmp_path: Path) -> None:
     # A real gRPC service whose TA never answers in time: the deadline bounds the guest's wait.
     running = await server.start("127.0.0.1:0", tmp_path / "tee", apps=(*BUILTIN, EchoTa))
-    handler = OpteeHandler({"backend": f"127.0.0.1:{running.port}", "timeout_ms": 300,
+    handler = OpteePlugin({"backend": f"127.0.0.1:{running.port}", "timeout_ms": 300,
                             "yield_ms": 0})
     g = guest_of(handler)
     try:
@@ -177,7 +177,7 @@ async def test_a_silent_service_costs_at_most_the_timeout(tmp_path: Path) -> Non
 
 
 async def test_a_service_that_is_not_there_costs_at_most_the_timeout() -> None:
-    handler = OpteeHandler({"backend": "127.0.0.1:9", "timeout_ms": 300, "yield_ms": 0})
+    handler = OpteePlugin({"backend": "127.0.0.1:9", "timeout_ms": 300, "yield_ms": 0})
     g = guest_of(handler)
     started = time.monotonic()
     r = await g.driver.open_session(ECHO_TA)

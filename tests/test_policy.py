@@ -26,9 +26,12 @@ from hyperbroker.broker.policy import (
 )
 from hyperbroker.calls import NOT_SUPPORTED, Call, MemoryWrite, Outcome, Result, VmmAction
 from hyperbroker.calls import ActionKind as VmmActionKind
-from hyperbroker.handlers.api import CallContext, Handler, HandlerConfigError
+from hyperbroker.handlers.api import Abi, CallContext, Handler, HandlerConfigError
+from hyperbroker.handlers.ffa.handler import FfaHandler
+from hyperbroker.handlers.psci import abi as psci_abi
+from hyperbroker.handlers.trng import abi as trng_abi
 from hyperbroker.kvm import FilterAction
-from hyperbroker.smccc import NAMED_ABIS, NOT_SUPPORTED_U64, FunctionRange
+from hyperbroker.smccc import NOT_SUPPORTED_U64, FunctionRange
 from hyperbroker.wire.v1 import broker_pb2
 
 TRNG_VERSION = 0x8400_0050
@@ -44,14 +47,11 @@ class FakeTrng(Handler):
     """Owns the TRNG ABI (DEN0098), names its functions, has static answers and a named fallback."""
 
     plugin = "trng"
+    abi = Abi("trng", trng_abi.RANGES, trng_abi.FUNCTION_NAMES)
 
     @classmethod
     def config_keys(cls) -> Sequence[str]:
         return ("uuid",)
-
-    @property
-    def ranges(self) -> Sequence[FunctionRange]:
-        return NAMED_ABIS["trng"]
 
     async def handle(self, call: Call, ctx: CallContext) -> Result:
         return NOT_SUPPORTED
@@ -78,6 +78,7 @@ class PsciVersionOnly(Handler):
     """Owns the single function PSCI_VERSION, as the selftest's filters do (§9.2 rows 7, 8)."""
 
     plugin = "psci-version"
+    abi = Abi("psci", psci_abi.RANGES, psci_abi.FUNCTION_NAMES)
 
     @property
     def ranges(self) -> Sequence[FunctionRange]:
@@ -122,6 +123,7 @@ PLUGINS: Mapping[str, type[Handler]] = {
     "psci-version": PsciVersionOnly,
     "picky": Picky,
     "crashes": Crashes,
+    "ffa": FfaHandler,  # only its ABI is used: the catalog reads it from the class
 }
 
 FORWARD_TRNG: dict[str, Any] = {
@@ -173,13 +175,13 @@ def test_a_forward_rule_compiles_to_records_dispatch_deadline_and_fallback() -> 
     ]
     (rule,) = profile.rules
     assert rule.action is Action.FORWARD and rule.handler == "trng"
-    assert rule.ranges == NAMED_ABIS["trng"]
+    assert rule.ranges == trng_abi.RANGES
     assert rule.deadline_us == profile.default_deadline_us == 100_000
     assert rule.fallback.x == (NOT_SUPPORTED_U64, 0, 0, 0) and rule.fallback.mask == 0xF
     assert rule.fallback.outcome is Outcome.FALLBACK
     assert rule.agent_static
     assert [(e.range, e.handler) for e in profile.dispatch] == [
-        (r, "trng") for r in NAMED_ABIS["trng"]
+        (r, "trng") for r in trng_abi.RANGES
     ]
 
 
@@ -198,8 +200,8 @@ profiles:
     ]
 
 
-def test_function_names_from_known_functions_resolve_to_ids() -> None:
-    policy = load([deny("d", functions=["PSCI_CPU_ON", "psci_cpu_off", "0x86000001"])],
+def test_function_names_from_the_handlers_abis_resolve_to_ids() -> None:
+    policy = load([deny("d", functions=["PSCI_CPU_ON64", "psci_cpu_off", "0x86000001"])],
                   handlers={})
     assert policy.profiles["default"].rules[0].ranges == (
         FunctionRange(0x8400_0002, 1), FunctionRange(KVM_PTP, 1), FunctionRange(PSCI_CPU_ON_64, 1),
@@ -499,7 +501,7 @@ def test_a_forward_to_an_undeclared_handler_instance_is_refused() -> None:
 def test_a_plugin_that_is_not_installed_is_refused() -> None:
     error = only_error([], handlers={"tee": {"plugin": "optee"}})
     assert error.message.startswith("handler 'tee': plugin 'optee' is not installed")
-    assert "installed: crashes, picky, psci-version, trng" in error.message
+    assert "installed: crashes, ffa, picky, psci-version, trng" in error.message
 
 
 def test_the_plugin_defaults_to_the_instance_name() -> None:
@@ -595,8 +597,8 @@ def test_two_rules_overlapping_is_eexist_naming_both_rules_and_ranges() -> None:
 
 def test_ranges_overlapping_within_one_rule_is_eexist() -> None:
     error = only_error([deny("d", abi="psci", functions=["PSCI_CPU_ON"])])
-    assert error.message == ("profile 'default', rule 'd': [0xc4000000, 0xc4000020) overlaps "
-                             "[0xc4000003, 0xc4000004) of the same rule")
+    assert error.message == ("profile 'default', rule 'd': [0x84000000, 0x84000020) overlaps "
+                             "[0x84000003, 0x84000004) of the same rule")
     assert error.errno_name == "EEXIST" and error.rules == ("d",)
 
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 from hyperbroker.broker.kernel_filter import KernelFilterModel
 from hyperbroker.broker.policy import DEFAULT_PROFILE, Action, Policy, load_policy
+from hyperbroker.broker.policy.abis import AbiCatalog
 from hyperbroker.handlers.api import ENTRY_POINT_GROUP, discover_plugins
 from hyperbroker.kvm import FilterAction
 from hyperbroker.smccc import (
-    NAMED_ABIS,
     OWNER_OEM,
     OWNER_SIP,
     OWNER_VENDOR_HYP,
@@ -19,6 +19,7 @@ from hyperbroker.smccc import (
 )
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "policy.yaml"
+NAMED = AbiCatalog.from_plugins(discover_plugins()).ranges
 
 
 def example() -> Policy:
@@ -42,7 +43,7 @@ def test_every_shipped_handler_has_an_instance_in_the_example() -> None:
 def test_the_default_profile_forwards_the_whole_trng_abi_to_trng() -> None:
     profile = example().profiles[DEFAULT_PROFILE]
     forwarded = [e.range for e in profile.dispatch if e.handler == "trng"]
-    assert merge_ranges(forwarded) == list(NAMED_ABIS["trng"])
+    assert merge_ranges(forwarded) == list(NAMED["trng"])
 
 
 def test_every_handler_instance_serves_some_profile() -> None:
@@ -55,7 +56,7 @@ def test_the_default_profile_forwards_psci_ffa_and_vendor_hyp_whole() -> None:
     profile = example().profiles[DEFAULT_PROFILE]
     for abi, handler in (("psci", "psci"), ("ffa", "ffa"), ("vendor-hyp", "memshare")):
         forwarded = [e.range for e in profile.dispatch if e.handler == handler]
-        assert merge_ranges(forwarded) == list(NAMED_ABIS[abi]), abi
+        assert merge_ranges(forwarded) == list(NAMED[abi]), abi
 
 
 def test_the_default_profile_denies_the_firmware_services_in_the_kernel() -> None:
@@ -68,7 +69,7 @@ def test_the_default_profile_denies_the_firmware_services_in_the_kernel() -> Non
 def test_the_hyperv_guest_profile_gives_the_vendor_hyp_range_to_the_persona() -> None:
     profile = example().profiles["hyperv-guest"]
     forwarded = [e.range for e in profile.dispatch if e.handler == "hyperv"]
-    assert merge_ranges(forwarded) == list(NAMED_ABIS["vendor-hyp"])
+    assert merge_ranges(forwarded) == list(NAMED["vendor-hyp"])
     assert all(owner(e.range.base) != OWNER_VENDOR_HYP for e in profile.dispatch
                if e.handler != "hyperv")
 

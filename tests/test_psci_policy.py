@@ -1,6 +1,6 @@
 """Policy and userspace PSCI: a profile forwards the PSCI range whole or not at all (issue 6
-item 2), because the handler declares NAMED_ABIS["psci"] as its ranges and the policy engine
-(broker/policy.py) refuses a split ABI."""
+item 2), because the handler declares the PSCI range as its ABI and the policy engine
+(hyperbroker.broker.policy) refuses a split ABI."""
 
 from __future__ import annotations
 

@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 from hyperbroker.calls import Call, Outcome, Result
 from hyperbroker.handlers.api import HandlerConfigError
 from hyperbroker.handlers.trng import TrngHandler, abi
-from hyperbroker.smccc import NAMED_ABIS, NR_ARGS
+from hyperbroker.handlers.trng import abi as trng_abi
+from hyperbroker.smccc import NR_ARGS
 from hyperbroker.testing.context import FakeContext
 
 # §5.2: ARM_SMCCC_TRNG_VERSION, _FEATURES, _GET_UUID, _RND32, _RND64.
@@ -196,7 +197,7 @@ async def test_os_entropy_respects_n() -> None:
 
 
 OTHER_TRNG_IDS = [
-    fid for r in NAMED_ABIS["trng"] for fid in range(r.base, r.end) if fid not in TRNG_FUNCTIONS
+    fid for r in trng_abi.RANGES for fid in range(r.base, r.end) if fid not in TRNG_FUNCTIONS
 ]
 
 

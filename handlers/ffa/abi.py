@@ -11,11 +11,16 @@ import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from hyperbroker.smccc import U64_MASK
+from hyperbroker.smccc import U64_MASK, FunctionRange
 
 W_MASK = 0xFFFF_FFFF  # wN is the low 32 bits of xN (§0)
 
 # §1 function IDs: SMC32 = 0x84000000 | fn, SMC64 = 0xC4000000 | fn.
+# FF-A is the fast functions 0x60..0xFF of the standard secure service, SMC32 and SMC64: what
+# pKVM treats as FF-A (Linux arch/arm64/kvm/hyp/include/nvhe/ffa.h FFA_MIN_FUNC_NUM 0x60,
+# FFA_MAX_FUNC_NUM 0xFF; 0x7F in older kernels). DEN0077 allocates 0x60..0x90 so far. The ABI
+# is this range, whole.
+RANGES = (FunctionRange(0x8400_0060, 0xA0), FunctionRange(0xC400_0060, 0xA0))
 FFA_ERROR = 0x8400_0060
 FFA_SUCCESS_32 = 0x8400_0061
 FFA_SUCCESS_64 = 0xC400_0061

@@ -1,22 +1,20 @@
 """The FF-A handler's configuration: limits, the SPMC ID and the partition set, validated.
 
 The policy's `config:` mapping for the ffa handler is checked here, key by key; anything wrong
-raises HandlerConfigError naming the key. Partitions are `echo`, `sha256` (built in) or
-`remote` (a FfaPartition gRPC service). Without a `partitions` key the handler serves one echo
+raises HandlerConfigError naming the key. Partitions are of a kind: `echo` and `sha256`
+are built in; a handler class may add kinds (the installed plugin adds `remote`, a FfaPartition
+gRPC service, in handlers.ffa.remote). Without a `partitions` key the handler serves one echo
 and one SHA-256 partition, because a Linux guest's FF-A driver fails its probe when no partition
-is reported (reference/ffa.md §7 step 8). No I/O happens here besides reading TLS files named
-in the configuration; channels open on first use.
+is reported (Linux drivers/firmware/arm_ffa/driver.c, ffa_setup_partitions: no partition, no
+FF-A devices). No I/O happens here besides the checks a kind makes of files it names.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
-
-import grpc
 
 from hyperbroker.handlers.api import HandlerConfigError
 from hyperbroker.handlers.ffa import abi
@@ -28,7 +26,6 @@ from hyperbroker.handlers.ffa.partitions import (
     PartitionSet,
     Sha256Partition,
 )
-from hyperbroker.handlers.ffa.remote import RemotePartition
 
 # uuid5(NAMESPACE_URL, "urn:hyperbroker:ffa:<kind>"): fixed, so guests can match on them.
 ECHO_UUID = uuid.UUID("aa9ba0ec-0243-587a-b991-4243e1bc11d5")
@@ -55,11 +52,22 @@ DEFAULTS = {
     "max_descriptor_bytes": 64 * 1024,
     "spmc_id": abi.DEFAULT_SPMC_ID,
 }
-PARTITION_KEYS = {
-    "echo": {"name", "kind", "id", "uuid", "exec_contexts", "properties"},
-    "sha256": {"name", "kind", "id", "uuid", "exec_contexts", "properties"},
-    "remote": {"name", "kind", "id", "uuid", "exec_contexts", "properties", "target",
-               "timeout_ms", "tls_ca", "tls_cert", "tls_key"},
+COMMON_KEYS = frozenset({"name", "kind", "id", "uuid", "exec_contexts", "properties"})
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionKind:
+    """How to build one kind of partition from its policy entry: the keys it adds to
+    COMMON_KEYS, those of them it requires, and a builder that raises HandlerConfigError."""
+
+    keys: frozenset[str]
+    required: tuple[str, ...]
+    build: Callable[[PartitionInfo, Mapping[str, Any], str], Partition]
+
+
+BUILTIN_KINDS: Mapping[str, PartitionKind] = {
+    "echo": PartitionKind(frozenset(), (), lambda info, spec, where: EchoPartition(info)),
+    "sha256": PartitionKind(frozenset(), (), lambda info, spec, where: Sha256Partition(info)),
 }
 
 
@@ -71,7 +79,7 @@ class FfaConfig:
     partitions: PartitionSet
 
 
-def _int(value: Any, key: str, lo: int, hi: int) -> int:
+def config_int(value: Any, key: str, lo: int, hi: int) -> int:
     if isinstance(value, bool):
         raise HandlerConfigError(f"{key}: {value!r} is not an integer")
     try:
@@ -83,26 +91,20 @@ def _int(value: Any, key: str, lo: int, hi: int) -> int:
     return n
 
 
-def _read(path: Any, key: str) -> bytes:
-    try:
-        return Path(str(path)).read_bytes()
-    except OSError as err:
-        raise HandlerConfigError(f"{key}: cannot read {path}: {err.strerror}") from None
-
-
-def _partition(spec: Any, where: str, spmc_id: int) -> Partition:
+def _partition(spec: Any, where: str, spmc_id: int,
+               kinds: Mapping[str, PartitionKind]) -> Partition:
     if not isinstance(spec, Mapping):
         raise HandlerConfigError(f"{where}: a partition is a mapping")
     kind = spec.get("kind")
-    if kind not in PARTITION_KEYS:
-        raise HandlerConfigError(f"{where}.kind: {kind!r} is not one of {sorted(PARTITION_KEYS)}")
-    unknown = set(spec) - PARTITION_KEYS[kind]
+    if not isinstance(kind, str) or kind not in kinds:
+        raise HandlerConfigError(f"{where}.kind: {kind!r} is not one of {sorted(kinds)}")
+    unknown = set(spec) - COMMON_KEYS - kinds[kind].keys
     if unknown:
         raise HandlerConfigError(f"{where}: unknown key(s) {sorted(unknown)} for kind {kind}")
-    for needed in ("id", "uuid") + (("target",) if kind == "remote" else ()):
+    for needed in ("id", "uuid", *kinds[kind].required):
         if needed not in spec:
             raise HandlerConfigError(f"{where}.{needed}: required")
-    pid = _int(spec["id"], f"{where}.id", abi.ENDPOINT_SECURE_BIT, abi.SPMD_ID - 1)
+    pid = config_int(spec["id"], f"{where}.id", abi.ENDPOINT_SECURE_BIT, abi.SPMD_ID - 1)
     if pid == spmc_id:
         raise HandlerConfigError(f"{where}.id: {pid:#x} is the SPMC's ID")
     try:
@@ -116,43 +118,26 @@ def _partition(spec: Any, where: str, spmc_id: int) -> Partition:
         name=name,
         partition_id=pid,
         uuid=puuid,
-        exec_contexts=_int(spec.get("exec_contexts", 1), f"{where}.exec_contexts", 1, 0xFFFF),
+        exec_contexts=config_int(spec.get("exec_contexts", 1), f"{where}.exec_contexts", 1,
+                                 0xFFFF),
     )
     if "properties" in spec:
         info = PartitionInfo(name, pid, puuid, info.exec_contexts,
-                             _int(spec["properties"], f"{where}.properties", 0, 0x7FF))
-    if kind == "echo":
-        return EchoPartition(info)
-    if kind == "sha256":
-        return Sha256Partition(info)
-    credentials = None
-    if any(k in spec for k in ("tls_ca", "tls_cert", "tls_key")):
-        if ("tls_cert" in spec) != ("tls_key" in spec):
-            raise HandlerConfigError(f"{where}.tls_cert/tls_key: give both or neither")
-        credentials = grpc.ssl_channel_credentials(
-            root_certificates=_read(spec["tls_ca"], f"{where}.tls_ca") if "tls_ca" in spec
-            else None,
-            private_key=_read(spec["tls_key"], f"{where}.tls_key") if "tls_key" in spec else None,
-            certificate_chain=_read(spec["tls_cert"], f"{where}.tls_cert")
-            if "tls_cert" in spec else None,
-        )
-    target = spec["target"]
-    if not isinstance(target, str) or not target:
-        raise HandlerConfigError(f"{where}.target: {target!r} is not host:port")
-    timeout_ms = _int(spec.get("timeout_ms", 1000), f"{where}.timeout_ms", 1, 60_000)
-    return RemotePartition(info, target, timeout_s=timeout_ms / 1000, credentials=credentials)
+                             config_int(spec["properties"], f"{where}.properties", 0, 0x7FF))
+    return kinds[kind].build(info, spec, where)
 
 
-def parse(config: Mapping[str, Any]) -> FfaConfig:
+def parse(config: Mapping[str, Any],
+          kinds: Mapping[str, PartitionKind] = BUILTIN_KINDS) -> FfaConfig:
     """The validated configuration; HandlerConfigError names the first bad key."""
     values = {**DEFAULTS, **config}
-    spmc_id = _int(values["spmc_id"], "spmc_id", abi.ENDPOINT_SECURE_BIT, abi.SPMD_ID - 1)
+    spmc_id = config_int(values["spmc_id"], "spmc_id", abi.ENDPOINT_SECURE_BIT, abi.SPMD_ID - 1)
     specs = config.get("partitions", DEFAULT_PARTITIONS)
     if not isinstance(specs, Sequence) or isinstance(specs, str | bytes) or not specs:
         raise HandlerConfigError(
             "partitions: a non-empty list (a Linux guest's FF-A probe fails without one)"
         )
-    built = [_partition(s, f"partitions[{i}]", spmc_id) for i, s in enumerate(specs)]
+    built = [_partition(s, f"partitions[{i}]", spmc_id, kinds) for i, s in enumerate(specs)]
     seen: dict[int, str] = {}
     names: set[str] = set()
     for i, p in enumerate(built):
@@ -166,13 +151,14 @@ def parse(config: Mapping[str, Any]) -> FfaConfig:
         names.add(p.info.name)
     return FfaConfig(
         limits=Limits(
-            max_pages_per_share=_int(values["max_pages_per_share"], "max_pages_per_share",
+            max_pages_per_share=config_int(values["max_pages_per_share"], "max_pages_per_share",
                                      1, 1 << 32),
-            max_shares_per_vm=_int(values["max_shares_per_vm"], "max_shares_per_vm", 1, 1 << 20),
-            max_descriptor_bytes=_int(values["max_descriptor_bytes"], "max_descriptor_bytes",
+            max_shares_per_vm=config_int(values["max_shares_per_vm"], "max_shares_per_vm",
+                                         1, 1 << 20),
+            max_descriptor_bytes=config_int(values["max_descriptor_bytes"], "max_descriptor_bytes",
                                       64, 1 << 24),
         ),
-        max_rxtx_pages=_int(values["max_rxtx_pages"], "max_rxtx_pages", 1, 0xFFFF),
+        max_rxtx_pages=config_int(values["max_rxtx_pages"], "max_rxtx_pages", 1, 0xFFFF),
         spmc_id=spmc_id,
         partitions=PartitionSet(built),
     )

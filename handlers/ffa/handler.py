@@ -14,10 +14,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import Any, ClassVar
 
 from hyperbroker.calls import Call, Outcome, Result
-from hyperbroker.handlers.api import CallContext, GuestMemoryError, Handler
+from hyperbroker.handlers.api import Abi, CallContext, GuestMemoryError, Handler
 from hyperbroker.handlers.ffa import (
     abi,
     config,
@@ -33,7 +33,6 @@ from hyperbroker.handlers.ffa.abi import Answer, Failure, FfaError, FragRx, Succ
 from hyperbroker.handlers.ffa.partitions import MAX_READ
 from hyperbroker.handlers.ffa.sharedmem import GuestShares
 from hyperbroker.handlers.ffa.state import VmState
-from hyperbroker.smccc import NAMED_ABIS, FunctionRange
 
 Step = tuple[VmState, Answer | FfaError]
 Route = Callable[[Call, CallContext, VmState], Awaitable[Step]]
@@ -67,7 +66,12 @@ async def _probe(ctx: CallContext, addresses: Sequence[int]) -> bool:
 
 
 class FfaHandler(Handler):
+    """The FF-A endpoint with the built-in partition kinds; the installed plugin
+    (handlers.ffa.remote.FfaPlugin) adds remote partitions."""
+
     plugin = "ffa"
+    abi = Abi("ffa", abi.RANGES, abi.FUNCTION_NAMES)
+    partition_kinds: ClassVar[Mapping[str, config.PartitionKind]] = config.BUILTIN_KINDS
 
     @classmethod
     def config_keys(cls) -> Sequence[str]:
@@ -75,7 +79,7 @@ class FfaHandler(Handler):
 
     def __init__(self, cfg: Mapping[str, Any]) -> None:
         super().__init__(cfg)
-        self.settings = config.parse(self.config)
+        self.settings = config.parse(self.config, self.partition_kinds)
         self.partitions = self.settings.partitions
         self._locks: dict[str, asyncio.Lock] = {}
         self._routes: dict[int, Route] = {
@@ -100,10 +104,6 @@ class FfaHandler(Handler):
         assert set(self._routes) | {abi.FFA_VERSION} == set(version.SERVED_SINCE)
 
     # ---- the Handler interface -------------------------------------------------------------
-    @property
-    def ranges(self) -> Sequence[FunctionRange]:
-        return NAMED_ABIS["ffa"]
-
     def function_name(self, fid: int) -> str | None:
         if not any(fid in r for r in self.ranges):
             return None

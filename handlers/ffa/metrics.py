@@ -2,16 +2,15 @@
 
 Labels come from closed sets only: transaction kind (share, lend), reclaim reason, FF-A function
 names (handlers.ffa.abi.FUNCTION_NAMES plus one "other"), error names (FfaError), and partition
-names from the handler's configuration. Counters only grow, so the number of live shares is
-`shares_total - reclaims_total` summed across broker processes, which stays right across
-restarts (state lives in the store, not in these counters). Children are resolved once per label
-set and cached, so a call does at most one dict lookup per metric. No handler logic here.
+names from the handler's configuration. The counters are per broker process and start at zero
+with it: `shares_total - reclaims_total` is the number of shares this process saw begin and not
+end, not the number of live shares (those are in the store, per VM: `hyperbroker inspect`).
+No handler logic here.
 """
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge
-from prometheus_client.metrics import MetricWrapperBase
+from hyperbroker.runtime.metrics import Counter, Gauge
 
 SHARES = Counter(
     "hyperbroker_ffa_shares_total", "Memory transactions completed (MEM_SHARE/MEM_LEND)", ["kind"]
@@ -42,25 +41,9 @@ PARTITION_UP = Gauge(
     ["partition"],
 )
 
-_children: dict[tuple[int, tuple[str, ...]], MetricWrapperBase] = {}
-
-
-def child(metric: MetricWrapperBase, *labels: str) -> MetricWrapperBase:
-    """`metric.labels(*labels)`, resolved once per label set."""
-    key = (id(metric), labels)
-    found = _children.get(key)
-    if found is None:
-        found = _children[key] = metric.labels(*labels)
-    return found
-
-
 def count(metric: Counter, *labels: str, amount: float = 1) -> None:
-    c = child(metric, *labels)
-    assert isinstance(c, Counter)
-    c.inc(amount)
+    metric.labels(*labels).inc(amount)
 
 
 def set_up(partition: str, up: bool) -> None:
-    g = child(PARTITION_UP, partition)
-    assert isinstance(g, Gauge)
-    g.set(1 if up else 0)
+    PARTITION_UP.labels(partition).set(1 if up else 0)

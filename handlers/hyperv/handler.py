@@ -15,10 +15,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from prometheus_client import Counter, Gauge
-
 from hyperbroker.calls import Call, Outcome, Result
-from hyperbroker.handlers.api import CallContext, GuestMemoryError, Handler, HandlerConfigError
+from hyperbroker.handlers.api import Abi, CallContext, GuestMemoryError, Handler, HandlerConfigError
 from hyperbroker.handlers.hyperv import abi, hypercall, layout
 from hyperbroker.handlers.hyperv.abi import Control, HvStatus
 from hyperbroker.handlers.hyperv.crash import GuestCrash
@@ -32,7 +30,8 @@ from hyperbroker.handlers.hyperv.persona import (
 )
 from hyperbroker.handlers.hyperv.registers import CrashReport
 from hyperbroker.handlers.hyperv.synic import CountingSink, SynicSink
-from hyperbroker.smccc import NAMED_ABIS, NOT_SUPPORTED_U64, U64_MASK, FunctionRange
+from hyperbroker.runtime.metrics import Counter, Gauge
+from hyperbroker.smccc import NOT_SUPPORTED_U64, OWNER_SERVICES, U64_MASK
 
 HYPERCALLS = Counter("hyperbroker_hyperv_hypercalls_total",
                      "Hyper-V hypercalls by call and status", ["call", "status"])
@@ -94,6 +93,7 @@ CrashListener = Callable[[GuestCrash], None]
 
 class HypervHandler(Handler):
     plugin = "hyperv"
+    abi = Abi("vendor-hyp", OWNER_SERVICES["vendor-hyp"], abi.FUNCTION_NAMES)
     eager = True  # binds nothing to a task; awaits only guest memory
 
     @classmethod
@@ -107,13 +107,6 @@ class HypervHandler(Handler):
         self.sink: SynicSink = sink or CountingSink()
         self.crash_listeners: list[CrashListener] = []  # e.g. a broker event stream
         self.wall_clock_ns: Callable[[], int] = time.time_ns
-
-    @property
-    def ranges(self) -> Sequence[FunctionRange]:
-        return NAMED_ABIS["vendor-hyp"]
-
-    def function_name(self, fid: int) -> str | None:
-        return abi.FUNCTION_NAMES.get(fid)
 
     def served_functions(self) -> frozenset[int]:
         """The IDs of this handler's ranges answered with anything but NOT_SUPPORTED."""

@@ -12,8 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from prometheus_client import Counter
-
 from hyperbroker.handlers.api import VmInfo
 from hyperbroker.handlers.hyperv import abi
 from hyperbroker.handlers.hyperv.abi import HvStatus
@@ -23,6 +21,7 @@ from hyperbroker.handlers.hyperv.layout import (
     SignalEventInput,
 )
 from hyperbroker.handlers.hyperv.persona import PersonaConfig
+from hyperbroker.runtime.metrics import Counter
 
 SYNIC_CALLS = Counter("hyperbroker_hyperv_synic_total",
                       "SynIC messages posted and events signalled by guests, by the default sink",

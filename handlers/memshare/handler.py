@@ -13,13 +13,12 @@ import contextlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from prometheus_client import Counter, Gauge
-
 from hyperbroker.calls import Call, Outcome, Result
-from hyperbroker.handlers.api import CallContext, Handler, HandlerConfigError
+from hyperbroker.handlers.api import Abi, CallContext, Handler, HandlerConfigError
 from hyperbroker.handlers.memshare import abi, record
 from hyperbroker.handlers.memshare.record import IpaRange, MemsharePolicy, MemshareRecord, Refusal
-from hyperbroker.smccc import NAMED_ABIS, RET_INVALID_PARAMETER, RET_NOT_SUPPORTED, FunctionRange
+from hyperbroker.runtime.metrics import Counter, Gauge
+from hyperbroker.smccc import OWNER_SERVICES, RET_INVALID_PARAMETER, RET_NOT_SUPPORTED
 
 CALLS = Counter("hyperbroker_memshare_calls_total",
                 "pKVM memory-share calls by function and result (ok or the refusal reason)",
@@ -77,6 +76,7 @@ def parse_config(config: Mapping[str, Any]) -> MemsharePolicy:
 
 class MemshareHandler(Handler):
     plugin = "memshare"
+    abi = Abi("vendor-hyp", OWNER_SERVICES["vendor-hyp"], abi.FUNCTION_NAMES)
     eager = True  # never awaits
 
     @classmethod
@@ -92,13 +92,6 @@ class MemshareHandler(Handler):
             served.append(abi.FUNC_MMIO_GUARD)
         self.functions = frozenset(served)  # KVM function numbers this handler serves
         self.features = abi.features_bitmap(self.functions)
-
-    @property
-    def ranges(self) -> Sequence[FunctionRange]:
-        return NAMED_ABIS["vendor-hyp"]
-
-    def function_name(self, fid: int) -> str | None:
-        return abi.FUNCTION_NAMES.get(fid)
 
     def served_functions(self) -> frozenset[int]:
         """The IDs of this handler's ranges answered with anything but NOT_SUPPORTED."""

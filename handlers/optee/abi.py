@@ -12,7 +12,18 @@ import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from hyperbroker.smccc import FunctionRange
+
 U32 = 0xFFFF_FFFF
+
+# OP-TEE's SMC ABI (optee_os core/arch/arm/include/sm/optee_smc.h): the Trusted OS owner 50,
+# fast and yielding SMC32 calls, plus the owner-63 Trusted OS API calls (CALLS_COUNT, CALLS_UID,
+# CALLS_REVISION at 0xFF00..0xFF03 as DEN0028 §6.2 places them). The ABI is these, whole.
+RANGES = (
+    FunctionRange(0x3200_0000, 0x1_0000),
+    FunctionRange(0xB200_0000, 0x1_0000),
+    FunctionRange(0xBF00_0000, 0x1_0000),
+)
 
 # §1.1 function IDs: OPTEE_SMC_CALL_VAL(type, SMC32, owner, fn).
 CALLS_COUNT = 0xBF00_FF00

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 
+from hyperbroker.handlers.api import HandlerConfigError
 from hyperbroker.handlers.optee.backend import (
     BackendReply,
     BackendStatus,
@@ -27,9 +29,12 @@ from hyperbroker.handlers.optee.backend import (
     CloseRequest,
     InvokeRequest,
     OpenSessionRequest,
+    TeeBackend,
     TeeParam,
     TeeVm,
 )
+from hyperbroker.handlers.optee.handler import CONFIG_KEYS, OpteeHandler, config_int
+from hyperbroker.runtime.tls import TlsFiles
 from hyperbroker.tee.gp import ParamType
 from hyperbroker.wire.v1 import tee_pb2, tee_pb2_grpc
 
@@ -39,20 +44,12 @@ class ChannelSpec:
     """Everything that makes two channels interchangeable."""
 
     target: str
-    cert: Path | None = None  # mTLS: this proxy's certificate, key, and the service's CA
-    key: Path | None = None
-    ca: Path | None = None
+    tls: TlsFiles | None = None  # mTLS: this proxy's certificate and key, the service's CA
     server_name: str | None = None  # expected name in the service's certificate
     max_message_bytes: int = 16 << 20
 
     def credentials(self) -> grpc.ChannelCredentials | None:
-        if self.ca is None:
-            return None
-        return grpc.ssl_channel_credentials(
-            root_certificates=self.ca.read_bytes(),
-            private_key=self.key.read_bytes() if self.key else None,
-            certificate_chain=self.cert.read_bytes() if self.cert else None,
-        )
+        return self.tls.channel_credentials() if self.tls is not None else None
 
     def options(self) -> list[tuple[str, Any]]:
         opts: list[tuple[str, Any]] = [
@@ -209,3 +206,42 @@ class GrpcTeeBackend:
         channel, self._channel, self._stub = self._channel, None, None
         if channel is not None:
             await _release(self.spec, channel)
+
+
+BACKEND_KEYS = ("backend", "tls_cert", "tls_key", "tls_ca", "tls_server_name", "timeout_ms")
+
+
+def channel_spec(config: Mapping[str, Any], max_memref_bytes: int) -> ChannelSpec:
+    """The policy's transport keys -> ChannelSpec, or HandlerConfigError naming the key."""
+    target = config.get("backend")
+    if not isinstance(target, str) or not target:
+        raise HandlerConfigError("backend: the TEE service's address (host:port) is required")
+    files = {k: config.get(k) for k in ("tls_cert", "tls_key", "tls_ca")}
+    given = [k for k, v in files.items() if v]
+    if given and len(given) != 3:
+        raise HandlerConfigError(
+            f"tls_cert, tls_key, tls_ca: mTLS needs all three, got only {', '.join(given)}")
+    tls = TlsFiles(*(Path(str(v)) for v in files.values())) if given else None
+    if tls is not None:
+        try:
+            tls.check()
+        except ValueError as e:
+            raise HandlerConfigError(str(e)) from None
+    server_name = config.get("tls_server_name")
+    if server_name is not None and (not isinstance(server_name, str) or not server_name):
+        raise HandlerConfigError("tls_server_name: expected a host name")
+    # Room for every memory parameter plus framing.
+    return ChannelSpec(target, tls, server_name, max(4 << 20, 2 * max_memref_bytes + (64 << 10)))
+
+
+class OpteePlugin(OpteeHandler):
+    """The installed `optee` handler: the OP-TEE proxy with its TEE service over gRPC."""
+
+    @classmethod
+    def config_keys(cls) -> Sequence[str]:
+        return (*BACKEND_KEYS, *CONFIG_KEYS)
+
+    def connect(self) -> TeeBackend:
+        timeout_ms = config_int(self.config, "timeout_ms", 5000, 1, 600_000)
+        return GrpcTeeBackend(channel_spec(self.config, self.limits.max_memref_bytes),
+                              timeout_ms / 1000)

@@ -8,10 +8,13 @@ RETURN_FROM_RPC (handlers.optee.threads), so a slow TEE never holds a vCPU for l
 state (sessions, registered shared memory) lives in ctx.state; a destroyed VM's sessions are
 closed at the service and its registrations dropped.
 
-Configuration (policy `config:`): `backend` (gRPC target of the TEE service, required),
-`tls_cert`/`tls_key`/`tls_ca` (mTLS, all three or none), `tls_server_name`, `timeout_ms` (per
-backend RPC), `yield_ms` (0: never yield), `thread_count` (GET_THREAD_COUNT and the per-VM
-limit on messages in flight), `max_sessions` (per VM, 0: the service's), `max_memref_bytes`,
+This class is the ABI and its state; the TEE service it fronts is a TeeBackend given to it. The
+installed `optee` plugin (handlers.optee.grpc_backend.OpteePlugin) reaches the service over gRPC
+and adds the transport's keys (`backend`, `tls_*`, `timeout_ms`: docs/tee-proxy.md).
+
+Configuration (policy `config:`): `yield_ms` (0: never yield), `thread_count`
+(GET_THREAD_COUNT and the per-VM limit on messages in flight), `max_sessions` (per VM, 0: the
+service's), `max_memref_bytes`,
 `max_shm_buffers`, `max_shm_buffer_pages`, `max_shm_pages`, `os_revision` ("major.minor"),
 `ta_names` (TA UUID -> metrics label).
 """
@@ -24,26 +27,23 @@ import secrets
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 from hyperbroker.calls import Call, Outcome, Result
-from hyperbroker.handlers.api import CallContext, GuestMemoryError, Handler, HandlerConfigError
+from hyperbroker.handlers.api import Abi, CallContext, GuestMemoryError, Handler, HandlerConfigError
 from hyperbroker.handlers.optee import abi, metrics, std
 from hyperbroker.handlers.optee.abi import SmcReturn
 from hyperbroker.handlers.optee.backend import BackendUnavailable, TeeBackend, TeeVm
-from hyperbroker.handlers.optee.grpc_backend import ChannelSpec, GrpcTeeBackend
 from hyperbroker.handlers.optee.shm import split_runs, write_runs
 from hyperbroker.handlers.optee.state import VmTeeState
 from hyperbroker.handlers.optee.threads import Key, Thread, ThreadTable
-from hyperbroker.smccc import NAMED_ABIS, FunctionRange, is_fast
+from hyperbroker.smccc import is_fast
 from hyperbroker.tee.uuids import WELL_KNOWN
 
 U32 = 0xFFFF_FFFF
 
 CONFIG_KEYS = (
-    "backend", "tls_cert", "tls_key", "tls_ca", "tls_server_name", "timeout_ms", "yield_ms",
-    "thread_count", "max_sessions", "max_memref_bytes", "max_shm_buffers",
+    "yield_ms", "thread_count", "max_sessions", "max_memref_bytes", "max_shm_buffers",
     "max_shm_buffer_pages", "max_shm_pages", "os_revision", "ta_names",
 )
 
@@ -69,6 +69,7 @@ def _smc_error(code: SmcReturn) -> Result:
 
 class OpteeHandler(Handler):
     plugin = "optee"
+    abi = Abi("optee", abi.RANGES, abi.FUNCTION_NAMES)
 
     @classmethod
     def config_keys(cls) -> Sequence[str]:
@@ -77,32 +78,27 @@ class OpteeHandler(Handler):
     def __init__(self, config: Mapping[str, Any], *, backend: TeeBackend | None = None) -> None:
         super().__init__(config)
         c = self.config
-        timeout_ms = _int(c, "timeout_ms", 5000, 1, 600_000)
-        self.yield_s = _int(c, "yield_ms", 20, 0, 600_000) / 1000
-        self.thread_count = _int(c, "thread_count", 8, 1, 1024)
+        self.yield_s = config_int(c, "yield_ms", 20, 0, 600_000) / 1000
+        self.thread_count = config_int(c, "thread_count", 8, 1, 1024)
         self.limits = std.Limits(
-            max_memref_bytes=_int(c, "max_memref_bytes", std.Limits().max_memref_bytes, 0,
+            max_memref_bytes=config_int(c, "max_memref_bytes", std.Limits().max_memref_bytes, 0,
                                   64 << 20),
-            max_shm_buffers=_int(c, "max_shm_buffers", 256, 1, 1 << 16),
-            max_shm_buffer_pages=_int(c, "max_shm_buffer_pages", 4096, 1, 1 << 20),
-            max_shm_pages=_int(c, "max_shm_pages", 16384, 1, 1 << 24),
-            max_sessions=_int(c, "max_sessions", 0, 0, 1 << 16),
+            max_shm_buffers=config_int(c, "max_shm_buffers", 256, 1, 1 << 16),
+            max_shm_buffer_pages=config_int(c, "max_shm_buffer_pages", 4096, 1, 1 << 20),
+            max_shm_pages=config_int(c, "max_shm_pages", 16384, 1, 1 << 24),
+            max_sessions=config_int(c, "max_sessions", 0, 0, 1 << 16),
         )
         self.fast = abi.FastConfig(self.thread_count, _revision(c.get("os_revision", "4.0")))
         self.ta_names = dict(WELL_KNOWN)
         self.ta_names.update(_ta_names(c.get("ta_names", {})))
-        if backend is None:
-            backend = GrpcTeeBackend(_channel_spec(c, self.limits.max_memref_bytes),
-                                     timeout_ms / 1000)
-        self.backend = backend
+        self.backend = backend if backend is not None else self.connect()
         self.threads: ThreadTable[std.Completion] = ThreadTable()
 
-    @property
-    def ranges(self) -> Sequence[FunctionRange]:
-        return NAMED_ABIS["optee"]
-
-    def function_name(self, fid: int) -> str | None:
-        return abi.FUNCTION_NAMES.get(fid)
+    def connect(self) -> TeeBackend:
+        """The TEE backend when none is given; this class has no transport of its own."""
+        raise HandlerConfigError(
+            "no TEE backend: give one to OpteeHandler, or use the installed optee plugin "
+            "(handlers.optee.grpc_backend.OpteePlugin), which reaches a TEE service over gRPC")
 
     def static_answers(self) -> Mapping[int, Result]:
         return {fid: _fold(abi.fast_call(fid, 0, self.fast) or abi.UNKNOWN) for fid in STATIC_IDS}
@@ -259,7 +255,7 @@ class OpteeHandler(Handler):
 # Configuration helpers ---------------------------------------------------------------------------
 
 
-def _int(config: Mapping[str, Any], key: str, default: int, low: int, high: int) -> int:
+def config_int(config: Mapping[str, Any], key: str, default: int, low: int, high: int) -> int:
     value = config.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise HandlerConfigError(f"{key}: {value!r} is not an integer in [{low}, {high}]")
@@ -286,27 +282,3 @@ def _ta_names(raw: object) -> dict[uuid.UUID, str]:
         except ValueError:
             raise HandlerConfigError(f"ta_names: {k!r} is not a UUID") from None
     return out
-
-
-def _channel_spec(config: Mapping[str, Any], max_memref_bytes: int) -> ChannelSpec:
-    target = config.get("backend")
-    if not isinstance(target, str) or not target:
-        raise HandlerConfigError("backend: the TEE service's address (host:port) is required")
-    files = {k: config.get(k) for k in ("tls_cert", "tls_key", "tls_ca")}
-    given = [k for k, v in files.items() if v]
-    if given and len(given) != 3:
-        raise HandlerConfigError(
-            f"tls_cert, tls_key, tls_ca: mTLS needs all three, got only {', '.join(given)}")
-    paths: dict[str, Path | None] = {k: None for k in files}
-    for k, v in files.items():
-        if v:
-            p = Path(str(v))
-            if not p.is_file():
-                raise HandlerConfigError(f"{k}: {p} is not a readable file")
-            paths[k] = p
-    server_name = config.get("tls_server_name")
-    if server_name is not None and (not isinstance(server_name, str) or not server_name):
-        raise HandlerConfigError("tls_server_name: expected a host name")
-    # Room for every memory parameter plus framing.
-    return ChannelSpec(target, paths["tls_cert"], paths["tls_key"], paths["tls_ca"], server_name,
-                       max(4 << 20, 2 * max_memref_bytes + (64 << 10)))

@@ -10,19 +10,22 @@ from __future__ import annotations
 
 from functools import cache
 
-from prometheus_client import Counter, Gauge, Histogram
-
+from hyperbroker.runtime.metrics import (
+    LATENCY_BUCKETS,
+    Counter,
+    CounterChild,
+    Gauge,
+    GaugeChild,
+    Histogram,
+    HistogramChild,
+)
 from hyperbroker.tee.gp import origin_name, result_name
-
-# Microsecond-range buckets up to seconds (DESIGN.md "Observability").
-BUCKETS = (5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2,
-           5e-2, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 SESSIONS = Gauge("hyperbroker_tee_sessions_open", "TEE sessions open through the proxy", ["ta"])
 CALL_SECONDS = Histogram(
     "hyperbroker_tee_call_seconds",
     "Time per OP-TEE message: part=proxy in the handler, part=backend waiting for the TEE service",
-    ["command", "part"], buckets=BUCKETS)
+    ["command", "part"], buckets=LATENCY_BUCKETS)
 ERRORS = Counter("hyperbroker_tee_errors_total",
                  "TEE errors given to guests in messages, by result code and origin",
                  ["code", "origin"])
@@ -37,30 +40,30 @@ THREADS = Gauge("hyperbroker_tee_threads_running",
 
 
 @cache
-def sessions(ta: str) -> Gauge:
+def sessions(ta: str) -> GaugeChild:
     return SESSIONS.labels(ta)
 
 
 @cache
-def call_seconds(command: str, part: str) -> Histogram:
+def call_seconds(command: str, part: str) -> HistogramChild:
     return CALL_SECONDS.labels(command, part)
 
 
-def error(code: int, origin: int) -> Counter:
+def error(code: int, origin: int) -> CounterChild:
     """Keyed by names, not raw codes: a TA may return any 32-bit value."""
     return _error(result_name(code), origin_name(origin))
 
 
 @cache
-def _error(code: str, origin: str) -> Counter:
+def _error(code: str, origin: str) -> CounterChild:
     return ERRORS.labels(code, origin)
 
 
 @cache
-def smc_error(name: str) -> Counter:
+def smc_error(name: str) -> CounterChild:
     return SMC_ERRORS.labels(name)
 
 
 @cache
-def backend_failure(command: str, reason: str) -> Counter:
+def backend_failure(command: str, reason: str) -> CounterChild:
     return BACKEND_FAILURES.labels(command, reason)

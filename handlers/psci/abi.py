@@ -11,9 +11,16 @@ import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from hyperbroker.smccc import FunctionRange
+
 # include/uapi/linux/psci.h: PSCI_0_2_FN_BASE, PSCI_0_2_64BIT (reference §5.1).
 FN_BASE = 0x8400_0000
 FN64_BASE = 0xC400_0000
+
+
+# PSCI 0.2+ is functions 0x00..0x1F of the standard secure service, SMC32 and SMC64 (DEN0022
+# §5.1; kvmtool forwards exactly these): the ABI is this range, whole.
+RANGES = (FunctionRange(FN_BASE, 0x20), FunctionRange(FN64_BASE, 0x20))
 
 
 def fn(n: int) -> int:

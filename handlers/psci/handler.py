@@ -10,11 +10,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from hyperbroker.calls import Call, Outcome, Result
-from hyperbroker.handlers.api import CallContext, Handler, HandlerConfigError
+from hyperbroker.handlers.api import Abi, CallContext, Handler, HandlerConfigError
 from hyperbroker.handlers.psci import abi, service
 from hyperbroker.handlers.psci.power import VmPower
 from hyperbroker.handlers.psci.service import AddressRange, PsciConfig
-from hyperbroker.smccc import NAMED_ABIS, FunctionRange
+from hyperbroker.smccc import FunctionRange
 
 STATE_VERSION = 1
 
@@ -77,6 +77,7 @@ def parse_config(config: Mapping[str, Any]) -> PsciConfig:
 
 class PsciHandler(Handler):
     plugin = "psci"
+    abi = Abi("psci", abi.RANGES, abi.FUNCTION_NAMES)
     eager = True  # never awaits
 
     @classmethod
@@ -87,10 +88,6 @@ class PsciHandler(Handler):
     def __init__(self, config: Mapping[str, Any]) -> None:
         super().__init__(config)
         self.psci = parse_config(self.config)
-
-    @property
-    def ranges(self) -> Sequence[FunctionRange]:
-        return NAMED_ABIS["psci"]
 
     def function_name(self, fid: int) -> str | None:
         if not any(fid in r for r in self.ranges):

@@ -12,13 +12,17 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from hyperbroker.smccc import uuid_to_regs
+from hyperbroker.smccc import FunctionRange, uuid_to_regs
 
 VERSION = 0x8400_0050
 FEATURES = 0x8400_0051
 GET_UUID = 0x8400_0052
 RND32 = 0x8400_0053
 RND64 = 0xC400_0053
+
+# DEN0098 §2: the TRNG functions are 0x50..0x5F of the standard secure service, SMC32 and SMC64
+# (crosvm's devices/src/smccc_trng.rs owns exactly these); the ABI is this range, whole.
+RANGES = (FunctionRange(0x8400_0050, 0x10), FunctionRange(0xC400_0050, 0x10))
 
 FUNCTION_NAMES: Mapping[int, str] = {
     VERSION: "TRNG_VERSION",

@@ -12,12 +12,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from hyperbroker.calls import Call, Outcome, Result
-from hyperbroker.handlers.api import CallContext, Handler, HandlerConfigError
+from hyperbroker.handlers.api import Abi, CallContext, Handler, HandlerConfigError
 from hyperbroker.handlers.trng import abi
-from hyperbroker.runtime.metrics import FastCounter
-from hyperbroker.smccc import NAMED_ABIS, FunctionRange
+from hyperbroker.runtime.metrics import Counter
 
-BITS_SERVED = FastCounter("hyperbroker_trng_bits_total", "Random bits handed to guests")
+BITS_SERVED = Counter("hyperbroker_trng_bits_total", "Random bits handed to guests")
 
 
 def _os_random_bits(n: int) -> int:
@@ -26,6 +25,7 @@ def _os_random_bits(n: int) -> int:
 
 class TrngHandler(Handler):
     plugin = "trng"
+    abi = Abi("trng", abi.RANGES, abi.FUNCTION_NAMES)
     eager = True  # never awaits
 
     @classmethod
@@ -43,13 +43,6 @@ class TrngHandler(Handler):
             # w0 = 0xFFFFFFFF would read as NOT_SUPPORTED (DEN0098 §2.3).
             raise HandlerConfigError(f"uuid: {raw} starts with 0xFFFFFFFF, reserved")
         self.random_bits = _os_random_bits
-
-    @property
-    def ranges(self) -> Sequence[FunctionRange]:
-        return NAMED_ABIS["trng"]
-
-    def function_name(self, fid: int) -> str | None:
-        return abi.FUNCTION_NAMES.get(fid)
 
     def served_functions(self) -> frozenset[int]:
         """The IDs of this handler's ranges answered with anything but NOT_SUPPORTED."""

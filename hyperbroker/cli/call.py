@@ -6,18 +6,24 @@ import argparse
 import sys
 
 from hyperbroker import smccc
+from hyperbroker.broker.policy.abis import AbiCatalog
 from hyperbroker.calls import Outcome
+from hyperbroker.handlers.api import discover_plugins
 from hyperbroker.kvm import KVM_HYPERCALL_EXIT_SMC
 from hyperbroker.testing.vmm import AgentError, GuestRam, VmmClient
 from hyperbroker.wire.vmm import ResultMsg, ResultSource
 
 SMCCC_ERRORS = {-1: "NOT_SUPPORTED", -2: "NOT_REQUIRED / INVALID_PARAMETERS",
                 -3: "INVALID_PARAMETER / NO_ENTROPY"}
-FUNCTION_NAMES = {v: k for k, v in smccc.KNOWN_FUNCTIONS.items()}
 
 
-def format_result(fid: int, r: ResultMsg) -> str:
-    name = FUNCTION_NAMES.get(fid, smccc.default_function_name(fid))
+def function_names() -> dict[int, str]:
+    """Every function the installed handlers and SMCCC name (TRNG_RND64, PSCI_CPU_ON ...)."""
+    return AbiCatalog.from_plugins(discover_plugins()).names
+
+
+def format_result(fid: int, r: ResultMsg, names: dict[int, str]) -> str:
+    name = names.get(fid, smccc.default_function_name(fid))
     outcome = Outcome(r.outcome).name.lower()
     source = ResultSource(r.timing.source).name.lower()
     lines = [f"{name} ({fid:#010x}) -> {outcome}, answered by {source}"]
@@ -40,7 +46,8 @@ def format_result(fid: int, r: ResultMsg) -> str:
 
 
 async def run_call(args: argparse.Namespace) -> int:
-    fid = smccc.parse_function(args.function)
+    names = function_names()
+    fid = smccc.parse_function(args.function, names)
     call_args = [int(a, 0) & smccc.U64_MASK for a in args.args]
     client = await VmmClient.connect(args.socket, args.mode)
     ram = GuestRam(0x4000_0000, 2 * 1024 * 1024)
@@ -57,5 +64,5 @@ async def run_call(args: argparse.Namespace) -> int:
     finally:
         client.close()
         ram.close()
-    print(format_result(fid, result))
+    print(format_result(fid, result, names))
     return 0

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Sequence
 
 from hyperbroker.calls import ActionKind, Call, Outcome, Result, VmmAction
-from hyperbroker.handlers.api import CallContext, GuestMemoryError, Handler
-from hyperbroker.smccc import NAMED_ABIS, FunctionRange
+from hyperbroker.handlers.api import Abi, CallContext, GuestMemoryError, Handler
+from hyperbroker.smccc import OWNER_SERVICES
 
 INCREMENT = 0x8200_0001  # state counter += 1; x1 = counter, x2 = calls this handler saw
 SLOW_INCREMENT = 0x8200_0002  # the same after sleeping x1 milliseconds
@@ -29,20 +28,15 @@ class CounterHandler(Handler):
     """A stateful handler: proves state and last-result records survive a broker restart."""
 
     plugin = "test-counter"
+    # A third-party plugin declares its ABI; this one serves SMCCC's SiP service owner whole.
+    abi = Abi("sip", OWNER_SERVICES["sip"], {
+        INCREMENT: "INCREMENT", SLOW_INCREMENT: "SLOW_INCREMENT", READ_MEMORY: "READ_MEMORY",
+        WRITE_MEMORY: "WRITE_MEMORY", FAIL: "FAIL", POWER_OFF: "POWER_OFF", WIDE: "WIDE"})
     eager = False
 
     def __init__(self, config: object) -> None:
         super().__init__(config)  # type: ignore[arg-type]
         self.seen = 0
-
-    @property
-    def ranges(self) -> Sequence[FunctionRange]:
-        return NAMED_ABIS["sip"]
-
-    def function_name(self, fid: int) -> str | None:
-        return {INCREMENT: "INCREMENT", SLOW_INCREMENT: "SLOW_INCREMENT",
-                READ_MEMORY: "READ_MEMORY", WRITE_MEMORY: "WRITE_MEMORY", FAIL: "FAIL",
-                POWER_OFF: "POWER_OFF", WIDE: "WIDE"}.get(fid)
 
     async def vm_reset(self, ctx: CallContext) -> None:
         ctx.state.put({"counter": 0})
