@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from hyperbroker.broker import metrics
-from hyperbroker.broker.policies import PolicyRegistry, PolicyVersion
+from hyperbroker.broker.policy_versions import PolicyRegistry, PolicyVersion
 from hyperbroker.broker.store import Store, StoreBatch
 from hyperbroker.calls import ActionKind, Call, Outcome, Result
 from hyperbroker.handlers.api import GuestMemoryError, Handler, JsonValue, VmInfo
