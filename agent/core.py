@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from hyperbroker.agent import metrics
+from hyperbroker.agent.compiled_policy import AgentPolicy, AgentProfile, RuleView
 from hyperbroker.agent.link import BrokerLink
 from hyperbroker.agent.memory import MappedRam, MemoryAccessError, RegionMap, close_fds
-from hyperbroker.agent.compiled_policy import AgentPolicy, AgentProfile, RuleView
 from hyperbroker.agent.vmm import VmmConnection, VmmListener
 from hyperbroker.calls import Outcome
 from hyperbroker.runtime.busypoll import BusyPoll

@@ -22,8 +22,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from hyperbroker.broker.dispatch import Dispatcher
-from hyperbroker.broker.policy_versions import PolicyRegistry
 from hyperbroker.broker.policy import PolicyError, PolicyInvalid
+from hyperbroker.broker.policy_versions import PolicyRegistry
 from hyperbroker.broker.service import AdminService, BrokerService
 from hyperbroker.broker.store import MemoryStore, SqliteStore, Store
 from hyperbroker.handlers.api import discover_plugins

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hyperbroker.agent.memory import MappedRam, MemoryAccessError, RegionMap
 from hyperbroker.agent.compiled_policy import AgentPolicy, AgentProfile
+from hyperbroker.agent.memory import MappedRam, MemoryAccessError, RegionMap
 from hyperbroker.smccc import NOT_SUPPORTED_U64
 from hyperbroker.wire.v1 import broker_pb2
 from hyperbroker.wire.vmm import REGION_READONLY, MemRegion
