@@ -15,20 +15,20 @@ import errno
 import logging
 import struct
 import time
-from collections.abc import Coroutine, Iterable
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from hyperbroker.agent import metrics
-from hyperbroker.agent.compiled_policy import AgentPolicy, AgentProfile, RuleView
+from hyperbroker.agent.compiled_policy import AgentPolicy
 from hyperbroker.agent.link import BrokerLink
 from hyperbroker.agent.memory import MappedRam, MemoryAccessError, RegionMap, close_fds
 from hyperbroker.agent.vmm import VmmConnection, VmmListener
+from hyperbroker.agent.vms import AgentVm, Pending
 from hyperbroker.calls import Outcome
 from hyperbroker.runtime.busypoll import BusyPoll
 from hyperbroker.runtime.tls import TlsFiles
-from hyperbroker.smccc import NR_ARGS
 from hyperbroker.wire import vmm as proto
 from hyperbroker.wire.v1 import broker_pb2
 
@@ -47,12 +47,10 @@ BROKER_TIMES = struct.Struct("<QQ")
 NR_ACTIONS_OFFSET = proto.RESULT_NR_ACTIONS_OFFSET
 CALL_PREFIX = proto.HEADER.pack(proto.MAGIC, proto.VERSION, proto.MsgType.CALL,
                                 proto.CALL.size, 0)[:12]
-MEMORY_RELAY_TIMEOUT_S = 1.5
 LINK_DOWN_GRACE_S = 0.5  # a stream down longer than this is an outage, not a reconnect
 REGISTER_WAIT_S = 10.0
 RESET_TIMEOUT_S = 2.0  # a VMM waits at most this long for the handlers to forget a boot
 OUTCOME_LABELS = metrics.OUTCOMES
-ZERO_X = (0,) * NR_ARGS
 
 
 @dataclass(frozen=True)
@@ -64,52 +62,6 @@ class AgentConfig:
     metrics_listen: str | None = None
     tls: TlsFiles | None = None
     busy_poll_us: float = 0.0  # hyperbroker.busypoll; 0: sleep whenever idle
-
-
-class Pending:
-    __slots__ = ("conn", "fid", "record", "rule", "seq", "t_recv", "t_sent", "tag", "timer",
-                 "vcpu", "vm")
-
-    def __init__(self, vm: AgentVm, conn: VmmConnection, tag: int, vcpu: int, seq: int,
-                 fid: int, record: bytes, rule: RuleView, t_recv: int) -> None:
-        self.vm = vm
-        self.conn = conn
-        self.tag = tag
-        self.vcpu = vcpu
-        self.seq = seq
-        self.fid = fid
-        self.record = record  # the VMM's hb_call record, forwarded as is
-        self.rule = rule
-        self.t_recv = t_recv
-        self.t_sent = 0
-        self.timer: asyncio.TimerHandle | None = None
-
-
-class AgentVm:
-    def __init__(self, vm_id: int, reg: proto.RegisterVm, conn: VmmConnection,
-                 policy: AgentPolicy, profile: AgentProfile, regions: RegionMap,
-                 ram: MappedRam | None) -> None:
-        self.vm_id = vm_id
-        self.name = reg.name
-        self.profile_name = profile.name
-        self.profile = profile
-        self.policy_version = policy.version
-        self.policy_digest = policy.digest
-        self.nr_vcpus = reg.nr_vcpus
-        self.conn = conn
-        self.regions = regions
-        self.ram = ram
-        self.pending: list[Pending | None] = [None] * reg.nr_vcpus
-        self.rejected: str | None = None
-
-    def registration(self) -> broker_pb2.VmRegistered:
-        return broker_pb2.VmRegistered(
-            vm_id=self.vm_id, name=self.name, profile=self.profile_name,
-            policy_version=self.policy_version, policy_digest=self.policy_digest,
-            nr_vcpus=self.nr_vcpus,
-            regions=[broker_pb2.MemoryRegion(gpa=r.gpa, size=r.size,
-                                             readonly=bool(r.flags & proto.REGION_READONLY))
-                     for r in self.regions.regions])
 
 
 class Agent:
@@ -483,7 +435,7 @@ class Agent:
         vm.pending[vcpu] = None
         if writes is not None:
             try:
-                self._apply_writes(vm, writes.writes)
+                vm.apply_writes(writes.writes)
             except MemoryAccessError as e:
                 log.error("vm %s: broker result for fid %#x carries a bad write (%s); fallback",
                           vm.name, p.fid, e)
@@ -503,32 +455,15 @@ class Agent:
                outcome: Outcome, mask: int, regs: tuple[int, ...], timing: proto.Timing,
                t_recv: int, source: str) -> None:
         """A RESULT the agent makes itself: a static answer or a fallback."""
-        x = regs + ZERO_X[len(regs):] if len(regs) < NR_ARGS else regs[:NR_ARGS]
-        payload = proto.RESULT.pack(
-            vm_id, vcpu, seq, outcome, mask & ((1 << NR_ARGS) - 1), *x,
-            timing.agent_ns, timing.link_ns, timing.broker_queue_ns, timing.handler_ns,
-            timing.memory_ns, timing.memory_round_trips, timing.source, 0, 0)
+        payload = proto.pack_result(
+            vm_id, vcpu, seq, outcome, mask & proto.ARGS_MASK, regs, timing.agent_ns,
+            timing.link_ns, timing.broker_queue_ns, timing.handler_ns, timing.memory_ns,
+            timing.memory_round_trips, timing.source)
         conn.send(proto.header(proto.MsgType.RESULT, tag, len(payload)) + payload)
         metrics.OBSERVE[source, OUTCOME_LABELS[outcome]]((time.monotonic_ns() - t_recv) / 1e9)
 
     # ---- guest memory --------------------------------------------------------------------
-    def _apply_writes(self, vm: AgentVm, writes: Iterable[broker_pb2.MemoryWrite]) -> None:
-        items = list(writes)
-        for w in items:  # check all before applying any
-            vm.regions.locate(w.gpa, len(w.data), write=True)
-        for w in items:
-            if vm.ram is not None:
-                vm.ram.write(w.gpa, w.data)
-            else:
-                for off in range(0, len(w.data), proto.MAX_MEM_CHUNK):
-                    chunk = w.data[off : off + proto.MAX_MEM_CHUNK]
-                    vm.conn.send(proto.encode(proto.MemWrite(vm.vm_id, w.gpa + off, chunk),
-                                              vm.conn.next_tag()))
-            metrics.MEMORY_WRITE.inc(len(w.data))
-
     def on_memory_request(self, req: broker_pb2.MemoryRequest) -> None:
-        vm = self.vms.get(req.vm_id)
-
         def reply(data: bytes = b"", error: int = 0, message: str = "") -> None:
             if self.link.up:
                 self.link.frame.memory_replies.add(request_id=req.request_id, data=data,
@@ -536,37 +471,20 @@ class Agent:
                 self.link.mark()
                 self.link.flush_soon()
 
+        vm = self.vms.get(req.vm_id)
         if vm is None:
             return reply(error=errno.ENOENT, message=f"vm {req.vm_id} is not on this host")
-        if not 0 < req.length <= proto.MAX_MEM_CHUNK:
-            return reply(error=errno.EMSGSIZE,
-                         message=f"reads are 1..{proto.MAX_MEM_CHUNK} bytes")
         try:
-            vm.regions.locate(req.gpa, req.length, write=False)
+            data = vm.read_mapped(req.gpa, req.length)
         except MemoryAccessError as e:
             return reply(error=e.code, message=str(e))
-        if vm.ram is not None:
-            data = vm.ram.read(req.gpa, req.length)
-            metrics.MEMORY_READ.inc(len(data))
+        if data is not None:
             return reply(data)
 
         async def relay() -> None:
-            conn = vm.conn
-            tag = conn.next_tag()
-            fut: asyncio.Future[proto.MemReadReply] = self._loop.create_future()
-            conn.mem_waiters[tag] = fut
-            conn.send(proto.encode(proto.MemRead(vm.vm_id, req.gpa, req.length), tag))
             try:
-                answer = await asyncio.wait_for(fut, MEMORY_RELAY_TIMEOUT_S)
-            except (TimeoutError, ConnectionError) as e:
-                conn.mem_waiters.pop(tag, None)
-                return reply(error=errno.ETIMEDOUT, message=f"VMM did not serve the read: {e}")
-            if answer.status != 0:
-                return reply(error=-answer.status, message="VMM refused the read")
-            if len(answer.data) != req.length:
-                return reply(error=errno.EIO, message=f"VMM returned {len(answer.data)} bytes")
-            metrics.MEMORY_READ.inc(len(answer.data))
-            reply(answer.data)
+                reply(await vm.relay_read(req.gpa, req.length))
+            except MemoryAccessError as e:
+                reply(error=e.code, message=str(e))
 
         self._spawn(relay())
-

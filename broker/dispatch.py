@@ -1,53 +1,51 @@
-"""Sessions and dispatch: from a received call to a queued result, once per (vCPU, seq).
+"""Dispatch: from a received call to a queued result, once per (vCPU, seq).
 
-A HostSession is one agent's host: its VMs, the frame being built for it and the stream that
-currently carries it (a reconnecting agent gets the same session back, so results finished while
-it was away go out on the new stream). A VmSession is one VM under the policy version it
-registered with; each vCPU keeps its last (seq, result) so a re-sent call is answered from the
-record instead of being run twice. The Dispatcher routes a call through the VM's profile to a
-handler, runs it (eagerly where the handler allows), folds failures into the rule's fallback,
-and batches state writes so they are committed before the results that depend on them leave.
-This module knows handlers only through handlers.api and the wire only through broker_pb2.
+The Dispatcher routes a call through its VM's profile to a handler, runs it (eagerly where the
+handler allows), folds failures into the rule's fallback, and batches state writes so they are
+committed before the results that depend on them leave. It registers, resets and destroys VMs
+(broker.sessions holds them) and gives each handler call a CallCtx (broker.context). This module
+knows handlers only through handlers.api and the wire only through broker_pb2 and wire.vmm.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import struct
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from hyperbroker.broker import metrics
-from hyperbroker.broker.policy_versions import PolicyRegistry, PolicyVersion
+from hyperbroker.broker.context import CallCtx, StateDoc
+from hyperbroker.broker.policy_versions import PolicyRegistry
+from hyperbroker.broker.sessions import (
+    NO_SEQ,
+    FrameWriter,
+    HostSession,
+    VcpuRecord,
+    VmSession,
+    load_stored_result,
+    stored_result,
+)
 from hyperbroker.broker.store import Store, StoreBatch
-from hyperbroker.calls import ActionKind, Call, Outcome, Result
-from hyperbroker.handlers.api import GuestMemoryError, Handler, JsonValue, VmInfo
+from hyperbroker.calls import NOT_SUPPORTED, ActionKind, Call, Outcome, Result
+from hyperbroker.handlers.api import Handler
 from hyperbroker.runtime.drive import run_eagerly
-from hyperbroker.smccc import NOT_SUPPORTED_U64, NR_ARGS
 from hyperbroker.wire.v1 import broker_pb2
-from hyperbroker.wire.vmm import ACTION, CALL, RESULT, ResultSource
+from hyperbroker.wire.vmm import CALL, ResultSource, pack_result
+
+__all__ = ["CallCtx", "DispatchInfo", "Dispatcher", "FrameWriter", "HostSession"]
 
 log = logging.getLogger("hyperbroker.broker")
 
-MAX_MEMORY_READ = 64 * 1024  # per read, as HB_MAX_MEM_CHUNK
-MAX_MEMORY_PER_CALL = 1024 * 1024  # reads plus writes, per call
-MEMORY_TIMEOUT_S = 2.0
 DISPATCH_CACHE_LIMIT = 4096
 OUTCOME_NAMES = [o.name.lower() for o in Outcome]
-NO_SEQ = -1
 RESET_ACTIONS = frozenset({ActionKind.SYSTEM_RESET, ActionKind.SYSTEM_RESET2})
-ZERO_X = (0,) * NR_ARGS
 SOURCE_BROKER = int(ResultSource.BROKER)
-STORED_LEN = struct.Struct("<I")
-
-
-class FrameWriter(Protocol):
-    async def write(self, frame: broker_pb2.BrokerFrame) -> None: ...
+VM_ID = struct.Struct("<I")  # the head of struct hb_result
 
 
 @dataclass(slots=True)
@@ -61,323 +59,6 @@ class DispatchInfo:
     timeout_s: float
     observe: list[Callable[..., None]]  # Histogram.observe of each Outcome's child
     windows: list[deque[float]]  # each Outcome's recent latencies, for the Admin API
-
-
-class VcpuRecord:
-    __slots__ = ("calls", "in_flight_seq", "last_result", "last_seq", "last_writes")
-
-    def __init__(self) -> None:
-        self.last_seq = NO_SEQ
-        self.last_result: bytes | None = None  # the hb_result record (with its actions)
-        self.last_writes: broker_pb2.ResultWrites | None = None
-        self.in_flight_seq = NO_SEQ
-        self.calls = 0
-
-
-def stored_result(record: bytes, writes: broker_pb2.ResultWrites | None) -> bytes:
-    """A last-result record as the store keeps it: length, hb_result record, its writes."""
-    return STORED_LEN.pack(len(record)) + record + (writes.SerializeToString() if writes else b"")
-
-
-def load_stored_result(blob: bytes) -> tuple[bytes, broker_pb2.ResultWrites | None]:
-    (n,) = STORED_LEN.unpack_from(blob)
-    record = blob[STORED_LEN.size : STORED_LEN.size + n]
-    rest = blob[STORED_LEN.size + n :]
-    return record, broker_pb2.ResultWrites.FromString(rest) if rest else None
-
-
-class VmSession:
-    def __init__(self, host: str, reg: broker_pb2.VmRegistered, pv: PolicyVersion) -> None:
-        self.vm_id = reg.vm_id
-        self.name = reg.name
-        self.key = f"{host}/{reg.name}"
-        self.profile = reg.profile or "default"
-        self.pv = pv
-        self.nr_vcpus = reg.nr_vcpus
-        self.regions = tuple((r.gpa, r.gpa + r.size, r.readonly) for r in reg.regions)
-        self.vcpus = [VcpuRecord() for _ in range(reg.nr_vcpus)]
-        self.info = VmInfo(host, reg.name, reg.nr_vcpus, self.profile, pv.version,
-                           tuple((r.gpa, r.size) for r in reg.regions))
-        self.states: dict[str, StateDoc] = {}
-        self.calls = 0
-        self.tokens = 0.0  # the per-VM rate limit's bucket (Dispatcher.vm_rate)
-        self.refilled_ns = time.monotonic_ns()
-        cache = pv.caches.setdefault(self.profile, {})
-        self.cache: dict[int, DispatchInfo] = cache  # type: ignore[assignment]
-
-    def check_range(self, gpa: int, length: int, write: bool) -> None:
-        end = gpa + length
-        for base, limit, readonly in self.regions:
-            if base <= gpa and end <= limit:
-                if write and readonly:
-                    raise GuestMemoryError(f"[{gpa:#x}, {end:#x}) is read-only guest memory")
-                return
-        raise GuestMemoryError(f"[{gpa:#x}, {end:#x}) is not inside one of {self.name}'s regions")
-
-
-class StateDoc:
-    """One JSON document in the store, cached as text; puts go to the pending batch."""
-
-    __slots__ = ("key", "raw")
-
-    def __init__(self, key: tuple[str, str] | str, raw: str | None) -> None:
-        self.key = key
-        self.raw = raw
-
-
-class StateView:
-    """A handler's view of one StateDoc during one call: a put marks the call durable."""
-
-    __slots__ = ("_ctx", "_doc")
-
-    def __init__(self, doc: StateDoc, ctx: CallCtx) -> None:
-        self._doc = doc
-        self._ctx = ctx
-
-    def get(self) -> JsonValue:
-        raw = self._doc.raw
-        return None if raw is None else json.loads(raw)
-
-    def put(self, value: JsonValue) -> None:
-        raw = json.dumps(value, separators=(",", ":"), sort_keys=True)
-        self._doc.raw = raw
-        batch = self._ctx.dispatcher.batch
-        if isinstance(self._doc.key, tuple):
-            batch.vm_state[self._doc.key] = raw
-        else:
-            batch.shared_state[self._doc.key] = raw
-        self._ctx.durable = True
-
-
-class CallCtx:
-    """handlers.api.CallContext for one call (or one lifecycle hook when `call` is None)."""
-
-    __slots__ = (
-        "_log",
-        "dispatcher",
-        "durable",
-        "handler_name",
-        "host",
-        "memory_bytes",
-        "memory_ns",
-        "memory_round_trips",
-        "session",
-        "writes",
-    )
-
-    def __init__(self, dispatcher: Dispatcher, host: HostSession, session: VmSession,
-                 handler_name: str) -> None:
-        self.dispatcher = dispatcher
-        self.host = host
-        self.session = session
-        self.handler_name = handler_name
-        self.durable = False
-        self.writes: list[broker_pb2.MemoryWrite] = []
-        self.memory_ns = 0
-        self.memory_round_trips = 0
-        self.memory_bytes = 0
-        self._log: logging.Logger | None = None
-
-    # handlers.api.CallContext
-    @property
-    def vm(self) -> VmInfo:
-        return self.session.info
-
-    @property
-    def state(self) -> StateView:
-        key = (self.session.key, self.handler_name)
-        doc = self.session.states.get(self.handler_name)
-        if doc is None:
-            doc = StateDoc(key, self.dispatcher.store.load_vm_state(*key))
-            self.session.states[self.handler_name] = doc
-        return StateView(doc, self)
-
-    @property
-    def shared(self) -> StateView:
-        return StateView(self.dispatcher.shared_doc(self.handler_name), self)
-
-    @property
-    def memory(self) -> CallCtx:
-        return self
-
-    @property
-    def log(self) -> logging.Logger:
-        if self._log is None:
-            self._log = logging.getLogger(f"hyperbroker.handler.{self.handler_name}")
-        return self._log
-
-    def now_ns(self) -> int:
-        return time.monotonic_ns()
-
-    # handlers.api.GuestMemory
-    async def read(self, gpa: int, length: int) -> bytes:
-        if not 0 < length <= MAX_MEMORY_READ:
-            raise GuestMemoryError(f"a read is 1..{MAX_MEMORY_READ} bytes, not {length}")
-        self._account(length)
-        self.session.check_range(gpa, length, write=False)
-        t0 = time.monotonic_ns()
-        try:
-            data = await self.host.read_memory(self.session.vm_id, gpa, length)
-        finally:
-            self.memory_ns += time.monotonic_ns() - t0
-            self.memory_round_trips += 1
-        metrics.MEMORY_READ_BYTES.inc(len(data))
-        return data
-
-    def write(self, gpa: int, data: bytes) -> None:
-        if not data:
-            return
-        self._account(len(data))
-        self.session.check_range(gpa, len(data), write=True)
-        self.writes.append(broker_pb2.MemoryWrite(gpa=gpa, data=bytes(data)))
-        metrics.MEMORY_WRITE_BYTES.inc(len(data))
-
-    def _account(self, n: int) -> None:
-        self.memory_bytes += n
-        if self.memory_bytes > MAX_MEMORY_PER_CALL:
-            raise GuestMemoryError(
-                f"more than {MAX_MEMORY_PER_CALL} bytes of guest memory in one call")
-
-
-class HostSession:
-    """One agent's host, across its reconnections."""
-
-    def __init__(self, host: str) -> None:
-        self.host = host
-        self.vms: dict[int, VmSession] = {}
-        self.writer: FrameWriter | None = None
-        self.peer = ""
-        self.connected_since_ns = 0
-        self.disconnected_at: float | None = None
-        self.calls = 0
-        self._frame = broker_pb2.BrokerFrame()
-        self._results: list[bytes] = []
-        self._dirty = False
-        self.writing = False
-        # The stream reader is dispatching a frame and writes what it finishes right after,
-        # so finishing results need not wake the writer task meanwhile.
-        self.reading = False
-        self._wake = asyncio.Event()
-        self._memory: dict[int, tuple[broker_pb2.MemoryRequest, asyncio.Future[bytes]]] = {}
-        self._next_request = 1
-
-    # Outbound frame, built in place and swapped out by the writer.
-    def queue_result(self, record: bytes, writes: broker_pb2.ResultWrites | None) -> None:
-        self._results.append(record)
-        if writes is not None:
-            self._frame.memory_writes.append(writes)
-        self._dirty = True
-
-    def queue_policy(self, compiled: broker_pb2.CompiledPolicy) -> None:
-        self._frame.policy.CopyFrom(compiled)
-        self._dirty = True
-        self.wake()
-
-    def queue_reset_done(self, request_id: int) -> None:
-        self._frame.resets_done.append(request_id)
-        self._dirty = True
-        self.wake()
-
-    def queue_drain(self, reason: str) -> None:
-        self._frame.drain.reason = reason
-        self._dirty = True
-        self.wake()
-
-    def queue_rejected(self, vm_id: int, reason: str) -> None:
-        self._frame.vms_rejected.add(vm_id=vm_id, reason=reason)
-        self._dirty = True
-
-    def wake(self) -> None:
-        if self._dirty and not self.reading:
-            self._wake.set()
-
-    def take_frame(self) -> broker_pb2.BrokerFrame | None:
-        if not self._dirty:
-            return None
-        frame, self._frame, self._dirty = self._frame, broker_pb2.BrokerFrame(), False
-        if self._results:
-            frame.results = b"".join(self._results)
-            self._results = []
-        return frame
-
-    def attach(self, writer: FrameWriter, peer: str) -> None:
-        self.writer = writer
-        self.peer = peer
-        self.connected_since_ns = time.time_ns()
-        self.disconnected_at = None
-        # Guest-memory requests the old stream never answered go out again on this one.
-        for request, fut in self._memory.values():
-            if not fut.done():
-                self._frame.memory_requests.append(request)
-                self._dirty = True
-        self.wake()
-
-    def detach(self, writer: FrameWriter) -> None:
-        if self.writer is writer:
-            self.writer = None
-            self.disconnected_at = time.monotonic()
-
-    async def run_writer(self, writer: FrameWriter, flush_store: Callable[[], None]) -> None:
-        """Write what handlers finish later, for as long as `writer` is current."""
-        while True:
-            await self._wake.wait()
-            if self.writer is not writer:
-                return  # superseded: leave the wake-up for the current writer
-            self._wake.clear()
-            if not self.writing:
-                await self.write_pending(writer, flush_store)
-
-    async def write_pending(self, writer: FrameWriter, flush_store: Callable[[], None]) -> None:
-        """Write everything pending, one frame per round, until nothing is left.
-
-        The stream reader calls this right after dispatching a frame (most results are ready
-        by then), which saves waking the writer task; `writing` keeps the two from writing at
-        once, and whoever writes loops until the frame being built is empty.
-        """
-        self.writing = True
-        try:
-            while (frame := self.take_frame()) is not None:
-                flush_store()  # state the results depend on is durable before they leave
-                await writer.write(frame)
-                metrics.FRAMES_OUT.inc()
-        finally:
-            self.writing = False
-
-    async def read_memory(self, vm_id: int, gpa: int, length: int) -> bytes:
-        request_id = self._next_request
-        self._next_request += 1
-        request = broker_pb2.MemoryRequest(request_id=request_id, vm_id=vm_id, gpa=gpa,
-                                           length=length)
-        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        self._memory[request_id] = (request, fut)
-        self._frame.memory_requests.append(request)
-        self._dirty = True
-        self.wake()
-        metrics.MEMORY_REQUESTS.inc()
-        try:
-            return await asyncio.wait_for(fut, MEMORY_TIMEOUT_S)
-        except TimeoutError:
-            raise GuestMemoryError(
-                f"agent {self.host} did not answer a {length}-byte read within "
-                f"{MEMORY_TIMEOUT_S} s"
-            ) from None
-        finally:
-            self._memory.pop(request_id, None)
-
-    def memory_reply(self, reply: broker_pb2.MemoryReply) -> None:
-        entry = self._memory.get(reply.request_id)
-        if entry is None or entry[1].done():
-            return  # answered already, or timed out
-        request, fut = entry
-        if reply.error:
-            fut.set_exception(GuestMemoryError(
-                f"agent refused read of [{request.gpa:#x}, +{request.length}): "
-                f"errno {reply.error} {reply.message}"))
-        elif len(reply.data) != request.length:
-            fut.set_exception(GuestMemoryError(
-                f"agent returned {len(reply.data)} bytes for a {request.length}-byte read"))
-        else:
-            fut.set_result(reply.data)
 
 
 class Dispatcher:
@@ -463,7 +144,7 @@ class Dispatcher:
                 rec = vm.vcpus[vcpu]
                 record, writes = load_stored_result(blob)
                 # The agent may have given the VM a new handle since: rewrite it.
-                rec.last_result = struct.pack("<I", vm.vm_id) + record[4:]
+                rec.last_result = VM_ID.pack(vm.vm_id) + record[VM_ID.size:]
                 if writes is not None:
                     writes.vm_id = vm.vm_id
                 rec.last_seq = seq
@@ -557,7 +238,7 @@ class Dispatcher:
     def _unrouted(self, function: str) -> DispatchInfo:
         info = self._no_handler.get(function)
         if info is None:
-            info = DispatchInfo(None, "none", function, Result.regs(NOT_SUPPORTED_U64), 0.0,
+            info = DispatchInfo(None, "none", function, NOT_SUPPORTED, 0.0,
                                 *self._bind("none", function))
             self._no_handler[function] = info
         return info
@@ -583,8 +264,7 @@ class Dispatcher:
         if vm is None or vcpu >= vm.nr_vcpus:
             log.warning("host %s: call for unknown vm %d / vcpu %d refused", host.host, vm_id,
                         vcpu)
-            host.queue_result(self._record(vm_id, vcpu, seq, Result.regs(
-                NOT_SUPPORTED_U64, outcome=Outcome.DENIED), 0, 0, None), None)
+            host.queue_result(self._record(vm_id, vcpu, seq, NOT_SUPPORTED, 0, 0, None), None)
             return
         rec = vm.vcpus[vcpu]
         if seq == rec.last_seq and rec.last_result is not None:
@@ -602,8 +282,8 @@ class Dispatcher:
         handler = info.handler
         if handler is None:
             t_now = time.monotonic_ns()
-            self._finish(host, vm, rec, vcpu, seq, info, None, Result.regs(
-                NOT_SUPPORTED_U64, outcome=Outcome.DENIED), None, t_frame, t_now)
+            self._finish(host, vm, rec, vcpu, seq, info, None, NOT_SUPPORTED, None, t_frame,
+                         t_now)
             return
         if self.vm_rate and not self._admit(vm):
             metrics.RATE_LIMITED.inc()
@@ -693,16 +373,10 @@ class Dispatcher:
     def _record(vm_id: int, vcpu: int, seq: int, result: Result, queued_ns: int,
                 handler_ns: int, ctx: CallCtx | None) -> bytes:
         """The `struct hb_result` record (and its actions) the agent hands to the VMM."""
-        x = result.x
-        if len(x) != NR_ARGS:
-            x = (x + ZERO_X)[:NR_ARGS]
         mem_ns, mem_trips = (ctx.memory_ns, ctx.memory_round_trips) if ctx is not None else (0, 0)
-        record = RESULT.pack(vm_id, vcpu, seq, result.outcome, result.mask, *x, 0, 0, queued_ns,
-                             handler_ns, mem_ns, mem_trips, SOURCE_BROKER, len(result.actions), 0)
-        if result.actions:
-            record += b"".join(ACTION.pack(a.kind, a.vcpu, a.address, a.value)
-                               for a in result.actions)
-        return record
+        return pack_result(vm_id, vcpu, seq, result.outcome, result.mask, result.x, 0, 0,
+                           queued_ns, handler_ns, mem_ns, mem_trips, SOURCE_BROKER,
+                           result.actions)
 
     async def drain(self, timeout_s: float) -> None:
         """Wait for running handlers (and VM clean-ups) to finish, at most `timeout_s`."""

@@ -4,6 +4,11 @@ The byte layout is include/hyperbroker/vmm_protocol.h; docs/vmm-protocol.md expl
 module turns bytes into typed messages and back, and frames a byte stream (SOCK_STREAM mode).
 Every decode error is a ProtocolError carrying the errno the agent answers with, so a bad frame
 becomes an HB_MSG_ERROR reply, never an exception that escapes a connection.
+
+Longer than 500 lines because it is the whole codec of one protocol, kept in the order of the C
+header: each struct, its message, its encoder and its decoder are read side by side against
+vmm_protocol.h (tests/test_c_header.py checks sizes and offsets field by field); split, a
+reviewer would hold three files open to check one message.
 """
 
 from __future__ import annotations
@@ -327,14 +332,35 @@ def _encode_payload(msg: Message) -> tuple[MsgType, bytes]:
     raise TypeError(f"not a protocol message: {msg!r}")
 
 
+ZERO_X = (0,) * NR_ARGS
+ARGS_MASK = (1 << NR_ARGS) - 1  # the reg_mask bits of registers that exist
+
+
+def pack_result(vm_id: int, vcpu: int, seq: int, outcome: int, mask: int, x: tuple[int, ...],
+                agent_ns: int, link_ns: int, queued_ns: int, handler_ns: int, memory_ns: int,
+                memory_round_trips: int, source: int,
+                actions: tuple[VmmAction, ...] = ()) -> bytes:
+    """A `struct hb_result` payload and its `struct hb_action` records: the one packer of it.
+
+    The broker builds its records with this (source BROKER, agent times zero, filled in by the
+    agent on the way through), the agent its own static and fallback answers. `x` shorter than
+    NR_ARGS is zero-padded, longer is cut.
+    """
+    if len(x) != NR_ARGS:
+        x = (x + ZERO_X)[:NR_ARGS]
+    record = RESULT.pack(vm_id, vcpu, seq, outcome, mask, *x, agent_ns, link_ns,
+                         queued_ns, handler_ns, memory_ns, memory_round_trips, source,
+                         len(actions), 0)
+    if actions:
+        record += b"".join(ACTION.pack(a.kind, a.vcpu, a.address, a.value) for a in actions)
+    return record
+
+
 def encode_result_payload(r: ResultMsg) -> bytes:
     t = r.timing
-    x = r.x + (0,) * (NR_ARGS - len(r.x))
-    return RESULT.pack(
-        r.vm_id, r.vcpu, r.seq, r.outcome, r.reg_mask, *x,
-        t.agent_ns, t.link_ns, t.broker_queue_ns, t.handler_ns, t.memory_ns,
-        t.memory_round_trips, t.source, len(r.actions), 0,
-    ) + b"".join(ACTION.pack(a.kind, a.vcpu, a.address, a.value) for a in r.actions)
+    return pack_result(r.vm_id, r.vcpu, r.seq, r.outcome, r.reg_mask, r.x, t.agent_ns,
+                       t.link_ns, t.broker_queue_ns, t.handler_ns, t.memory_ns,
+                       t.memory_round_trips, t.source, r.actions)
 
 
 def parse_header(data: bytes | memoryview) -> tuple[int, int, int]:
