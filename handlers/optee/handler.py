@@ -31,7 +31,7 @@ from typing import Any
 
 from hyperbroker.calls import Call, Outcome, Result
 from hyperbroker.handlers.api import Abi, CallContext, GuestMemoryError, Handler, HandlerConfigError
-from hyperbroker.handlers.optee import abi, metrics, std
+from hyperbroker.handlers.optee import abi, completion, metrics, std
 from hyperbroker.handlers.optee.abi import SmcReturn
 from hyperbroker.handlers.optee.backend import BackendUnavailable, TeeBackend, TeeVm
 from hyperbroker.handlers.optee.shm import split_runs, write_runs
@@ -177,7 +177,7 @@ class OpteeHandler(Handler):
             if isinstance(decoded, std.OpenWork | std.InvokeWork):
                 cookies |= {s.cookie for s in decoded.slots if s.cookie is not None}
             tee_vm = TeeVm(ctx.vm.host, ctx.vm.name, state.incarnation)
-            future = asyncio.ensure_future(std.run(
+            future = asyncio.ensure_future(completion.run(
                 decoded, self.backend, tee_vm, state.orphans, register_first, self.limits,
                 lambda command, reason: metrics.backend_failure(command, reason).inc()))
             metrics.THREADS.inc()
@@ -205,7 +205,7 @@ class OpteeHandler(Handler):
             return _smc_error(SmcReturn.ERESUME)
         done = thread.task.result()
         state = VmTeeState.from_json(ctx.state.get())
-        delivery = std.finish(state, done)
+        delivery = completion.finish(state, done)
         try:
             for patch in delivery.patches:
                 runs = split_runs(message.runs, patch.offset, len(patch.data))

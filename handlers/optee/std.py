@@ -8,9 +8,8 @@ Three steps, each a plain function:
 2. `decode` checks the message as OP-TEE's entry_std.c does, in the same order, copying the
    guest's input buffers in. It yields either a `Completion` at once (errors, REGISTER_SHM ...),
    an SMC error (unknown command: EBADCMD), or `Work` for the backend.
-3. `run` does the work against a handlers.optee.backend.TeeBackend and yields a `Completion`;
-   `finish` applies a completion to the VM's state and says what to write back to the guest:
-   ret, ret_origin, session, output values, output sizes and output bytes.
+3. handlers.optee.completion runs the work against the backend and applies the `Completion`
+   to the VM's state.
 
 Every guest-supplied count, length, offset, page list and cookie is checked before use, and
 nothing here raises for guest input. Only `decode` and `locate_*` read guest memory (through the
@@ -21,9 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import struct
-import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -31,15 +29,7 @@ from hyperbroker.handlers.api import GuestMemory, GuestMemoryError
 from hyperbroker.handlers.optee import msg
 from hyperbroker.handlers.optee.abi import THREAD_RPC_MAX_NUM_PARAMS, SmcReturn
 from hyperbroker.handlers.optee.backend import (
-    BackendStatus,
-    BackendUnavailable,
-    CancelRequest,
-    CloseRequest,
-    InvokeRequest,
-    OpenSessionRequest,
-    TeeBackend,
     TeeParam,
-    TeeVm,
 )
 from hyperbroker.handlers.optee.shm import (
     PageListError,
@@ -431,149 +421,3 @@ async def _register(memory: GuestMemory, state: VmTeeState, params: Sequence[msg
     if state.shm_pages + found.num_pages > limits.max_shm_pages:
         return fail(TeeResult.OUT_OF_MEMORY)
     return Completion(command, TeeResult.SUCCESS, None, Registered(cookie, found))
-
-
-# 3. Running and finishing ----------------------------------------------------------------------
-
-
-def work_command(work: Work) -> str:
-    return {OpenWork: "open_session", InvokeWork: "invoke_command", CloseWork: "close_session",
-            CancelWork: "cancel", UnregisterWork: "unregister_shm"}[type(work)]
-
-
-class BackendTimer:
-    """Adds up the time spent waiting for the backend during one message."""
-
-    def __init__(self) -> None:
-        self.seconds = 0.0
-
-    async def __call__(self, pending: Awaitable[T]) -> T:
-        started = time.perf_counter()
-        try:
-            return await pending
-        finally:
-            self.seconds += time.perf_counter() - started
-
-
-async def run(work: Work, backend: TeeBackend, vm: TeeVm, orphans: Sequence[tuple[int, int]],
-              register_first: bool, limits: Limits,
-              on_failure: Callable[[str, str], None]) -> Completion:
-    """Do `work` against the backend. Never raises for an unreachable or misbehaving backend:
-    the guest gets TEEC_ERROR_COMMUNICATION from TEEC_ORIGIN_COMMS, as Linux reports a failed
-    SMC itself. `on_failure(command, reason)` counts backend failures."""
-    command = work_command(work)
-    timer = BackendTimer()
-    if isinstance(work, UnregisterWork):
-        if work.users:
-            await asyncio.wait(work.users)
-        return Completion(command, TeeResult.SUCCESS, None, Unregistered(work.cookie))
-    closed: set[tuple[int, int]] = set()
-    try:
-        for backend_id, epoch in orphans:
-            await timer(backend.close_session(CloseRequest(vm, backend_id, epoch)))
-            closed.add((backend_id, epoch))
-    except BackendUnavailable as e:
-        on_failure("close_orphan", e.reason)
-    try:
-        done = await _run(work, backend, vm, register_first, limits, timer)
-    except BackendUnavailable as e:
-        on_failure(command, e.reason)
-        effect: Effect | None = None
-        if isinstance(work, CloseWork):
-            effect = CloseUndelivered(work.gid, work.session.backend, work.session.epoch)
-        done = Completion(command, TeeResult.COMMUNICATION, Origin.COMMS, effect,
-                          set_session=isinstance(work, OpenWork))
-    return Completion(done.command, done.ret, done.origin, done.effect, done.set_session,
-                      done.slots, done.outputs, frozenset(closed), timer.seconds)
-
-
-async def _run(work: Work, backend: TeeBackend, vm: TeeVm, register_first: bool,
-               limits: Limits, timer: BackendTimer) -> Completion:
-    command = work_command(work)
-    if isinstance(work, OpenWork):
-        request = OpenSessionRequest(vm, work.ta, work.login, work.client, work.cancel_id,
-                                     tuple(s.param for s in work.slots))
-        if register_first:
-            await timer(backend.vm_created(vm, limits.max_sessions))
-        reply = await timer(backend.open_session(request))
-        if reply.status == BackendStatus.VM_UNKNOWN:  # the service restarted: register again
-            await timer(backend.vm_created(vm, limits.max_sessions))
-            reply = await timer(backend.open_session(request))
-        if reply.status != BackendStatus.OK:
-            raise BackendUnavailable("protocol", f"open session answered {reply.status.name}")
-        effect = None
-        if reply.ret == TeeResult.SUCCESS:
-            if not reply.session:
-                raise BackendUnavailable("protocol", "open session succeeded with session 0")
-            effect = Opened(reply.session, reply.epoch, str(work.ta))
-        return Completion(command, reply.ret, reply.origin, effect, True, work.slots,
-                          reply.params)
-    if isinstance(work, InvokeWork):
-        invoke = InvokeRequest(vm, work.session.backend, work.session.epoch, work.func,
-                               work.cancel_id, tuple(s.param for s in work.slots))
-        reply = await timer(backend.invoke_command(invoke))
-        if reply.status != BackendStatus.OK:  # the session died with the service
-            return Completion(command, TeeResult.TARGET_DEAD, Origin.TEE, Lost(work.gid))
-        return Completion(command, reply.ret, reply.origin, None, False, work.slots,
-                          reply.params)
-    if isinstance(work, CloseWork):
-        close = CloseRequest(vm, work.session.backend, work.session.epoch)
-        reply = await timer(backend.close_session(close))
-        if reply.status != BackendStatus.OK:
-            return Completion(command, TeeResult.SUCCESS, Origin.TEE, Closed(work.gid))
-        return Completion(command, reply.ret, reply.origin, Closed(work.gid))
-    assert isinstance(work, CancelWork)
-    cancel = CancelRequest(vm, work.session.backend, work.session.epoch, work.cancel_id)
-    reply = await timer(backend.cancel(cancel))
-    if reply.status != BackendStatus.OK:
-        return Completion(command, TeeResult.SUCCESS, Origin.TEE, Lost(work.gid))
-    return Completion(command, reply.ret, reply.origin)
-
-
-@dataclass(frozen=True, slots=True)
-class Delivery:
-    state: VmTeeState
-    patches: tuple[msg.Patch, ...]  # into the message
-    writes: tuple[tuple[tuple[Run, ...], bytes], ...]  # output bytes into client buffers
-    opened: str | None = None  # TA of a session that became open (metrics)
-    closed: str | None = None  # TA of a session that stopped being open (metrics)
-
-
-def finish(state: VmTeeState, done: Completion) -> Delivery:
-    """Apply a completion to the VM's state; the fields and bytes to write back."""
-    new, session, opened, closed = state, 0, None, None
-    effect = done.effect
-    if isinstance(effect, Opened):
-        new, session = state.add_session(effect.backend, effect.epoch, effect.ta)
-        opened = effect.ta if new is not state else None
-    elif isinstance(effect, Closed | CloseUndelivered | Lost):
-        rec = state.sessions.get(effect.gid)
-        if isinstance(effect, Lost):
-            new = state.mark_lost(effect.gid)
-        else:
-            new = state.drop_session(effect.gid)
-            if isinstance(effect, CloseUndelivered) and rec is not None and not rec.lost:
-                new = new.add_orphan(effect.backend, effect.epoch)
-        closed = rec.ta if rec is not None and not rec.lost else None
-    elif isinstance(effect, Registered):
-        if effect.cookie not in state.shm:
-            new = state.register(effect.cookie, effect.buffer)
-    elif isinstance(effect, Unregistered):
-        new = state.unregister(effect.cookie)
-    new = new.forget_orphans(done.orphans_closed)
-
-    patches = [msg.patch_result(done.ret, done.origin)]
-    if done.set_session:
-        patches.append(msg.patch_session(session))
-    writes: list[tuple[tuple[Run, ...], bytes]] = []
-    if len(done.outputs) == len(done.slots):
-        for slot, out in zip(done.slots, done.outputs, strict=True):
-            kind = slot.param.type
-            if kind in (ParamType.VALUE_OUTPUT, ParamType.VALUE_INOUT):
-                patches.append(msg.patch_value(slot.index, out.a & U32, out.b & U32))
-            elif kind in (ParamType.MEMREF_OUTPUT, ParamType.MEMREF_INOUT):
-                patches.append(msg.patch_size(slot.index, out.size))
-                if out.data and len(out.data) <= slot.capacity and slot.runs:
-                    runs = tuple(split_runs(slot.runs, 0, len(out.data)))
-                    writes.append((runs, out.data))
-    return Delivery(new, tuple(patches), tuple(writes), opened, closed)
