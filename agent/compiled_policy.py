@@ -9,12 +9,12 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass
 
+from hyperbroker.calls import NOT_SUPPORTED
 from hyperbroker.kvm import SmcccFilter
-from hyperbroker.smccc import NOT_SUPPORTED_U64, SMCCC_1_1_RESULT_MASK
+from hyperbroker.smccc import SMCCC_1_1_RESULT_MASK
 from hyperbroker.wire.v1 import broker_pb2
 
 DEFAULT_DEADLINE_US = 100_000
-NOT_SUPPORTED_X = (NOT_SUPPORTED_U64, 0, 0, 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,12 +35,12 @@ class AgentProfile:
         self._bases = [r.base for r in rules]
         self._ends = [r.base + r.nr_functions for r in rules]
         self._views = [
-            RuleView(r.deadline_us / 1e6, tuple(r.fallback) or NOT_SUPPORTED_X,
+            RuleView(r.deadline_us / 1e6, tuple(r.fallback) or NOT_SUPPORTED.x,
                      r.fallback_mask or SMCCC_1_1_RESULT_MASK, r.rule)
             for r in rules
         ]
         deadline = (pb.default_deadline_us or DEFAULT_DEADLINE_US) / 1e6
-        self.default = RuleView(deadline, NOT_SUPPORTED_X, SMCCC_1_1_RESULT_MASK, "")
+        self.default = RuleView(deadline, NOT_SUPPORTED.x, SMCCC_1_1_RESULT_MASK, "")
         self.static: dict[int, tuple[tuple[int, ...], int]] = {
             s.function_id: (tuple(s.x), s.mask) for s in pb.static_answers
         }
