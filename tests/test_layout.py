@@ -87,15 +87,45 @@ def test_every_file_over_500_lines_says_why_at_its_top() -> None:
     assert long_unexplained == []
 
 
+def source_copy(dest: Path) -> Path:
+    """What `pip install .` reads, copied with its symlinks, so building leaves the tree alone."""
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", "build")
+    dest.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, dest)
+    for top in ("hyperbroker", "broker", "agent", "handlers", "tee"):
+        shutil.copytree(ROOT / top, dest / top, symlinks=True, ignore=ignore)
+    return dest
+
+
 @pytest.mark.slow
 def test_the_wheel_installs_one_package_and_no_tools(tmp_path: Path) -> None:
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
-                    "--no-build-isolation", "--wheel-dir", str(tmp_path), str(ROOT)],
-                   check=True, capture_output=True, timeout=300)
+    source = source_copy(tmp_path / "src")
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
+                            "--no-build-isolation", "--wheel-dir", str(tmp_path), str(source)],
+                           capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr
     (wheel,) = tmp_path.glob("hyperbroker-*.whl")
-    names = zipfile.ZipFile(wheel).namelist()
+    archive = zipfile.ZipFile(wheel)
+    names = archive.namelist()
     tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert tops == {"hyperbroker"}
     assert not [n for n in names if "kvm_bed" in n or "bench" in n or "hyperbroker_tools" in n]
     for sub in ("broker", "agent", "handlers", "tee", "wire", "runtime", "cli", "testing"):
         assert f"hyperbroker/{sub}/__init__.py" in names
+    (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
+    assert "hyperbroker = hyperbroker.cli.main:main" in archive.read(entry_points).decode()
+
+    # Installed on its own (the tree's editable install is shadowed), the command runs.
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+                    "--target", str(site), str(wheel)], check=True, capture_output=True,
+                   timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-c", "import hyperbroker, sys; print(hyperbroker.__file__); "
+         "sys.argv = ['hyperbroker', '--help']; from hyperbroker.cli.main import main; main()"],
+        cwd=tmp_path, env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"},
+        capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith(str(site / "hyperbroker")), run.stdout
+    assert "serve" in run.stdout and "agent" in run.stdout
