@@ -3,14 +3,18 @@
 Every access is checked against the regions the VMM declared at registration; an access
 that is not wholly inside one region is refused (EFAULT), a write to a read-only one too.
 In SEQPACKET mode the regions arrive as file descriptors and are mmapped here, so guest-memory
-traffic never involves the VMM; in stream mode the agent relays through the VMM instead
-(agent.vmm) and only uses the region map for checks.
+traffic never involves the VMM. A mapping whose file shrinks under it faults (SIGBUS) and would
+kill the agent for every VM of the host, so an fd is accepted only when it cannot shrink: a memfd
+sealed with F_SEAL_SHRINK (memfd_create(2), fcntl(2) "File Sealing"; QEMU's memory-backend-memfd
+seals so by default) whose size covers the region. In stream mode the agent relays through the
+VMM instead (agent.vmm) and only uses the region map for checks.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import itertools
 import mmap
 import os
@@ -66,6 +70,7 @@ class MappedRam:
                 if r.mmap_offset % mmap.ALLOCATIONGRANULARITY:
                     raise MemoryAccessError(errno.EINVAL,
                                             f"mmap_offset {r.mmap_offset:#x} is not page-aligned")
+                check_unshrinkable(fd, r)
                 prot = mmap.PROT_READ | (0 if r.flags & REGION_READONLY else mmap.PROT_WRITE)
                 try:
                     self.maps.append(mmap.mmap(fd, r.size, mmap.MAP_SHARED, prot,
@@ -89,6 +94,24 @@ class MappedRam:
         for m in self.maps:
             m.close()
         self.maps.clear()
+
+
+def check_unshrinkable(fd: int, r: MemRegion) -> None:
+    """Refuse (EINVAL) an fd that could shrink under the agent's mapping, or is too short."""
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:
+        seals = 0  # not a file that supports seals (only memfds and shmem do)
+    if not seals & fcntl.F_SEAL_SHRINK:
+        raise MemoryAccessError(errno.EINVAL,
+                                f"region at {r.gpa:#x}: the fd must be a memfd sealed with "
+                                "F_SEAL_SHRINK (memfd_create MFD_ALLOW_SEALING, then "
+                                "fcntl F_ADD_SEALS), so it cannot shrink under the agent")
+    size = os.fstat(fd).st_size
+    if r.mmap_offset + r.size > size:
+        raise MemoryAccessError(errno.EINVAL,
+                                f"region at {r.gpa:#x}: mmap_offset {r.mmap_offset:#x} + size "
+                                f"{r.size:#x} is past the end of its {size:#x}-byte file")
 
 
 def close_fds(fds: Sequence[int]) -> None:

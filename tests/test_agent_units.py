@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import mmap
 import os
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -65,9 +67,15 @@ def test_locate_accepts_exactly_the_accesses_inside_the_region(gpa: int, n: int)
         assert not inside
 
 
+def sealed_memfd(size: int, seals: int = fcntl.F_SEAL_SHRINK) -> int:
+    fd = os.memfd_create("ram", os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, size)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+    return fd
+
+
 def test_mapped_ram_reads_and_writes_the_vmms_memory() -> None:
-    fd = os.memfd_create("ram")
-    os.ftruncate(fd, RAM.size)
+    fd = sealed_memfd(RAM.size)
     vmm_view = mmap.mmap(fd, RAM.size)
     ram = MappedRam(RegionMap([RAM]), [fd])
     vmm_view[0x100:0x104] = b"abcd"
@@ -82,12 +90,46 @@ def test_mapped_ram_reads_and_writes_the_vmms_memory() -> None:
 def test_mapped_ram_needs_one_fd_per_region_and_aligned_offsets() -> None:
     with pytest.raises(MemoryAccessError):
         MappedRam(RegionMap([RAM]), [])
-    fd = os.memfd_create("ram")
-    os.ftruncate(fd, 0x20_0000)
+    fd = sealed_memfd(0x20_0000)
     with pytest.raises(MemoryAccessError) as e:
         MappedRam(RegionMap([MemRegion(RAM.gpa, 0x1000, 0x10)]), [fd])
     assert e.value.code == errno.EINVAL
     os.close(fd)
+
+
+@pytest.mark.parametrize("size, seals, refused", [
+    (RAM.size, 0, "F_SEAL_SHRINK"),
+    (RAM.size, fcntl.F_SEAL_GROW, "F_SEAL_SHRINK"),
+    (RAM.size - 0x1000, fcntl.F_SEAL_SHRINK, "past the end"),
+    (RAM.size, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL, None),
+])
+def test_only_ram_that_cannot_shrink_under_the_mapping_is_mapped(
+        size: int, seals: int, refused: str | None) -> None:
+    fd = os.memfd_create("ram", os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, size)
+    if seals:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+    try:
+        if refused is None:
+            MappedRam(RegionMap([RAM]), [fd]).close()
+        else:
+            with pytest.raises(MemoryAccessError) as e:
+                MappedRam(RegionMap([RAM]), [fd])
+            assert e.value.code == errno.EINVAL and refused in str(e.value)
+    finally:
+        os.close(fd)
+
+
+def test_a_file_that_takes_no_seals_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "ram.img"
+    path.write_bytes(bytes(RAM.size))
+    fd = os.open(path, os.O_RDWR)
+    try:
+        with pytest.raises(MemoryAccessError) as e:
+            MappedRam(RegionMap([RAM]), [fd])
+        assert e.value.code == errno.EINVAL and "F_SEAL_SHRINK" in str(e.value)
+    finally:
+        os.close(fd)
 
 
 def profile() -> AgentProfile:

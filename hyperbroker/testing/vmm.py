@@ -11,6 +11,7 @@ from __future__ import annotations
 import array
 import asyncio
 import errno
+import fcntl
 import mmap
 import os
 import socket
@@ -37,8 +38,10 @@ class GuestRam:
     def __init__(self, gpa: int, size: int, name: str = "guest-ram") -> None:
         self.gpa = gpa
         self.size = size
-        self.fd = os.memfd_create(name, 0)
+        self.fd = os.memfd_create(name, os.MFD_ALLOW_SEALING)
         os.ftruncate(self.fd, size)
+        # The agent maps only RAM that cannot shrink under it (agent.memory).
+        fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
         self.map = mmap.mmap(self.fd, size)
 
     def region(self) -> proto.MemRegion:

@@ -9,7 +9,9 @@
  * Transport: a Unix socket to the agent, either
  *   - SOCK_SEQPACKET: one message per packet; guest-RAM regions may be passed as file
  *     descriptors (SCM_RIGHTS) with HB_MSG_REGISTER_VM so the agent serves guest-memory
- *     accesses from its own mappings; or
+ *     accesses from its own mappings (each fd a memfd sealed with F_SEAL_SHRINK and at least
+ *     mmap_offset + size long, so it cannot shrink under the agent's mapping; anything else is
+ *     refused with -EINVAL); or
  *   - SOCK_STREAM: messages back to back, each framed by its header's length field; the agent
  *     reads and writes guest memory with HB_MSG_MEM_READ / HB_MSG_MEM_WRITE messages that the
  *     VMM serves. (This is the mode to use behind a serial link.)
