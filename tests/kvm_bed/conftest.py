@@ -58,8 +58,8 @@ def _pad(index: int, value: int = 1) -> bytes:
     return bytes(pad)
 
 
-# Raw filter records against one VM, in order, with what reference/arm64-kvm-lab.md "What real
-# KVM did" and kvm-smccc.md §1.3 say the kernel answers. RanBefore: the vCPU runs once there.
+# Raw filter records against one VM, in order, with what the kernel answers (kvm_smccc_set_filter()
+# in arch/arm64/kvm/hypercalls.c, measured on the bed's kernel). RanBefore: the vCPU ran once.
 FILTER_TABLE: list[tuple[SmcccFilter | kvm_bed.RanBefore, str | None]] = [
     (SmcccFilter(0x8400_0060, 0xA0, FWD), "OK"),                  # FF-A SMC32 range
     (SmcccFilter(0xC400_0060, 0xA0, FWD), "OK"),                  # FF-A SMC64 range

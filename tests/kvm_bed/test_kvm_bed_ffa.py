@@ -7,7 +7,8 @@ shares one page of known bytes (xorshift32 from SEED) with the SHA-256 partition
 digest with DIRECT_REQ_64 and DIRECT_REQ2, and reclaims. While the share is live it waits
 (hb_wait) and the harness, as a second VM registered with the same agent under the same profile
 (hyperbroker.vmm_client over the agent's SEQPACKET socket), tries to reclaim and to hash the
-first VM's handle. Sections cited are reference/ffa.md's.
+first VM's handle. Encodings as Linux's include/linux/arm_ffa.h and Hafnium's inc/vmapi/hf/ffa.h
+define them (Arm DEN0077A, FF-A).
 
 Why the second VM is the harness's and not a second L2 guest: the reference VMM runs its plan's
 VMs one after another and destroys each at the end of its step, and the ffa handler reclaims a
@@ -78,11 +79,12 @@ FFA_MEM_RECLAIM = 0x8400_0077
 FFA_MSG_SEND_DIRECT_REQ2 = 0xC400_008D
 FFA_MSG_SEND_DIRECT_RESP2 = 0xC400_008E
 VERSION_1_2 = 0x1_0002
-INVALID_PARAMETERS_W2 = 0xFFFF_FFFE  # §2: -2 zero-extended in w2
+INVALID_PARAMETERS_W2 = 0xFFFF_FFFE  # FFA_ERROR: -2 zero-extended in w2
 BUSY_W2 = 0xFFFF_FFFC  # -4
 STATUS_INVALID_PARAMETERS = (1 << 64) - 2  # the SHA-256 partition's x3 status, sign-extended
-HANDLE_HYPERVISOR_BIT = 1 << 63  # §5.1
-# §3.4 properties the handler reports to a v1.2 caller: DIRECT_REQ receive, AArch64, REQ2 receive.
+HANDLE_HYPERVISOR_BIT = 1 << 63  # Hafnium FFA_MEMORY_HANDLE_ALLOCATOR_BIT, Xen FFA_HANDLE_HYP_FLAG
+# FFA_PARTITION_INFO_GET properties the handler reports to a v1.2 caller: DIRECT_REQ receive,
+# AArch64, REQ2 receive.
 PROPERTIES_V1_2 = (1 << 0) | (1 << 8) | (1 << 9)
 
 SECOND_VM = "ffa-second-vm"
@@ -189,17 +191,17 @@ def ffa_run(bed: kvm_bed.Artifacts, tmp_path_factory: pytest.TempPathFactory) ->
 def test_the_guest_negotiates_v1_2_and_gets_its_endpoint_id(ffa_run: FfaRun) -> None:
     result = ffa_run.result
     # KVM keeps SMCCC_VERSION (architecture range) and says 1.1 (a later KVM may say 1.2); the
-    # guest does not insist on 1.2 and uses x0..x17 anyway (reference/arm64-kvm-lab.md).
+    # guest does not insist on 1.2 and uses x0..x17 anyway (measured on the bed's kernel).
     assert result.call(GUEST, "smccc_version").x[0] in (SMCCC_VERSION_1_1, SMCCC_VERSION_1_2)
-    assert result.call(GUEST, "version").x[0] == VERSION_1_2  # §3.1: the version, not SUCCESS
+    assert result.call(GUEST, "version").x[0] == VERSION_1_2  # a version, not FFA_SUCCESS
     got = result.call(GUEST, "id")
-    assert got.x[0] == FFA_SUCCESS_32 and 1 <= got.x[2] <= 0x7FFF  # §3.3
-    assert result.call(GUEST, "map").x[0] == FFA_SUCCESS_32  # §3.6
+    assert got.x[0] == FFA_SUCCESS_32 and 1 <= got.x[2] <= 0x7FFF  # never 0, the hypervisor's
+    assert result.call(GUEST, "map").x[0] == FFA_SUCCESS_32  # FFA_RXTX_MAP_64
 
 
 def test_both_partition_descriptors_are_read_out_of_rx(ffa_run: FfaRun) -> None:
     result = ffa_run.result
-    assert result.call(GUEST, "info").x == (FFA_SUCCESS_32, 0, 2, 24)  # §3.4: count, size
+    assert result.call(GUEST, "info").x == (FFA_SUCCESS_32, 0, 2, 24)  # count, size
     lines = [x for x in result.lines if x.startswith(f"HB g[{GUEST}] partition ")]
     seen = [{k: int(v, 0) for k, v in re.findall(r"(\w+)=(0x[0-9a-f]+|\d+)", line)}
             for line in lines]
@@ -209,7 +211,7 @@ def test_both_partition_descriptors_are_read_out_of_rx(ffa_run: FfaRun) -> None:
         lo, hi = uuid_to_pair(uuid.UUID(str(puuid)))
         assert got == {"index": index, "id": pid, "contexts": 1, "properties": PROPERTIES_V1_2,
                        "uuid_lo": lo, "uuid_hi": hi, "sha256": is_sha}, lines
-    # RX stays the guest's until FFA_RX_RELEASE (§3.6): a second fill is BUSY.
+    # RX stays the guest's until FFA_RX_RELEASE: a second fill is BUSY.
     assert result.call(GUEST, "info.busy").x == (FFA_ERROR, 0, BUSY_W2, 0)
     assert result.call(GUEST, "rx_release").x[0] == FFA_SUCCESS_32
 
@@ -220,7 +222,7 @@ def echo_word(i: int) -> int:
 
 
 def test_x4_to_x17_travel_both_ways_through_a_direct_req2_to_echo(ffa_run: FfaRun) -> None:
-    """SMCCC 1.2 registers through KVM, the VMM, the agent and the broker (§4 DIRECT_REQ2)."""
+    """SMCCC 1.2 registers through KVM, the VMM, the agent and the broker (DIRECT_REQ2)."""
     own = ffa_run.result.call(GUEST, "id").x[2]
     resp = ffa_run.result.call(GUEST, "echo2")
     assert resp.x == (FFA_MSG_SEND_DIRECT_RESP2, ECHO_ID << 16 | own, 0, 0)  # x2/x3 MBZ
@@ -234,10 +236,10 @@ def _handle(ffa_run: FfaRun) -> int:
 
 def test_the_page_is_shared_under_a_hypervisor_handle(ffa_run: FfaRun) -> None:
     share = ffa_run.result.call(GUEST, "share")
-    assert share.x[0] == FFA_SUCCESS_32 and share.x[1] == 0  # §5.1: handle in w2/w3
+    assert share.x[0] == FFA_SUCCESS_32 and share.x[1] == 0  # FFA_MEM_SHARE: handle in w2/w3
     handle = _handle(ffa_run)
     own = ffa_run.result.call(GUEST, "id").x[2]
-    # Bit 63: allocated by the hypervisor (§5.1); the endpoint ID above the per-VM counter.
+    # Bit 63: allocated by the hypervisor; the endpoint ID above the per-VM counter.
     assert handle & HANDLE_HYPERVISOR_BIT
     assert (handle >> 32) & 0x7FFF == own and handle & 0xFFFF_FFFF != 0
 
@@ -245,7 +247,7 @@ def test_the_page_is_shared_under_a_hypervisor_handle(ffa_run: FfaRun) -> None:
 def test_the_hashing_partition_answers_the_digest_of_the_known_bytes(ffa_run: FfaRun) -> None:
     result, own = ffa_run.result, ffa_run.result.call(GUEST, "id").x[2]
     page = known_page(SEED)
-    target = SHA256_ID << 16 | own  # responder << 16 | requester (§4)
+    target = SHA256_ID << 16 | own  # responder << 16 | requester (w1 of a direct message)
     for label in ("hash", "hash.after"):
         resp = result.call(GUEST, label)
         assert resp.x == (FFA_MSG_SEND_DIRECT_RESP_64, target, 0, 0), label  # x3 = status 0
@@ -270,8 +272,8 @@ def test_a_second_vm_can_neither_reclaim_nor_hash_the_first_vms_handle(ffa_run: 
     assert second.handle == _handle(ffa_run)  # the live handle the guest printed
     assert second.version[0] == VERSION_1_2
     assert second.id_get[0] == FFA_SUCCESS_32
-    assert second.id_get[2] != ffa_run.result.call(GUEST, "id").x[2]  # fleet-unique IDs (§3.3)
-    # Not a handle this VM owns: INVALID_PARAMETERS, as Xen answers (§5.1).
+    assert second.id_get[2] != ffa_run.result.call(GUEST, "id").x[2]  # fleet-unique IDs
+    # Not a handle this VM owns: INVALID_PARAMETERS, as Xen answers (xen/arch/arm/tee/ffa_shm.c).
     assert second.reclaim[:4] == (FFA_ERROR, 0, INVALID_PARAMETERS_W2, 0)
     # The partition sees no grant from this VM under that handle: status, no digest.
     assert second.hash[0] == FFA_MSG_SEND_DIRECT_RESP_64

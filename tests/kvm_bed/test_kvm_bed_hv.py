@@ -7,9 +7,11 @@ range to the psci handler (with `agent_static: false`, so even PSCI_VERSION is a
 broker) and the whole vendor-hyp range to the hyperv or the memshare handler. A VM's handler view
 exists only while the VM is registered, so the hyperv and memshare guests end by waiting for the
 host (hb_wait): while they wait, the harness reads the view with `hyperbroker inspect` (the Admin
-API's GetVmHandlerView) and scrapes the broker's metrics. References: DEN0022 through
-reference/kvm-smccc.md §5.1, reference/hyperv-arm64.md, reference/kvm-smccc.md §5.3 and §7;
-docs/psci.md, docs/hyperv.md, docs/memshare.md.
+API's GetVmHandlerView) and scrapes the broker's metrics. References: Arm DEN0022 (PSCI) as
+arch/arm64/kvm/psci.c serves it; the Hyper-V TLFS as Linux's arch/arm64/hyperv/ and
+include/hyperv/hvgdk_mini.h use it; KVM's vendor hypervisor service and the pKVM guest calls in
+include/linux/arm-smccc.h and arch/arm64/kvm/hyp/nvhe/mem_protect.c; docs/psci.md,
+docs/hyperv.md, docs/memshare.md.
 """
 
 from __future__ import annotations
@@ -63,9 +65,9 @@ WAITS = {"hyperv-crash": "hyperv", "memshare-record": "memshare"}
 
 NOT_SUPPORTED = -1 & U64_MASK
 PSCI_ALREADY_ON = -4 & U64_MASK
-PKVM_INVALID_PARAMETER = -3 & U64_MASK  # the pKVM calls' only error (kvm-smccc.md §7)
+PKVM_INVALID_PARAMETER = -3 & U64_MASK  # the pKVM calls' only error (SMCCC_RET_INVALID_PARAMETER)
 
-# PSCI IDs (kvm-smccc.md §5.1).
+# PSCI IDs (include/uapi/linux/psci.h).
 PSCI_VERSION = 0x8400_0000
 PSCI_CPU_OFF = 0x8400_0002
 PSCI_CPU_ON64 = 0xC400_0003
@@ -75,12 +77,13 @@ PSCI_FEATURES = 0x8400_000A
 PSCI_CONTEXT = 0xC0FF_EE01  # guests/psci_power.c CONTEXT_ID
 AFFINITY_ON, AFFINITY_OFF = 0, 1
 
-# Hyper-V (reference/hyperv-arm64.md).
+# Hyper-V (include/hyperv/hvgdk_mini.h, arch/arm64/include/asm/mshyperv.h).
 VENDOR_HYP_CALL_UID = 0x8600_FF01
 KVM_FEATURES = 0x8600_0000
 HV_FUNC_ID = 0x4600_0001
-HYPERV_UID_REGS = (0x4D32_BA58, 0xCD24_4764, 0x8EEF_6C75, 0x1659_7024)  # §1.1
-HV_SUCCESS_1_REP = 1 << 32  # §4: status 0 in 15:0, 1 rep completed in 43:32
+# ARM_SMCCC_VENDOR_HYP_UID_HYPERV_REG_0..3 (include/linux/arm-smccc.h)
+HYPERV_UID_REGS = (0x4D32_BA58, 0xCD24_4764, 0x8EEF_6C75, 0x1659_7024)
+HV_SUCCESS_1_REP = 1 << 32  # TLFS hypercall result: status 0 in 15:0, 1 rep completed in 43:32
 GUEST_OS_ID = 0x8100_0006_0C00_0000  # guests/hyperv.c: Linux vendor 0x8100, version 6.12
 HV_PRIVILEGES = 0x32_0000_0062  # the persona's default: every bit it serves (docs/hyperv.md)
 HV_MISC_FEATURES = 0x100  # HV_FEATURE_GUEST_CRASH_MSR_AVAILABLE, arm64 bit 8
@@ -89,7 +92,7 @@ HV_CONTEXT = 0x4879_C0DE  # guests/hyperv.c CONTEXT_ID
 POISON = 0x5A5A_5A5A_5A5A_5A5A  # guests/hyperv.c: x5..x7 of every GetVpRegisters going in
 PANIC_TEXT = "Kernel panic - not syncing: hyperbroker bed crash test\n"
 
-# pKVM (kvm-smccc.md §5.3, §7).
+# KVM vendor services and pKVM (include/linux/arm-smccc.h).
 KVM_UID_REGS = (0xB66F_B428, 0xE911_C52E, 0x564B_CAA9, 0x743A_004D)
 HYP_MEMINFO = 0xC600_0002
 MEM_SHARE = 0xC600_0003
@@ -235,7 +238,7 @@ def test_psci_version_and_features_come_from_the_broker(hv_run: HvRun) -> None:
 
 
 def test_cpu_on_starts_vcpu_1_at_its_entry_with_its_context_id(hv_run: HvRun) -> None:
-    """CPU_ON (§5.1.4): vCPU 1 was OFF, starts at the entry point with x0 = context id and
+    """CPU_ON: vCPU 1 was OFF, starts at the entry point with x0 = context id and
     writes it to a marker word that vCPU 0 reads; a second CPU_ON is ALREADY_ON."""
     call = hv_run.result.call
     assert call("psci_power", "affinity.before").x[0] == AFFINITY_OFF
@@ -250,7 +253,7 @@ def test_cpu_on_starts_vcpu_1_at_its_entry_with_its_context_id(hv_run: HvRun) ->
 
 
 def test_affinity_info_reports_vcpu_1_on_then_off_after_its_cpu_off(hv_run: HvRun) -> None:
-    """AFFINITY_INFO (§5.1.5): ON once vCPU 1 runs; CPU_OFF (§5.1.3) from vCPU 1 turns it OFF."""
+    """AFFINITY_INFO: ON once vCPU 1 runs; CPU_OFF from vCPU 1 turns it OFF."""
     assert hv_run.result.call("psci_power", "affinity.on").x[0] == AFFINITY_ON
     assert hv_run.result.call("psci_power", "affinity.off").x[0] == AFFINITY_OFF
     [cpu_off] = [a for a in hv_run.result.actions_of("psci_power") if a["kind"] == "cpu-off"]
@@ -258,7 +261,7 @@ def test_affinity_info_reports_vcpu_1_on_then_off_after_its_cpu_off(hv_run: HvRu
 
 
 def test_system_off_from_the_psci_handler_ends_the_two_vcpu_vm(hv_run: HvRun) -> None:
-    """SYSTEM_OFF (§5.1.9): the handler's action ends the VM; the call never returns."""
+    """SYSTEM_OFF: the handler's action ends the VM; the call never returns."""
     run = hv_run.result.run("psci_power")
     assert (run.reason, run.status, run.ok) == ("system-off", 0, True), hv_run.result.console()
     assert run.fids[PSCI_CPU_ON64] == 2 and run.fids[PSCI_CPU_OFF] == 1
@@ -272,13 +275,13 @@ def test_system_off_from_the_psci_handler_ends_the_two_vcpu_vm(hv_run: HvRun) ->
 
 
 def test_the_vendor_uid_is_hyper_vs_and_kvm_services_are_hidden(hv_run: HvRun) -> None:
-    """§1.1: Hyper-V's Call UID; KVM_FEATURES is NOT_SUPPORTED behind it (docs/hyperv.md)."""
+    """Hyper-V's Call UID; KVM_FEATURES is NOT_SUPPORTED behind it (docs/hyperv.md)."""
     assert hv_run.result.call("hyperv", "uid").x == HYPERV_UID_REGS
     assert hv_run.result.call("hyperv", "kvm_features").x[0] == NOT_SUPPORTED
 
 
 def test_guest_os_id_is_set_and_read_back_with_the_x6_x7_convention(hv_run: HvRun) -> None:
-    """§3: hv_set_vpreg (name x4, value x6) and hv_get_vpreg_128 (value in x6/x7: the guest
+    """hv_set_vpreg (name x4, value x6) and hv_get_vpreg_128 (value in x6/x7: the guest
     put POISON there, so both halves were written by the persona)."""
     assert hv_run.result.call("hyperv", "set.guest_os_id").x[0] == HV_SUCCESS_1_REP
     assert hv_run.result.call("hyperv", "get.guest_os_id").x[0] == HV_SUCCESS_1_REP
@@ -286,7 +289,7 @@ def test_guest_os_id_is_set_and_read_back_with_the_x6_x7_convention(hv_run: HvRu
 
 
 def test_the_feature_registers_hold_the_policys_configuration(hv_run: HvRun) -> None:
-    """§6.1/§6.3: privileges in 63:0 and misc features in 95:64; hints; the version register
+    """Privileges in 63:0 and misc features in 95:64; hints; the version register
     with the build from the policy (build 31:0, minor 47:32, major 63:48)."""
     for label in ("get.privileges", "get.features_info", "get.version", "get.crash_ctl"):
         assert hv_run.result.call("hyperv", label).x[0] == HV_SUCCESS_1_REP, label
@@ -307,8 +310,8 @@ def test_vp_index_is_each_vcpus_own(hv_run: HvRun) -> None:
 
 
 def test_bad_hypercall_input_gets_its_status_code(hv_run: HvRun) -> None:
-    """§5: INVALID_PARAMETER (unknown register), INVALID_HYPERCALL_INPUT (reserved control
-    bit), INVALID_HYPERCALL_CODE, INVALID_VP_INDEX, ACCESS_DENIED (read-only VP_INDEX)."""
+    """TLFS statuses: INVALID_PARAMETER (unknown register), INVALID_HYPERCALL_INPUT (reserved
+    control bit), INVALID_HYPERCALL_CODE, INVALID_VP_INDEX, ACCESS_DENIED (read-only VP_INDEX)."""
     expected = {"bad.register": 0x5, "bad.reserved_bit": 0x3, "bad.code": 0x2,
                 "bad.vp_index": 0xE, "bad.set_read_only": 0x6}
     got = {label: hv_run.result.call("hyperv", label).x[0] for label in expected}
@@ -390,8 +393,9 @@ def test_the_hyperv_guest_ran_through_the_persona(hv_run: HvRun) -> None:
 
 
 def test_memshare_discovery_is_kvms_with_exactly_the_served_bits(hv_run: HvRun) -> None:
-    """§5.3: KVM's UID, KVM_FEATURES = FEATURES, HYP_MEMINFO, MEM_SHARE, MEM_UNSHARE, MMIO_GUARD
-    (0x9D); PTP needs the host kernel and is hidden; HYP_MEMINFO = the granule (§7)."""
+    """KVM's vendor hypervisor service: KVM's UID, KVM_FEATURES = FEATURES, HYP_MEMINFO,
+    MEM_SHARE, MEM_UNSHARE, MMIO_GUARD (0x9D); PTP needs the host kernel and is hidden;
+    HYP_MEMINFO = the granule."""
     call = hv_run.result.call
     assert call("memshare", "uid").x == KVM_UID_REGS
     assert call("memshare", "features").x == (0x9D, 0, 0, 0)
@@ -402,7 +406,7 @@ def test_memshare_discovery_is_kvms_with_exactly_the_served_bits(hv_run: HvRun) 
 def test_shares_unshares_and_guards_succeed_and_refusals_are_invalid_parameter(
     hv_run: HvRun,
 ) -> None:
-    """§7: 0 for each good call, -3 INVALID_PARAMETER for every bad one."""
+    """pKVM guest calls: 0 for each good call, -3 INVALID_PARAMETER for every bad one."""
     good = [f"share.{i}" for i in range(8)] + ["unshare.2", "unshare.5", "share.2.again",
                                                "guard", "guard.again"]
     assert {label: hv_run.result.call("memshare", label).x[0] for label in good} == dict.fromkeys(

@@ -1,7 +1,7 @@
 """Guest memory over the agent link, with a real handler: the ffa handler probes the RX/TX
 buffers of FFA_RXTX_MAP with MEM_READ, refuses a map outside the VM's RAM, and writes partition
-descriptors into RX with MEM_WRITE before the RESULT (DEN0077 §3.4, §3.6; docs/ffa.md).
-Guest program: vmm/arm64/guests/ffa_mem.c.
+descriptors into RX with MEM_WRITE before the RESULT (FFA_PARTITION_INFO_GET, FFA_RXTX_MAP;
+docs/ffa.md). Guest program: vmm/arm64/guests/ffa_mem.c.
 """
 
 from __future__ import annotations

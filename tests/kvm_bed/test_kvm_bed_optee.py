@@ -5,8 +5,9 @@ One boot runs vmm/arm64/guests/optee_mac.c under a profile that forwards the OP-
 `optee` handler pointed at `python -m tee.server`, started here next to the bed's broker and
 agent. The guest makes the probe's fast calls, then OPEN_SESSION + INVOKE_COMMAND (GENERATE_KEY,
 SIGN, VERIFY) + CLOSE_SESSION on the keyed-MAC TA with every `struct optee_msg_arg` in its own
-RAM, and reports what the proxy wrote back into each message. Values: reference/optee.md §1.1
-to §2.4, docs/tee-proxy.md (the proxy's table), tee/apps/mac.py (the TA).
+RAM, and reports what the proxy wrote back into each message. Values: OP-TEE's
+core/include/optee_smc.h and optee_msg.h, docs/tee-proxy.md (the proxy's table),
+tee/apps/mac.py (the TA).
 """
 
 from __future__ import annotations
@@ -113,7 +114,8 @@ def test_the_guest_ran_every_step_and_ended_cleanly(optee_run: OpteeRun) -> None
 
 
 def test_the_probe_calls_get_what_lets_linux_finish_probing(optee_run: OpteeRun) -> None:
-    """§3.1 steps 1 to 5 and 8, as docs/tee-proxy.md's table answers them."""
+    """The Linux driver's probe calls (drivers/tee/optee/smc_abi.c optee_probe), as
+    docs/tee-proxy.md's table answers them."""
     r = optee_run.result
     assert r.call(GUEST, "uid").x == abi.MSG_UID
     smc = r.call(GUEST, "uid.smc")
@@ -124,7 +126,7 @@ def test_the_probe_calls_get_what_lets_linux_finish_probing(optee_run: OpteeRun)
     assert r.call(GUEST, "thread_count").x[:2] == (abi.SmcReturn.OK, 8)
     assert r.call(GUEST, "caps").x == (abi.SmcReturn.OK,
                                        abi.SEC_CAP_DYNAMIC_SHM | abi.SEC_CAP_MEMREF_NULL, 0, 0)
-    assert r.call(GUEST, "caps.unknown_bit").x[0] == abi.SmcReturn.ENOTAVAIL  # §1.2
+    assert r.call(GUEST, "caps.unknown_bit").x[0] == abi.SmcReturn.ENOTAVAIL  # unknown capability
     assert r.call(GUEST, "shm_cache.disable").x[0] == abi.SmcReturn.ENOTAVAIL  # loop ends
     assert r.call(GUEST, "shm_cache.enable").x[0] == abi.SmcReturn.OK
     assert r.call(GUEST, "count").x[0] == abi.calls_count()
@@ -146,7 +148,7 @@ def test_register_shm_writes_only_ret(optee_run: OpteeRun) -> None:
 
 
 def test_the_mac_ta_signs_into_guest_memory_and_verifies(optee_run: OpteeRun) -> None:
-    """GENERATE_KEY and SIGN on RMEM parameters, VERIFY on TMEM page lists (§2.2)."""
+    """GENERATE_KEY and SIGN on RMEM parameters, VERIFY on TMEM page lists (NONCONTIG)."""
     session = _msg(optee_run, "open")["session"]
     for label in ("generate_key", "sign", "verify"):
         m = _msg(optee_run, label)
@@ -175,7 +177,7 @@ def test_close_session_then_the_session_is_unknown(optee_run: OpteeRun) -> None:
 
 def test_smc_level_errors_leave_the_message_untouched(optee_run: OpteeRun) -> None:
     """thread_optee_smc.c: EBADADDR for an unaligned or unreachable message, EBADCMD for an
-    unknown command, ERESUME for a resume that names no call (§1.3)."""
+    unknown command, ERESUME for a resume that names no call (OPTEE_SMC_RETURN_ERESUME)."""
     for label, code in (("unaligned", abi.SmcReturn.EBADADDR),
                         ("outside_ram", abi.SmcReturn.EBADADDR),
                         ("bad_cmd", abi.SmcReturn.EBADCMD)):

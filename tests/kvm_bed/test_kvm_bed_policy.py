@@ -47,7 +47,8 @@ def test_a_denied_function_gets_not_supported_without_leaving_the_kernel(
 ) -> None:
     call = main_run.result.call("calls", "arg0")
     assert call.fid == DENIED_FUNCTION
-    assert call.x == (NOT_SUPPORTED, 0, 0, 0)  # kvm-smccc.md §1.3: DENY -> x0 = -1, x1..x3 = 0
+    # arch/arm64/kvm/hypercalls.c: DENY -> x0 = -1, x1..x3 = 0
+    assert call.x == (NOT_SUPPORTED, 0, 0, 0)
     # No KVM_EXIT_HYPERCALL reached the VMM for it ...
     assert DENIED_FUNCTION not in main_run.result.run("calls").fids
     # ... so neither agent nor broker ever saw it.

@@ -1,8 +1,8 @@
 """VM and vCPU lifetime on the reference VMM: a second vCPU, reset, power-off, and a VM the
 agent refuses to register. Each runs twice: under the "default" profile PSCI stays in KVM (in-kernel
 CPU_ON, KVM_EXIT_SYSTEM_EVENT); under "psci" the broker's psci handler serves it and the VMM
-carries out the CPU_ON / CPU_OFF / SYSTEM_RESET / SYSTEM_OFF actions of its results (DEN0022
-§5.4 to §5.11). Guest programs: vmm/arm64/guests/smp.c and reset.c.
+carries out the CPU_ON / CPU_OFF / SYSTEM_RESET / SYSTEM_OFF actions of its results (Arm DEN0022,
+PSCI). Guest programs: vmm/arm64/guests/smp.c and reset.c.
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ def _vm(main_run: MainRun, guest: str, profile: str) -> str:
 
 @pytest.mark.parametrize("profile", ["default", "psci"])
 def test_a_secondary_vcpu_starts_calls_and_powers_off(main_run: MainRun, profile: str) -> None:
-    """PSCI CPU_ON (§5.6): vCPU 1 starts at its entry point with its context id, makes a
-    forwarded call of its own, and CPU_OFF (§5.5) parks it."""
+    """PSCI CPU_ON: vCPU 1 starts at its entry point with its context id, makes a
+    forwarded call of its own, and CPU_OFF parks it."""
     result = main_run.result
     assert result.call("smp", "cpu_on", profile).x[0] == 0  # PSCI SUCCESS
     secondary = result.call("smp", "secondary.rnd64", profile)
@@ -70,7 +70,7 @@ def test_a_secondary_vcpu_starts_calls_and_powers_off(main_run: MainRun, profile
 def test_system_reset_restarts_the_program_and_system_off_ends_the_vm(
     main_run: MainRun, profile: str,
 ) -> None:
-    """SYSTEM_RESET (§5.11) reloads the program, SYSTEM_OFF (§5.10) ends the VM cleanly."""
+    """SYSTEM_RESET reloads the program, SYSTEM_OFF ends the VM cleanly."""
     lines = _guest_lines(main_run, "reset", _vm(main_run, "reset", profile))
     assert lines == ["boot count=1", "boot count=2"]
     run = main_run.result.run("reset", profile)
