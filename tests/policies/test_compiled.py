@@ -1,8 +1,8 @@
 """broker.policy: every error collected, the kernel selftest's cases, and what a policy compiles to.
 
 The selftest is tools/testing/selftests/kvm/arm64/smccc_filter.c in Linux (aarch64/ in older
-trees); each case is
-translated into a policy and must be refused (or compiled) exactly as the kernel answers it.
+trees); each case is translated into a policy and must be refused (or compiled) exactly as the
+kernel answers it.
 """
 
 from __future__ import annotations
