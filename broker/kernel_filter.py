@@ -1,11 +1,11 @@
 """A model of KVM's per-VM SMCCC filter: what kvm_smccc_set_filter() answers, record by record.
 
-It mirrors arch/arm64/kvm/hypercalls.c (Linux 6.4+; reference/kvm-smccc.md §1.2, §1.3) check for
-check and in the same order, so that the policy engine can prove its compiled records are ones KVM
-accepts, and so that the real-KVM test bed can run the same records against both and compare
-(reference/arm64-kvm-lab.md, "What real KVM did"). It knows the uapi record and errno values, and
-nothing of policies, handlers or VMMs.
-"""
+It mirrors arch/arm64/kvm/hypercalls.c (Linux 6.4+; Documentation/virt/kvm/devices/vm.rst;
+arch/arm64/kvm/hypercalls.c) check for check and in the same order, so that the policy engine can
+prove its compiled records are ones KVM accepts, and so that the real-KVM test bed can run the same
+records against both and compare (measured on the KVM bed, docs/kvm-bed.md, "What
+real KVM did"). It knows the uapi record and errno values, and nothing of policies, handlers or
+VMMs."""
 
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ class KernelFilterModel:
     def set_filter(self, record: SmcccFilter) -> int:
         """KVM_SET_DEVICE_ATTR(SMCCC_CTRL, SMCCC_FILTER) on the VM fd: 0 or a positive errno.
 
-        Order of kvm_smccc_set_filter() (reference/kvm-smccc.md §1.3): pad, then empty / wrapping
+        Order of kvm_smccc_set_filter() (arch/arm64/kvm/hypercalls.c): pad, then empty / wrapping
         range or unknown action (both EINVAL, hyperbroker.kvm.filter_errno); then EBUSY once a
         vCPU has run; then, if the tree is still empty, the reserved Arm-architecture ranges go in
         (and stay, even if this record then fails); then EEXIST on any overlap, else insert.

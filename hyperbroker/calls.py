@@ -1,8 +1,8 @@
 """What flows through hyperbroker: a forwarded call, its result, and what the VMM must do.
 
-These types are the contract between handlers, the broker and the agent (DESIGN.md "Data that
-flows"). They are plain values: no I/O, no protobuf, no sockets. The wire forms live in
-hyperbroker.v1 (agent <-> broker) and hyperbroker.vmm_protocol (VMM <-> agent).
+These types are the contract between handlers, the broker and the agent. They are plain values:
+no I/O, no protobuf, no sockets. The wire forms live in hyperbroker.wire.v1 (agent <-> broker)
+and hyperbroker.wire.vmm (VMM <-> agent).
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ class Result:
     """The registers to write back, with an explicit mask, and what else must happen first.
 
     `x[i]` is written to register i when bit i of `mask` is set. SMCCC 1.0/1.1 calls return
-    x0..x3; SMCCC 1.2 calls may return up to x0..x17 (reference/kvm-smccc.md §4.4).
+    x0..x3; SMCCC 1.2 calls may return up to x0..x17 (Arm DEN0028 (SMCCC)).
     """
 
     x: tuple[int, ...]

@@ -1,9 +1,9 @@
 """KVM arm64 uapi: the SMCCC filter record, hypercall exit flags, register IDs.
 
 Mirrors arch/arm64/include/uapi/asm/kvm.h and include/uapi/linux/kvm.h (Linux 6.4+;
-reference/kvm-smccc.md §1.1, §2). Byte layouts are checked against their C sizes by
-tests/test_kvm_uapi.py. Nothing here issues an ioctl: the VMM does that.
-"""
+include/uapi/linux/kvm.h; Documentation/virt/kvm/api.rst, KVM_EXIT_HYPERCALL). Byte layouts are
+checked against their C sizes by tests/test_kvm_uapi.py. Nothing here issues an ioctl: the VMM does
+that."""
 
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ class SmcccFilter:
 def filter_errno(record: SmcccFilter) -> int:
     """The errno kvm_smccc_set_filter() gives `record` on its own, before overlap checks; 0 if none.
 
-    Order as in arch/arm64/kvm/hypercalls.c (reference/kvm-smccc.md §1.3): non-zero pad, then
+    Order as in arch/arm64/kvm/hypercalls.c (arch/arm64/kvm/hypercalls.c): non-zero pad, then
     `end = base + nr - 1` in u32 arithmetic below base (empty or wrapping), or an unknown action.
     """
     if any(record.pad):
@@ -70,7 +70,8 @@ def filter_errno(record: SmcccFilter) -> int:
     return 0
 
 
-# Register IDs for KVM_GET_ONE_REG / KVM_SET_ONE_REG (api.rst; reference/kvm-smccc.md §2.4).
+# Register IDs for KVM_GET_ONE_REG / KVM_SET_ONE_REG (api.rst; Documentation/virt/kvm/api.rst,
+# KVM_SET_ONE_REG).
 KVM_REG_ARM64 = 0x6000_0000_0000_0000
 KVM_REG_SIZE_U64 = 0x0030_0000_0000_0000
 KVM_REG_ARM_CORE = 0x0010 << 16

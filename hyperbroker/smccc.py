@@ -1,7 +1,7 @@
 """SMCCC vocabulary: function-ID encoding, owners, return codes, the named ABI ranges.
 
 Everything here mirrors Arm DEN0028 (SMC Calling Convention) as the Linux header
-include/linux/arm-smccc.h spells it (reference/kvm-smccc.md §4). It knows nothing of KVM ioctls,
+include/linux/arm-smccc.h spells it (include/linux/arm-smccc.h). It knows nothing of KVM ioctls,
 policy files or handlers; those build on it. An ABI inside the SMCCC space (PSCI, TRNG, FF-A,
 OP-TEE, ...) is defined by the handler package that serves it, not here.
 """
@@ -164,7 +164,8 @@ def subtract_ranges(
 
 
 # Ranges KVM keeps for itself and pre-inserts in every filter (hypercalls.c
-# kvm_smccc_filter_insert_reserved; reference/kvm-smccc.md §1.2): a filter touching them is EEXIST.
+# kvm_smccc_filter_insert_reserved; Documentation/virt/kvm/devices/vm.rst): a filter touching them
+# is EEXIST.
 RESERVED_ARCH_RANGES: tuple[FunctionRange, ...] = (
     FunctionRange(0x8000_0000, 0x1_0000),  # SMC32 arch calls
     FunctionRange(0xC000_0000, 0x1_0000),  # SMC64 arch calls
@@ -238,8 +239,8 @@ def parse_function(text: str, names: Mapping[int, str] = ARCH_FUNCTIONS) -> int:
 def uuid_to_regs(uuid_bytes: bytes) -> tuple[int, int, int, int]:
     """A UUID as SMCCC returns it in w0..w3: byte b[4r+0] in bits 7:0 of register r.
 
-    This is smccc_uuid_to_reg() in Linux (reference/kvm-smccc.md §5.3).
-    """
+    This is smccc_uuid_to_reg() in Linux (include/linux/arm-smccc.h, KVM's vendor hypervisor
+    service)."""
     if len(uuid_bytes) != 16:
         raise ValueError("a UUID is 16 bytes")
     return tuple(int.from_bytes(uuid_bytes[4 * r : 4 * r + 4], "little") for r in range(4))  # type: ignore[return-value]

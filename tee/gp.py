@@ -1,10 +1,10 @@
 """GlobalPlatform TEE vocabulary shared by the TEE service and the OP-TEE proxy.
 
-TEE result codes, error origins, parameter types and login methods, with the values OP-TEE and
-the GlobalPlatform TEE Client API give them (reference/optee.md §2.3, §2.4; OP-TEE
-lib/libutee/include/tee_api_defines.h, optee_client tee_client_api.h). Plain constants only: this
-module does no I/O and knows neither gRPC nor guest memory, so both sides of the TEE-backend
-protocol can import it.
+TEE result codes, error origins, parameter types and login methods, with the values OP-TEE and the
+GlobalPlatform TEE Client API give them (OPTEE_MSG_CMD_* and logins, optee_msg.h;
+lib/libutee/include/tee_api_defines.h; OP-TEE lib/libutee/include/tee_api_defines.h, optee_client
+tee_client_api.h). Plain constants only: this module does no I/O and knows neither gRPC nor guest
+memory, so both sides of the TEE-backend protocol can import it.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import enum
 
 
 class TeeResult(enum.IntEnum):
-    """TEEC_* / TEE_* result codes (reference/optee.md §2.4), as unsigned 32-bit values."""
+    """TEEC_* / TEE_* result codes (lib/libutee/include/tee_api_defines.h), as unsigned 32-bit
+    values."""
 
     SUCCESS = 0x0000_0000
     CORRUPT_OBJECT = 0xF010_0001  # GP TEE Internal Core API §7.2; tee_api_defines.h
@@ -46,7 +47,7 @@ class TeeResult(enum.IntEnum):
 
 
 class Origin(enum.IntEnum):
-    """TEEC_ORIGIN_* (reference/optee.md §2.4): which layer produced a result code."""
+    """TEEC_ORIGIN_* (lib/libutee/include/tee_api_defines.h): which layer produced a result code."""
 
     API = 1
     COMMS = 2
@@ -94,7 +95,8 @@ NUM_PARAMS = 4  # TEE_NUM_PARAMS: a TA entry point always receives four paramete
 
 
 class Login(enum.IntEnum):
-    """TEE_LOGIN_* client identities (reference/optee.md §2.3; tee_api_defines.h)."""
+    """TEE_LOGIN_* client identities (OPTEE_MSG_CMD_* and logins, optee_msg.h; tee_api_defines.h).
+    """
 
     PUBLIC = 0
     USER = 1

@@ -9,8 +9,9 @@ from __future__ import annotations
 import uuid
 from collections.abc import Mapping
 
-# OP-TEE lib/libutee/include/pta_device.h PTA_DEVICE_UUID; Linux drivers/tee/optee/device.c opens
-# it at probe (reference/optee.md §3.1 step 9, arm64-kvm-lab.md "A real Linux guest as L2" 4).
+# OP-TEE lib/libutee/include/pta_device.h PTA_DEVICE_UUID; Linux drivers/tee/optee/device.c opens it
+# at probe (Linux's drivers/tee/optee/smc_abi.c optee_probemeasured on this project's arm64 KVM bed
+# (docs/kvm-bed.md) 4).
 DEVICE_ENUM_PTA = uuid.UUID("7011a688-ddde-4053-a5a9-7b3c4ddf13b8")
 # hyperbroker's own TAs: uuid5(NAMESPACE_URL, "https://hyperbroker/trusted-apps/<name>").
 SECURE_STORAGE_TA = uuid.UUID("eb1f6e59-f921-5548-9c50-5a3d0ab5827e")

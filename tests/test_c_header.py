@@ -300,7 +300,7 @@ def test_struct_has_no_implicit_padding(name: str, c_layout: dict[str, object]) 
 
 
 def test_smccc_filter_is_kvms_struct_with_deny_and_fwd_to_user() -> None:
-    # reference/kvm-smccc.md §1.1; the header comment names the actions by value.
+    # include/uapi/linux/kvm.h; the header comment names the actions by value.
     assert kvm.SMCCC_FILTER.size == 24
     assert re.search(r"1 = KVM_SMCCC_FILTER_DENY, 2 = KVM_SMCCC_FILTER_FWD_TO_USER", HEADER_TEXT)
     assert (kvm.FilterAction.DENY, kvm.FilterAction.FWD_TO_USER) == (1, 2)

@@ -39,15 +39,16 @@ from hyperbroker.testing.context import FakeContext
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "policy.yaml"
 W_MASK = 0xFFFF_FFFF
-PSCI_CPU_FREEZE = 0x8400_000B  # PSCI 1.0, optional (reference/kvm-smccc.md §5.1)
+# PSCI 1.0, optional (include/uapi/linux/psci.h)
+PSCI_CPU_FREEZE = 0x8400_000B
 
 # Discovery calls that take the queried function ID in x1 and answer for it alone.
 QUERY_CALLS = frozenset({psci_abi.PSCI_FEATURES, trng_abi.FEATURES, ffa_abi.FFA_FEATURES})
 # x1 for calls that fail on zero by design rather than for lack of service: FFA_VERSION(0) asks
-# for FF-A 0.0, which an FF-A 1.x endpoint does not speak (reference/ffa.md §3.1).
+# for FF-A 0.0, which an FF-A 1.x endpoint does not speak (FFA_VERSION).
 ARGS: Mapping[int, int] = {ffa_abi.FFA_VERSION: ffa_abi.OUR_VERSION}
 # What a plugin's ABI needs before its calls are served: FF-A answers nothing but FFA_VERSION
-# until the caller has negotiated a version (reference/ffa.md §3.1).
+# until the caller has negotiated a version (FFA_VERSION).
 SETUP: Mapping[str, Sequence[tuple[int, int]]] = {
     "ffa": [(ffa_abi.FFA_VERSION, ffa_abi.OUR_VERSION)],
 }
@@ -55,7 +56,7 @@ SETUP: Mapping[str, Sequence[tuple[int, int]]] = {
 
 def not_supported(result: Result) -> bool:
     """NOT_SUPPORTED as each ABI spells it: -1 in x0 (SMCCC, PSCI, TRNG, KVM vendor services; w0
-    for SMC32), or FFA_ERROR with w2 = NOT_SUPPORTED (-1) (reference/ffa.md §2)."""
+    for SMC32), or FFA_ERROR with w2 = NOT_SUPPORTED (-1) (include/linux/arm_ffa.h)."""
     x0 = result.register(0)
     if x0 & W_MASK == ffa_abi.FFA_ERROR:
         return result.register(2) & W_MASK == W_MASK
@@ -119,7 +120,8 @@ async def test_every_claimed_function_of_the_example_answers(profile: str) -> No
         asker = await guest(claim.handler)
         for fid, server in claim.served_by:
             if fid in KERNEL_SERVED:
-                # The kernel keeps the Arm architecture range in every filter (kvm-smccc.md §1.3).
+                # The kernel keeps the Arm architecture range in every filter
+                # (arch/arm64/kvm/hypercalls.c).
                 assert server == KERNEL and any(fid in r for r in RESERVED_ARCH_RANGES)
                 continue
             entry = prof.lookup(fid)

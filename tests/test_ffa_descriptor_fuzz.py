@@ -1,4 +1,5 @@
-"""The memory transaction descriptor parser over arbitrary bytes and lengths (ffa.md §5.2, §5.3).
+"""The memory transaction descriptor parser over arbitrary bytes and lengths (the memory transaction
+descriptor, include/linux/arm_ffa.h; descriptor sizes, include/linux/arm_ffa.h).
 
 Issue 4: never an exception, always FFA_ERROR(INVALID_PARAMETERS) or a correct parse, with at
 least 10,000 examples. Inputs are raw bytes and valid descriptors with bytes overwritten,
@@ -28,7 +29,7 @@ from hyperbroker.handlers.ffa.descriptors import (
 from hyperbroker.testing.ffa import TX_ADDRESS, FfaGuest
 
 VERSIONS = st.sampled_from([abi.VERSION_1_0, abi.VERSION_1_1, abi.VERSION_1_2])
-ATTRIBUTES = [0x2F, 0x2E, 0x24, 0x2C, 0x10, 0x1C, 0x00]  # each a defined encoding (§5.2)
+ATTRIBUTES = [0x2F, 0x2E, 0x24, 0x2C, 0x10, 0x1C, 0x00]  # each a defined encoding
 PERMISSIONS = [0x1, 0x2, 0x5, 0x6, 0x9, 0xA]
 
 

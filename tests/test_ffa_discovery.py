@@ -1,4 +1,5 @@
-"""FFA_FEATURES, FFA_ID_GET, FFA_SPM_ID_GET, FFA_PARTITION_INFO_GET(_REGS) (ffa.md §3.2-§3.5)."""
+"""FFA_FEATURES, FFA_ID_GET, FFA_SPM_ID_GET, FFA_PARTITION_INFO_GET(_REGS) (FFA_FEATURES;
+FFA_PARTITION_INFO_GET_REGS)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ def guest() -> FfaGuest:
     return FfaGuest(FfaHandler({}))
 
 
-# ---- FFA_FEATURES (§3.2) -----------------------------------------------------------------------
+# ---- FFA_FEATURES -----------------------------------------------------------------------
 async def test_features_of_rxtx_map_v1_2_reports_min_size_and_max_pages(guest: FfaGuest) -> None:
     await guest.setup(abi.VERSION_1_2)
     r = await guest.call(abi.FFA_FEATURES, abi.FFA_RXTX_MAP_64)
@@ -43,7 +44,7 @@ async def test_features_of_rxtx_map_before_v1_2_has_no_max_pages_field(guest: Ff
 
 @pytest.mark.parametrize("fid", [abi.FFA_MEM_SHARE_32, abi.FFA_MEM_SHARE_64, abi.FFA_MEM_LEND_64])
 async def test_features_of_mem_share_reports_no_dynamic_buffers(guest: FfaGuest, fid: int) -> None:
-    # §3.2: w2 bit0 = dynamic buffers supported; pKVM and Xen say 0.
+    # W2 bit0 = dynamic buffers supported; pKVM and Xen say 0.
     await guest.setup()
     r = await guest.call(abi.FFA_FEATURES, fid)
     assert r.x[0] == abi.FFA_SUCCESS_32 and r.x[2] == 0
@@ -51,7 +52,7 @@ async def test_features_of_mem_share_reports_no_dynamic_buffers(guest: FfaGuest,
 
 @pytest.mark.parametrize("feature", [1, 2, 3, 0x100 | 1])
 async def test_features_of_feature_ids_is_not_supported(guest: FfaGuest, feature: int) -> None:
-    # §3.2/§7 step 7: no NPI/SRI/MEI here; Linux then runs without notifications.
+    # No NPI/SRI/MEI here; Linux then runs without notifications.
     await guest.setup()
     assert error_of(await guest.call(abi.FFA_FEATURES, feature)) is FfaError.NOT_SUPPORTED
 
@@ -69,7 +70,7 @@ async def test_features_of_v1_2_call_for_v1_1_caller_is_not_supported(guest: Ffa
     assert error_of(r) is FfaError.NOT_SUPPORTED
 
 
-# ---- FFA_ID_GET / FFA_SPM_ID_GET (§3.3) ---------------------------------------------------------
+# ---- FFA_ID_GET / FFA_SPM_ID_GET ---------------------------------------------------------
 async def test_id_get_is_never_zero_nor_secure_and_stable(guest: FfaGuest) -> None:
     await guest.setup()
     first = (await guest.call(abi.FFA_ID_GET)).x[2]
@@ -100,7 +101,7 @@ async def test_spm_id_get_is_not_supported_for_v1_0(guest: FfaGuest) -> None:
     assert error_of(await guest.call(abi.FFA_SPM_ID_GET)) is FfaError.NOT_SUPPORTED
 
 
-# ---- FFA_PARTITION_INFO_GET (§3.4) --------------------------------------------------------------
+# ---- FFA_PARTITION_INFO_GET --------------------------------------------------------------
 async def test_partition_info_v1_1_writes_24_byte_descriptors_to_rx(guest: FfaGuest) -> None:
     await guest.setup(abi.VERSION_1_1)
     r = await guest.call(abi.FFA_PARTITION_INFO_GET, 0, 0, 0, 0, 0)
@@ -132,7 +133,7 @@ async def test_partition_info_count_only_writes_nothing(guest: FfaGuest) -> None
 
 
 async def test_partition_info_count_only_flag_is_invalid_for_v1_0(guest: FfaGuest) -> None:
-    # §3.4: in v1.0 w5 must be zero (Xen: INVALID_PARAMETERS).
+    # In v1.0 w5 must be zero (Xen: INVALID_PARAMETERS).
     await guest.setup(abi.VERSION_1_0)
     r = await guest.call(abi.FFA_PARTITION_INFO_GET, 0, 0, 0, 0, 1)
     assert error_of(r) is FfaError.INVALID_PARAMETERS
@@ -145,7 +146,7 @@ async def test_partition_info_reserved_flags_are_invalid(guest: FfaGuest) -> Non
 
 
 async def test_partition_info_uuid_filter_selects_one(guest: FfaGuest) -> None:
-    # §3.4: w1..w4 = the raw UUID bytes as little-endian words (Linux export_uuid).
+    # W1..w4 = the raw UUID bytes as little-endian words (Linux export_uuid).
     await guest.setup()
     r = await guest.call(abi.FFA_PARTITION_INFO_GET, *uuid_to_regs(SHA256_UUID.bytes), 0)
     assert r.x[2] == 1
@@ -153,21 +154,21 @@ async def test_partition_info_uuid_filter_selects_one(guest: FfaGuest) -> None:
 
 
 async def test_partition_info_unknown_uuid_is_invalid(guest: FfaGuest) -> None:
-    # §3.4: a non-nil UUID that matches nothing (Xen ffa_get_sp_count).
+    # A non-nil UUID that matches nothing (Xen ffa_get_sp_count).
     await guest.setup()
     r = await guest.call(abi.FFA_PARTITION_INFO_GET, 1, 2, 3, 4, 0)
     assert error_of(r) is FfaError.INVALID_PARAMETERS
 
 
 async def test_partition_info_without_rx_is_denied(guest: FfaGuest) -> None:
-    # §3.4: Xen returns DENIED when no RX/TX is mapped.
+    # Xen returns DENIED when no RX/TX is mapped.
     await guest.call(abi.FFA_VERSION, abi.VERSION_1_2)
     r = await guest.call(abi.FFA_PARTITION_INFO_GET, 0, 0, 0, 0, 0)
     assert error_of(r) is FfaError.DENIED
 
 
 async def test_partition_info_while_guest_holds_rx_is_busy(guest: FfaGuest) -> None:
-    # §3.4: BUSY while the RX buffer is still owned by the guest (Xen ffa_rx_acquire).
+    # BUSY while the RX buffer is still owned by the guest (Xen ffa_rx_acquire).
     await guest.setup()
     await guest.call(abi.FFA_PARTITION_INFO_GET, 0, 0, 0, 0, 0)
     r = await guest.call(abi.FFA_PARTITION_INFO_GET, 0, 0, 0, 0, 0)
@@ -183,7 +184,7 @@ async def test_partition_info_larger_than_rx_is_no_memory() -> None:
     assert error_of(r) is FfaError.NO_MEMORY
 
 
-# ---- FFA_PARTITION_INFO_GET_REGS (§3.5) ---------------------------------------------------------
+# ---- FFA_PARTITION_INFO_GET_REGS ---------------------------------------------------------
 async def test_partition_info_get_regs_packs_descriptors_in_registers(guest: FfaGuest) -> None:
     await guest.setup(abi.VERSION_1_2)
     r = await guest.call(abi.FFA_PARTITION_INFO_GET_REGS, 0, 0, 0)
@@ -214,14 +215,14 @@ async def test_partition_info_get_regs_start_past_the_end_is_invalid(guest: FfaG
 
 
 async def test_partition_info_get_regs_tag_with_start_zero_is_invalid(guest: FfaGuest) -> None:
-    # §3.5: the tag must be 0 when the start index is 0.
+    # The tag must be 0 when the start index is 0.
     await guest.setup(abi.VERSION_1_2)
     r = await guest.call(abi.FFA_PARTITION_INFO_GET_REGS, 0, 0, 7 << 16)
     assert error_of(r) is FfaError.INVALID_PARAMETERS
 
 
 async def test_partition_info_get_regs_stale_tag_is_retry(guest: FfaGuest) -> None:
-    # §3.5: a tag mismatch gives RETRY.
+    # A tag mismatch gives RETRY.
     await guest.setup(abi.VERSION_1_2)
     r = await guest.call(abi.FFA_PARTITION_INFO_GET_REGS, 0, 0, 7 << 16 | 1)
     assert error_of(r) is FfaError.RETRY

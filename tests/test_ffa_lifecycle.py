@@ -56,7 +56,7 @@ async def sha_status(g: FfaGuest, handle: int) -> int:
 
 # ---- isolation -------------------------------------------------------------------------------
 async def test_second_vm_reclaiming_the_first_vms_handle_is_invalid() -> None:
-    # §5.1 Xen: INVALID_PARAMETERS if the guest does not own the handle.
+    # Xen: INVALID_PARAMETERS if the guest does not own the handle.
     a, b = await two_vms()
     handle = handle_of(await a.share((SHA,), ((BUFFER_ADDRESS, 1),)))
     r = await b.call(abi.FFA_MEM_RECLAIM, *abi.split_handle(handle), 0)
@@ -200,7 +200,7 @@ async def test_a_borrower_still_using_the_pages_makes_reclaim_denied() -> None:
     await g.setup()
     handle = handle_of(await g.share((SHA,), ((BUFFER_ADDRESS, 1),)))
     r = await g.call(abi.FFA_MEM_RECLAIM, *abi.split_handle(handle), 0)
-    assert error_of(r) is FfaError.DENIED  # §5.1: Xen's teardown treats DENIED as retry later
+    assert error_of(r) is FfaError.DENIED  # Xen's teardown treats DENIED as retry later
 
 
 # ---- restart ---------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""The Linux arm_ffa driver's probe, replayed call by call (reference/ffa.md §7).
+"""The Linux arm_ffa driver's probe, replayed call by call (Linux's probe,
+drivers/firmware/arm_ffa/driver.c).
 
 `linux_probe` makes the calls of drivers/firmware/arm_ffa/driver.c `ffa_init` in order and takes
 the same decisions from each answer; a step the driver treats as fatal fails the replay. Step 1
@@ -146,7 +147,7 @@ async def test_linux_v1_0_probe_uses_full_calls_and_releases_rx() -> None:
 
 
 async def test_linux_probe_with_64k_pages_maps_16_page_buffers() -> None:
-    # Xen maps exactly one page and pKVM one kernel page (§6): a 64 KiB-page guest needs 16.
+    # Xen maps exactly one page and pKVM one kernel page: a 64 KiB-page guest needs 16.
     g = FfaGuest(FfaHandler({}))
     p = await linux_probe(g, page_size=65536)
     assert len(p.partitions) == 2

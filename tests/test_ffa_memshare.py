@@ -1,4 +1,4 @@
-"""Memory sharing: MEM_SHARE/LEND, MEM_FRAG_TX, MEM_RECLAIM and the SHA-256 partition (§5)."""
+"""Memory sharing: MEM_SHARE/LEND, MEM_FRAG_TX, MEM_RECLAIM and the SHA-256 partition."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ async def hash_request(
 
 # ---- sharing and hashing (issue 4: "memory sharing does real work") ------------------------
 async def test_share_returns_a_handle_with_the_hypervisor_bit(guest: FfaGuest) -> None:
-    # §5.1: SUCCESS with w2/w3 = handle; bit 63 = 1 for a hypervisor-allocated handle.
+    # SUCCESS with w2/w3 = handle; bit 63 = 1 for a hypervisor-allocated handle.
     r = await guest.share((SHA,), ((BUFFER_ADDRESS, 1),))
     assert r.x[0] == abi.FFA_SUCCESS_32
     assert handle_of(r) & abi.HANDLE_HYPERVISOR_BIT and handle_of(r) != abi.INVALID_HANDLE
@@ -95,7 +95,7 @@ async def test_sha256_over_direct_req_32_reports_not_supported(guest: FfaGuest) 
 
 
 async def test_lend_is_accepted_and_readable_by_the_borrower(guest: FfaGuest) -> None:
-    # Linux lends with attributes 0: "the owner/sender must not specify the attributes" (§5.2).
+    # Linux lends with attributes 0: "the owner/sender must not specify the attributes".
     guest.poke(BUFFER_ADDRESS, b"lent")
     r = await guest.share((SHA,), ((BUFFER_ADDRESS, 1),), fid=abi.FFA_MEM_LEND_64, attributes=0)
     status, *digest = await hash_request(guest, handle_of(r), 0, 4)
@@ -122,7 +122,7 @@ async def test_shares_are_counted(guest: FfaGuest) -> None:
     assert after == before + 3
 
 
-# ---- fragments (§5.4) -----------------------------------------------------------------------
+# ---- fragments -----------------------------------------------------------------------
 async def test_fragmented_share_is_assembled_with_frag_tx(guest: FfaGuest) -> None:
     ranges = tuple((BUFFER_ADDRESS + 2 * i * PAGE, 1) for i in range(8))
     data = guest.descriptor((SHA,), ranges)
@@ -157,7 +157,7 @@ async def _start_fragmented(g: FfaGuest) -> tuple[int, bytes, int]:
 
 
 async def test_frag_tx_not_a_whole_number_of_constituents_is_invalid(guest: FfaGuest) -> None:
-    # §6.1 pKVM: later fragments are a multiple of 16 bytes (whole constituents).
+    # PKVM: later fragments are a multiple of 16 bytes (whole constituents).
     handle, _, _ = await _start_fragmented(guest)
     r = await guest.call(abi.FFA_MEM_FRAG_TX, *abi.split_handle(handle), 8, 0)
     assert error_of(r) is FfaError.INVALID_PARAMETERS
@@ -170,14 +170,14 @@ async def test_frag_tx_past_the_total_length_is_invalid(guest: FfaGuest) -> None
 
 
 async def test_frag_tx_naming_another_sender_is_invalid(guest: FfaGuest) -> None:
-    # §5.4: w4[31:16] = sender ID is for a hypervisor only.
+    # W4[31:16] = sender ID is for a hypervisor only.
     handle, _, _ = await _start_fragmented(guest)
     r = await guest.call(abi.FFA_MEM_FRAG_TX, *abi.split_handle(handle), 16, 0x7777 << 16)
     assert error_of(r) is FfaError.INVALID_PARAMETERS
 
 
 async def test_reclaim_of_an_unfinished_transaction_abandons_it(guest: FfaGuest) -> None:
-    # §6.1: pKVM aborts a failed fragmented transaction with FFA_MEM_RECLAIM(handle, 0).
+    # PKVM aborts a failed fragmented transaction with FFA_MEM_RECLAIM(handle, 0).
     handle, _, _ = await _start_fragmented(guest)
     assert (await guest.call(abi.FFA_MEM_RECLAIM, *abi.split_handle(handle))).x[0] == \
         abi.FFA_SUCCESS_32
@@ -185,7 +185,7 @@ async def test_reclaim_of_an_unfinished_transaction_abandons_it(guest: FfaGuest)
     assert error_of(r) is FfaError.INVALID_PARAMETERS
 
 
-# ---- register and descriptor checks (§5.1, §5.2) ---------------------------------------------
+# ---- register and descriptor checks ---------------------------------------------
 async def test_share_without_tx_buffer_is_invalid() -> None:
     g = FfaGuest(FfaHandler({}))
     await g.call(abi.FFA_VERSION, abi.VERSION_1_2)
@@ -194,14 +194,14 @@ async def test_share_without_tx_buffer_is_invalid() -> None:
 
 
 async def test_dynamic_buffer_is_invalid(guest: FfaGuest) -> None:
-    # §5.1: x3/w4 non-zero only if FFA_FEATURES reports dynamic buffers (it does not).
+    # X3/w4 non-zero only if FFA_FEATURES reports dynamic buffers (it does not).
     r = await guest.call(abi.FFA_MEM_SHARE_64, 112, 112, BUFFER_ADDRESS, 1)
     assert error_of(r) is FfaError.INVALID_PARAMETERS
 
 
 @pytest.mark.parametrize(("total", "frag"), [(100, 120), (0, 0), (112, 16)])
 async def test_bad_lengths_are_invalid(guest: FfaGuest, total: int, frag: int) -> None:
-    # fraglen <= len, and a first fragment holds at least header + one EMAD (§6.1 pKVM).
+    # fraglen <= len, and a first fragment holds at least header + one EMAD (pKVM).
     r = await guest.call(abi.FFA_MEM_SHARE_64, total, frag, 0, 0)
     assert error_of(r) is FfaError.INVALID_PARAMETERS
 
@@ -212,7 +212,7 @@ async def test_fragment_larger_than_tx_is_invalid(guest: FfaGuest) -> None:
 
 
 async def test_descriptor_longer_than_the_bound_is_no_memory(guest: FfaGuest) -> None:
-    # §6.1 pKVM: len > descriptor buffer gives NO_MEMORY.
+    # PKVM: len > descriptor buffer gives NO_MEMORY.
     r = await guest.call(abi.FFA_MEM_SHARE_64, 64 * 1024 + 16, 4096, 0, 0)
     assert error_of(r) is FfaError.NO_MEMORY
 
@@ -231,7 +231,7 @@ async def test_sender_other_than_the_caller_is_invalid(guest: FfaGuest) -> None:
 
 
 async def test_share_with_a_vm_is_not_supported(guest: FfaGuest) -> None:
-    # §6.2 Xen: the receiver must be secure, otherwise NOT_SUPPORTED.
+    # Xen: the receiver must be secure, otherwise NOT_SUPPORTED.
     r = await guest.share((0x0033,), ((BUFFER_ADDRESS, 1),))
     assert error_of(r) is FfaError.NOT_SUPPORTED
 
@@ -274,7 +274,7 @@ async def test_time_slicing_flag_is_accepted(guest: FfaGuest) -> None:
 
 
 async def test_share_of_pages_already_shared_is_denied(guest: FfaGuest) -> None:
-    # §6.1: pages move host-owned -> shared; a second share of the same page fails (DENIED).
+    # Pages move host-owned -> shared; a second share of the same page fails (DENIED).
     await guest.share((SHA,), ((BUFFER_ADDRESS, 2),))
     r = await guest.share((ECHO,), ((BUFFER_ADDRESS + PAGE, 1),))
     assert error_of(r) is FfaError.DENIED
@@ -282,7 +282,7 @@ async def test_share_of_pages_already_shared_is_denied(guest: FfaGuest) -> None:
 
 @pytest.mark.parametrize("address", [0x1000_0000, RAM_BASE + RAM_SIZE - PAGE])
 async def test_share_outside_the_vms_memory_is_denied(guest: FfaGuest, address: int) -> None:
-    # §6.2 Xen: each page must be the guest's RAM (DENIED otherwise); the second range ends past.
+    # Xen: each page must be the guest's RAM (DENIED otherwise); the second range ends past.
     r = await guest.share((SHA,), ((address, 2),))
     assert error_of(r) is FfaError.DENIED
 
@@ -304,7 +304,7 @@ async def test_more_shares_than_configured_is_no_memory() -> None:
     assert error_of(r) is FfaError.NO_MEMORY
 
 
-# ---- reclaim (§5.1) ---------------------------------------------------------------------------
+# ---- reclaim ---------------------------------------------------------------------------
 async def test_reclaim_returns_success_and_ends_access(guest: FfaGuest) -> None:
     handle = handle_of(await guest.share((SHA,), ((BUFFER_ADDRESS, 1),)))
     r = await guest.call(abi.FFA_MEM_RECLAIM, *abi.split_handle(handle), 0)
@@ -329,7 +329,7 @@ async def test_reclaim_with_clear_flag_is_invalid(guest: FfaGuest) -> None:
 
 
 async def test_reclaim_of_an_unknown_handle_is_invalid(guest: FfaGuest) -> None:
-    # §5.1 Xen: INVALID_PARAMETERS if the guest does not own the handle.
+    # Xen: INVALID_PARAMETERS if the guest does not own the handle.
     r = await guest.call(abi.FFA_MEM_RECLAIM, 5, 1 << 31, 0)
     assert error_of(r) is FfaError.INVALID_PARAMETERS
 
@@ -341,7 +341,7 @@ async def test_handles_are_distinct_per_share(guest: FfaGuest) -> None:
 
 
 def test_descriptor_layout_matches_linux_offsets() -> None:
-    # §5.2: v1.1+ header 48 bytes, EMAD array at 48, EMAD size 32 for v1.2, composite after.
+    # V1.1+ header 48 bytes, EMAD array at 48, EMAD size 32 for v1.2, composite after.
     g = FfaGuest(FfaHandler({}), version=abi.VERSION_1_2, endpoint_id=7)
     data = g.descriptor((SHA,), ((BUFFER_ADDRESS, 2),))
     sender, attrs, _, _, _, emad_size, count, emad_off = struct.unpack_from("<HHIQQIII", data)

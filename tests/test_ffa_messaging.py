@@ -1,4 +1,5 @@
-"""Direct messaging: DIRECT_REQ (32, 64), DIRECT_REQ2 and their responses (reference/ffa.md §4)."""
+"""Direct messaging: DIRECT_REQ (32, 64), DIRECT_REQ2 and their responses (FF-A direct messaging).
+"""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ async def test_direct_req_64_is_answered_with_resp_64(guest: FfaGuest) -> None:
 
 
 async def test_direct_req_32_masks_payload_to_32_bits(guest: FfaGuest) -> None:
-    # §4: an SMC32 request carries 32-bit values; Xen masks x2..x7.
+    # An SMC32 request carries 32-bit values; Xen masks x2..x7.
     r = await guest.call(abi.FFA_MSG_SEND_DIRECT_REQ_32, target(guest), 0, 1 << 40 | 7, 8, 9, 10,
                          11)
     assert r.x[0] == abi.FFA_MSG_SEND_DIRECT_RESP_32
@@ -85,7 +86,7 @@ async def test_direct_req_to_a_partition_without_req_is_denied() -> None:
 
 
 async def test_spoofed_source_is_invalid(guest: FfaGuest) -> None:
-    # §6.2 Xen: w1[31:16] must be the caller's own ID.
+    # Xen: w1[31:16] must be the caller's own ID.
     w1 = abi.pack_target(guest.endpoint_id + 1, ECHO)
     r = await guest.call(abi.FFA_MSG_SEND_DIRECT_REQ_64, w1, 0, 1)
     assert error_of(r) is FfaError.INVALID_PARAMETERS
@@ -97,7 +98,7 @@ async def test_message_to_self_is_invalid(guest: FfaGuest) -> None:
 
 
 async def test_message_to_a_vm_is_not_supported(guest: FfaGuest) -> None:
-    # §6.2 Xen: the destination must be secure (bit 15), else NOT_SUPPORTED.
+    # Xen: the destination must be secure (bit 15), else NOT_SUPPORTED.
     r = await guest.call(abi.FFA_MSG_SEND_DIRECT_REQ_64, target(guest, 0x0042), 0)
     assert error_of(r) is FfaError.NOT_SUPPORTED
 
@@ -109,7 +110,7 @@ async def test_message_to_an_unknown_partition_is_invalid(guest: FfaGuest) -> No
 
 @pytest.mark.parametrize("w2", [abi.DIRECT_MSG_FRAMEWORK | 4, abi.DIRECT_MSG_FRAMEWORK | 8, 1])
 async def test_framework_messages_and_flags_are_refused(guest: FfaGuest, w2: int) -> None:
-    # §4: framework messages (VM created/destroyed, version) are not a guest's to send; for
+    # Framework messages (VM created/destroyed, version) are not a guest's to send; for
     # partition messages w2 must be zero (HF: INVALID_PARAMETERS).
     r = await guest.call(abi.FFA_MSG_SEND_DIRECT_REQ_32, target(guest), w2)
     assert error_of(r) is FfaError.INVALID_PARAMETERS
@@ -118,7 +119,7 @@ async def test_framework_messages_and_flags_are_refused(guest: FfaGuest, w2: int
 @pytest.mark.parametrize("fid", [abi.FFA_MSG_SEND_DIRECT_RESP_32, abi.FFA_MSG_SEND_DIRECT_RESP_64,
                                  abi.FFA_MSG_SEND_DIRECT_RESP2])
 async def test_a_guests_direct_response_is_denied(guest: FfaGuest, fid: int) -> None:
-    # §4 HF: a response needs a request in progress; nobody sends a guest direct requests.
+    # HF: a response needs a request in progress; nobody sends a guest direct requests.
     r = await guest.call(fid, abi.pack_target(guest.endpoint_id, ECHO))
     assert error_of(r) is FfaError.DENIED
 

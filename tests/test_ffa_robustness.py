@@ -1,10 +1,9 @@
 """Any registers for any FF-A function ID: an FF-A answer, never an exception (handlers.api).
 
-Guest registers are guest-supplied input as much as descriptors are. Sequences of random calls
-(each ID of the FF-A ranges, biased to the served ones, with random x1..x17) run against one VM;
-every answer must be one of the forms reference/ffa.md §2-§5 define, and the state must still
-load from the store afterwards.
-"""
+Guest registers are guest-supplied input as much as descriptors are. Sequences of random calls (each
+ID of the FF-A ranges, biased to the served ones, with random x1..x17) run against one VM; every
+answer must be one of the forms the FFA_ERROR convention, include/linux/arm_ffa.h; FF-A memory
+sharing define, and the state must still load from the store afterwards."""
 
 from __future__ import annotations
 

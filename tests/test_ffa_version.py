@@ -1,4 +1,5 @@
-"""FFA_VERSION negotiation and call admission (reference/ffa.md §3.1, §1, §2)."""
+"""FFA_VERSION negotiation and call admission (FFA_VERSION; include/linux/arm_ffa.h; the FFA_ERROR
+convention, include/linux/arm_ffa.h)."""
 
 from __future__ import annotations
 
@@ -17,14 +18,14 @@ def guest() -> FfaGuest:
 
 
 async def test_version_returns_our_version_not_success(guest: FfaGuest) -> None:
-    # §3.1: w0 = the callee's version, never FFA_SUCCESS.
+    # W0 = the callee's version, never FFA_SUCCESS.
     r = await guest.call(abi.FFA_VERSION, abi.VERSION_1_1)
     assert r.x[0] == abi.VERSION_1_2
     assert r.outcome is Outcome.OK
 
 
 async def test_version_with_bit31_is_not_supported(guest: FfaGuest) -> None:
-    # §3.1: bit 31 must be zero (HF FFA_VERSION_MBZ_BIT, TF-A BIT31_MASK).
+    # Bit 31 must be zero (HF FFA_VERSION_MBZ_BIT, TF-A BIT31_MASK).
     r = await guest.call(abi.FFA_VERSION, abi.VERSION_1_2 | 1 << 31)
     assert r.x[0] == NOT_SUPPORTED_U64
     assert r.outcome is Outcome.GUEST_ERROR
@@ -32,13 +33,13 @@ async def test_version_with_bit31_is_not_supported(guest: FfaGuest) -> None:
 
 @pytest.mark.parametrize("requested", [0x0, 0x20000, 0x7FFF0002])
 async def test_version_with_other_major_is_not_supported(guest: FfaGuest, requested: int) -> None:
-    # §3.1: compatible versions share the major.
+    # Compatible versions share the major.
     r = await guest.call(abi.FFA_VERSION, requested)
     assert r.x[0] == NOT_SUPPORTED_U64
 
 
 async def test_newer_minor_is_served_as_ours(guest: FfaGuest) -> None:
-    # §3.1 Xen: a minor above ours records ours; §7 step 2: Linux downgrades to min(fw, own).
+    # Xen: a minor above ours records ours; Linux downgrades to min(fw, own).
     r = await guest.call(abi.FFA_VERSION, abi.make_version(1, 7))
     assert r.x[0] == abi.VERSION_1_2
     regs = await guest.call(abi.FFA_FEATURES, abi.FFA_PARTITION_INFO_GET_REGS)
@@ -46,14 +47,14 @@ async def test_newer_minor_is_served_as_ours(guest: FfaGuest) -> None:
 
 
 async def test_call_before_version_is_not_supported(guest: FfaGuest) -> None:
-    # §3.1 Xen (FF-A 1.2 rules): no ABI but FFA_VERSION before a version is requested.
+    # Xen (FF-A 1.2 rules): no ABI but FFA_VERSION before a version is requested.
     r = await guest.call(abi.FFA_ID_GET)
     assert error_of(r) is FfaError.NOT_SUPPORTED
-    assert r.x[0] == abi.FFA_ERROR and r.x[2] == 0xFFFF_FFFF  # w2 zero-extended (§2)
+    assert r.x[0] == abi.FFA_ERROR and r.x[2] == 0xFFFF_FFFF  # w2 zero-extended
 
 
 async def test_version_may_be_asked_again_before_other_calls(guest: FfaGuest) -> None:
-    # §3.1 Xen: repeated FFA_VERSION calls are allowed until the first other call.
+    # Xen: repeated FFA_VERSION calls are allowed until the first other call.
     await guest.call(abi.FFA_VERSION, abi.VERSION_1_2)
     await guest.call(abi.FFA_VERSION, abi.VERSION_1_0)
     r = await guest.call(abi.FFA_SPM_ID_GET)  # a v1.1 call: the v1.0 caller does not have it
@@ -61,7 +62,7 @@ async def test_version_may_be_asked_again_before_other_calls(guest: FfaGuest) ->
 
 
 async def test_version_is_frozen_by_the_first_other_call(guest: FfaGuest) -> None:
-    # §3.1 HF: once another call was made, a different version is NOT_SUPPORTED.
+    # HF: once another call was made, a different version is NOT_SUPPORTED.
     await guest.call(abi.FFA_VERSION, abi.VERSION_1_1)
     await guest.call(abi.FFA_ID_GET)
     different = await guest.call(abi.FFA_VERSION, abi.VERSION_1_2)
@@ -79,7 +80,7 @@ async def test_a_rejected_call_does_not_freeze(guest: FfaGuest) -> None:
 
 
 async def test_newer_calls_are_not_supported_for_older_callers(guest: FfaGuest) -> None:
-    # §1 "Ver": DIRECT_REQ2 and PARTITION_INFO_GET_REGS are v1.2.
+    # DIRECT_REQ2 and PARTITION_INFO_GET_REGS are v1.2.
     await guest.call(abi.FFA_VERSION, abi.VERSION_1_1)
     r = await guest.call(abi.FFA_PARTITION_INFO_GET_REGS)
     assert error_of(r) is FfaError.NOT_SUPPORTED
@@ -103,7 +104,7 @@ async def test_static_answers_equal_what_the_handler_answers(guest: FfaGuest) ->
 
 
 async def test_v1_2_callers_get_x8_to_x17_zeroed(guest: FfaGuest) -> None:
-    # §2 "Register width in v1.2": Xen zeroes x8-x17 for v1.2 guests.
+    # Register width in v1.2: Xen zeroes x8-x17 for v1.2 guests.
     await guest.setup(abi.VERSION_1_2)
     r = await guest.call(abi.FFA_ID_GET)
     assert r.mask == (1 << 18) - 1

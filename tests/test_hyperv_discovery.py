@@ -1,6 +1,6 @@
 """Hyper-V discovery never lies: Hyper-V's UID promises HV_FUNC_ID and nothing of KVM's, and
 every hypercall and register the feature registers promise is served (issue 6 item 4;
-reference/hyperv-arm64.md §1.1, §6)."""
+include/linux/arm-smccc.h, ARM_SMCCC_VENDOR_HYP_UID_HYPERV_REG_*; include/hyperv/hvgdk_mini.h)."""
 
 from __future__ import annotations
 

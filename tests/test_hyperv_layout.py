@@ -1,7 +1,7 @@
 """Parsers of guest-supplied Hyper-V hypercall bytes and the control word (hypothesis).
 
-reference/hyperv-arm64.md §3 (register conventions), §4 (control word); structures from
-include/hyperv/hvgdk_mini.h.
+Register conventions as arch/arm64/hyperv/hv_core.c uses them, the control word (the TLFS
+hypercall input value) and structures from include/hyperv/hvgdk_mini.h.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def test_fast_block_is_x2_to_x17(x: list[int]) -> None:
 
 
 def test_one_register_get_returns_in_x6_and_x7() -> None:
-    # §3 hv_get_vpreg_128: input header x2/x3, the name in x4; results in x6 (low), x7 (high).
+    # Hv_get_vpreg_128: input header x2/x3, the name in x4; results in x6 (low), x7 (high).
     regs = layout.fast_output_registers(16 + 4, 0, (2 | 3 << 64).to_bytes(16, "little"))
     assert regs == {6: 2, 7: 3}
 

@@ -1,5 +1,5 @@
 """Linux's arm64 Hyper-V code replayed against the persona: hyperv_init's register sequence
-(reference/hyperv-arm64.md §6.1) and both ways a panicking guest reports a crash
+(hyperv_init, arch/arm64/hyperv/mshyperv.c) and both ways a panicking guest reports a crash
 (hyperv_report_panic, hv_kmsg_dump in arch/arm64/hyperv/hv_core.c and drivers/hv/hv_common.c).
 """
 
@@ -62,7 +62,7 @@ def vm(nr_vcpus: int = 2) -> tuple[HypervHandler, FakeContext]:
 async def test_hyperv_init_sequence_succeeds() -> None:
     h, ctx = vm()
     guest = Guest(h, ctx)
-    # hyperv_detect_via_smccc -> arm_smccc_hypervisor_has_uuid (§1)
+    # hyperv_detect_via_smccc -> arm_smccc_hypervisor_has_uuid
     uid = await guest.hvc(abi.VENDOR_HYP_CALL_UID)
     assert uid.x[0] != 0xFFFF_FFFF_FFFF_FFFF
     assert b"".join(r.to_bytes(4, "little") for r in uid.x[:4]) == abi.HYPERV_UID.bytes
@@ -74,7 +74,7 @@ async def test_hyperv_init_sequence_succeeds() -> None:
     assert features & abi.HV_MSR_HYPERCALL_AVAILABLE
     # 3. hints
     hints = (await guest.get_vpreg_128(abi.HV_REGISTER_FEATURES_INFO)) & 0xFFFF_FFFF
-    assert not hints & abi.HV_HINT_USE_HV_REGISTER_FOR_RESET  # §6.3
+    assert not hints & abi.HV_HINT_USE_HV_REGISTER_FOR_RESET
     # 4. hv_common_init: crash MSRs available -> read CRASH_CTL for NOTIFY_MSG; per-cpu VP index
     assert misc & abi.HV_FEATURE_GUEST_CRASH_MSR_AVAILABLE
     crash_ctl = await guest.get_vpreg_128(abi.HV_REGISTER_GUEST_CRASH_CTL)

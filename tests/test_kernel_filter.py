@@ -1,9 +1,8 @@
 """broker.kernel_filter: the model of kvm_smccc_set_filter() answers as KVM does.
 
 Every case of the kernel selftest tools/testing/selftests/kvm/arm64/smccc_filter.c
-(reference/kvm-smccc.md §9.2, rows 1-8), plus what the selftest leaves out (§9.3) but the code
-and the lab run show (§1.3; reference/arm64-kvm-lab.md "What real KVM did").
-"""
+(tools/testing/selftests/kvm/arm64/smccc_filter.c, rows 1-8), plus what the selftest leaves out but
+the code and the lab run show (measured on the KVM bed, docs/kvm-bed.md)."""
 
 from __future__ import annotations
 
@@ -26,7 +25,7 @@ def deny(base: int, nr: int = 1, pad: bytes = bytes(15)) -> SmcccFilter:
     return SmcccFilter(base, nr, FilterAction.DENY, pad)
 
 
-# --- the selftest's eight cases (§9.2) -------------------------------------------------------
+# --- the selftest's eight cases -------------------------------------------------------
 
 
 def test_selftest_1_pad_must_be_zero() -> None:
@@ -78,7 +77,7 @@ def test_selftest_8_a_forwarded_function_exits_to_userspace() -> None:
     assert model.action_for(PSCI_VERSION) is FilterAction.FWD_TO_USER
 
 
-# --- beyond the selftest (§1.3, §9.3, lab table) ---------------------------------------------
+# --- beyond the selftest (lab table) ---------------------------------------------
 
 
 def test_a_filter_written_after_a_vcpu_ran_is_ebusy() -> None:
@@ -89,7 +88,7 @@ def test_a_filter_written_after_a_vcpu_ran_is_ebusy() -> None:
 
 
 def test_ebusy_comes_after_the_einval_checks() -> None:
-    # §1.3: pad and range/action checks (step 2, 3) precede the has-run check (step 4).
+    # Pad and range/action checks (step 2, 3) precede the has-run check (step 4).
     model = KernelFilterModel()
     model.mark_ran()
     assert model.set_filter(deny(PSCI_VERSION, nr=0)) == errno.EINVAL
@@ -159,7 +158,7 @@ def test_errno_names() -> None:
     ]
 
 
-# --- property: the model against a brute-force reading of §1.3 -------------------------------
+# --- property: the model against a brute-force reading of kvm_smccc_set_filter() -------------
 
 _u32 = st.integers(0, 0xFFFF_FFFF)
 _near = st.sampled_from([0, 0x8000_0000, 0x8001_0000, 0xC000_0000, 0xC001_0000, 0xFFFF_FFF0])

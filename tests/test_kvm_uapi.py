@@ -1,8 +1,8 @@
 """KVM arm64 uapi (hyperbroker.kvm) and the SMCCC vocabulary (hyperbroker.smccc).
 
-Every expected value here is quoted from /work/shared/reference/kvm-smccc.md (section in the
-comment) or computed from the macros it quotes, never from the module under test.
-"""
+Every expected value here is quoted from /work/Documentation/virt/kvm/devices/vm.rst and
+arch/arm64/kvm/hypercalls.c (section in the comment) or computed from the macros it quotes, never
+from the module under test."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ NAMES = CATALOG.names
 u8 = st.integers(0, 0xFF)
 u32 = st.integers(0, 0xFFFF_FFFF)
 
-# ---- struct kvm_smccc_filter (§1.1) -------------------------------------------------------------
+# ---- struct kvm_smccc_filter -------------------------------------------------------------
 
 
 def test_smccc_filter_is_24_bytes() -> None:
@@ -54,23 +54,23 @@ def test_smccc_filter_round_trips(base: int, nr: int, action: int, pad: bytes) -
 
 
 def test_filter_actions_are_kvms_enum() -> None:
-    # §1.1 enum kvm_smccc_filter_action; NR_SMCCC_FILTER_ACTIONS = 3 (kernel-only).
+    # Enum kvm_smccc_filter_action; NR_SMCCC_FILTER_ACTIONS = 3 (kernel-only).
     assert (FilterAction.HANDLE, FilterAction.DENY, FilterAction.FWD_TO_USER) == (0, 1, 2)
     assert kvm.NR_SMCCC_FILTER_ACTIONS == 3
 
 
 def test_smccc_ctrl_group_and_filter_attr_are_zero() -> None:
-    assert (kvm.KVM_ARM_VM_SMCCC_CTRL, kvm.KVM_ARM_VM_SMCCC_FILTER) == (0, 0)  # §1.1
+    assert (kvm.KVM_ARM_VM_SMCCC_CTRL, kvm.KVM_ARM_VM_SMCCC_FILTER) == (0, 0)
 
 
 def test_hypercall_exit_reason_and_flags() -> None:
-    # §1.1 KVM_HYPERCALL_EXIT_SMC (1U << 0), _16BIT (1U << 1); §2.1 KVM_EXIT_HYPERCALL = 3.
+    # KVM_HYPERCALL_EXIT_SMC (1U << 0), _16BIT (1U << 1); KVM_EXIT_HYPERCALL = 3.
     assert (kvm.KVM_EXIT_HYPERCALL, kvm.KVM_HYPERCALL_EXIT_SMC, kvm.KVM_HYPERCALL_EXIT_16BIT) == (
         3, 1, 2,
     )
 
 
-# ---- filter_errno: kvm_smccc_set_filter()'s checks, in the kernel's order (§1.3) ----------------
+# ---- filter_errno: kvm_smccc_set_filter()'s checks, in the kernel's order ----------------
 
 
 def test_valid_record_has_no_errno() -> None:
@@ -78,7 +78,7 @@ def test_valid_record_has_no_errno() -> None:
 
 
 def test_non_zero_pad_is_einval() -> None:
-    # §9.2 case 1: base=PSCI_VERSION, nr=1, DENY, pad[0]=0xFF.
+    # Case 1: base=PSCI_VERSION, nr=1, DENY, pad[0]=0xFF.
     pad = b"\xff" + bytes(14)
     assert filter_errno(SmcccFilter(0x8400_0000, 1, FilterAction.DENY, pad)) == errno.EINVAL
 
@@ -96,18 +96,18 @@ def test_pad_is_checked_before_the_range() -> None:
 
 
 def test_zero_nr_functions_is_einval() -> None:
-    # §9.2 case 2: base=0xC4000003, nr=0 -> end = start - 1 < start.
+    # Case 2: base=0xC4000003, nr=0 -> end = start - 1 < start.
     assert filter_errno(SmcccFilter(0xC400_0003, 0, FilterAction.DENY)) == errno.EINVAL
 
 
 def test_zero_nr_functions_at_base_zero_passes_this_check() -> None:
-    # §1.3 edge case: base=0, nr=0 gives end=0xFFFFFFFF, not < start; the kernel then fails it
+    # Edge case: base=0, nr=0 gives end=0xFFFFFFFF, not < start; the kernel then fails it
     # with EEXIST against the reserved ranges, which is beyond what filter_errno models.
     assert filter_errno(SmcccFilter(0, 0, FilterAction.DENY)) == 0
 
 
 def test_wrapping_range_is_einval() -> None:
-    # §9.2 case 3: base=~0, nr=~0.
+    # Case 3: base=~0, nr=~0.
     assert filter_errno(SmcccFilter(0xFFFF_FFFF, 0xFFFF_FFFF, FilterAction.DENY)) == errno.EINVAL
 
 
@@ -118,7 +118,7 @@ def test_range_ending_exactly_at_the_top_is_valid() -> None:
 
 @pytest.mark.parametrize("action", [3, 4, 0x7F, 0xFF])
 def test_reserved_action_is_einval(action: int) -> None:
-    # §9.2 case 4: action=-1 as u8 (0xFF); anything >= NR_SMCCC_FILTER_ACTIONS.
+    # Case 4: action=-1 as u8 (0xFF); anything >= NR_SMCCC_FILTER_ACTIONS.
     assert filter_errno(SmcccFilter(0xC400_0003, 1, action)) == errno.EINVAL
 
 
@@ -134,13 +134,13 @@ def test_filter_errno_is_the_kernels_u32_arithmetic(base: int, nr: int, action: 
     assert filter_errno(SmcccFilter(base, nr, action)) == expected
 
 
-# ---- register IDs for KVM_GET/SET_ONE_REG (§2.4, api.rst table) ---------------------------------
+# ---- register IDs for KVM_GET/SET_ONE_REG (api.rst table) ---------------------------------
 
 
 def test_core_reg_ids_match_the_api_rst_table() -> None:
     assert kvm.core_reg_x(0) == 0x6030_0000_0010_0000
     assert kvm.core_reg_x(1) == 0x6030_0000_0010_0002
-    assert kvm.core_reg_x(17) == 0x6030_0000_0010_0022  # §2.4 (computed)
+    assert kvm.core_reg_x(17) == 0x6030_0000_0010_0022
     assert kvm.core_reg_x(30) == 0x6030_0000_0010_003C
 
 
@@ -160,11 +160,12 @@ def test_core_reg_x_refuses_registers_outside_x0_x30(n: int) -> None:
         kvm.core_reg_x(n)
 
 
-# ---- SMCCC function IDs (§4, §5, hyperv-arm64.md) -----------------------------------------------
+# ---- SMCCC function IDs (the Hyper-V TLFS as Linux's arch/arm64/hyperv/ and
+# include/hyperv/hvgdk_mini.h use it) -----------------------------------------------
 
 
 def test_call_value_builds_the_reference_ids() -> None:
-    # ARM_SMCCC_CALL_VAL(type, cc, owner, fn), §4.
+    # ARM_SMCCC_CALL_VAL(type, cc, owner, fn), include/linux/arm-smccc.h.
     assert smccc.call_value(True, False, smccc.OWNER_STANDARD, 0) == 0x8400_0000  # PSCI_VERSION
     assert smccc.call_value(True, True, smccc.OWNER_STANDARD, 3) == 0xC400_0003  # CPU_ON 64
     assert smccc.call_value(True, False, smccc.OWNER_STANDARD, 0x50) == 0x8400_0050  # TRNG
@@ -182,17 +183,17 @@ def test_call_value_masks_owner_and_number() -> None:
 
 # (fid, fast, smc64, owner, number)
 DECODED_IDS = [
-    (0x8400_0000, True, False, 4, 0x00),  # PSCI_VERSION, §5.1
+    (0x8400_0000, True, False, 4, 0x00),  # PSCI_VERSION
     (0xC400_0003, True, True, 4, 0x03),  # PSCI CPU_ON SMC64
-    (0x8400_0050, True, False, 4, 0x50),  # TRNG_VERSION, §5.2
+    (0x8400_0050, True, False, 4, 0x50),  # TRNG_VERSION
     (0xC400_0053, True, True, 4, 0x53),  # TRNG_RND64
     (0x8400_0063, True, False, 4, 0x63),  # FFA_VERSION
     (0xC400_0060, True, True, 4, 0x60),  # first FF-A SMC64 ID
     (0x4600_0001, False, True, 6, 0x01),  # Hyper-V HV_FUNC_ID: yielding, SMC64, vendor hyp
     (0xB200_0000, True, False, 50, 0x00),  # OP-TEE: Trusted OS owner 50
     (0xBF00_FF01, True, False, 63, 0xFF01),  # OP-TEE CALLS_UID: owner 63, Call UID 0xff01
-    (0x8600_FF01, True, False, 6, 0xFF01),  # VENDOR_HYP_CALL_UID, §5.3
-    (0xC600_0040, True, True, 6, 0x40),  # DISCOVER_IMPL_VER, §5.3
+    (0x8600_FF01, True, False, 6, 0xFF01),  # VENDOR_HYP_CALL_UID
+    (0xC600_0040, True, True, 6, 0x40),  # DISCOVER_IMPL_VER
 ]
 
 
@@ -218,14 +219,16 @@ def test_call_value_and_field_accessors_are_inverse(
 
 
 def test_return_codes_are_sign_extended_to_64_bits() -> None:
-    # §4.2 SMCCC_RET_*; §1.3 "guest sees x0 = -1 (0xFFFF_FFFF_FFFF_FFFF)".
+    # SMCCC_RET_*; a denied call leaves x0 = -1 (0xFFFF_FFFF_FFFF_FFFF),
+    # arch/arm64/kvm/hypercalls.c.
     assert smccc.NOT_SUPPORTED_U64 == 0xFFFF_FFFF_FFFF_FFFF
     assert smccc.to_u64(smccc.RET_INVALID_PARAMETER) == 0xFFFF_FFFF_FFFF_FFFD
     assert smccc.to_s64(0xFFFF_FFFF_FFFF_FFFE) == smccc.RET_NOT_REQUIRED == -2
     assert smccc.to_s32(0xFFFF_FFFF) == -1
 
 
-# ---- UUIDs in the SMCCC register convention (§5.3, hyperv-arm64.md §1.1) ------------------------
+# ---- UUIDs in the SMCCC register convention (include/linux/arm-smccc.h,
+# ARM_SMCCC_VENDOR_HYP_UID_HYPERV_REG_*) ------------------------
 
 
 def test_uuid_to_regs_on_kvms_vendor_hyp_uid() -> None:
@@ -342,7 +345,7 @@ def all_named_ranges() -> list[tuple[str, FunctionRange]]:
 @pytest.mark.parametrize(("abi", "r"), all_named_ranges(), ids=lambda v: str(v))
 def test_named_abi_range_is_valid(abi: str, r: FunctionRange) -> None:
     assert r.is_valid()
-    # A filter record for it passes kvm_smccc_set_filter's own checks (§1.3).
+    # A filter record for it passes kvm_smccc_set_filter's own checks.
     assert filter_errno(SmcccFilter(r.base, r.count, FilterAction.FWD_TO_USER)) == 0
 
 
@@ -358,7 +361,7 @@ def test_named_abi_ranges_never_touch_the_reserved_arch_ranges() -> None:
 
 
 def test_reserved_arch_ranges_are_kvms() -> None:
-    # §1.2: 0x8000_0000..0x8000_FFFF and 0xC000_0000..0xC000_FFFF, inclusive.
+    # 0x8000_0000..0x8000_FFFF and 0xC000_0000..0xC000_FFFF, inclusive.
     assert [(r.base, r.last) for r in smccc.RESERVED_ARCH_RANGES] == [
         (0x8000_0000, 0x8000_FFFF), (0xC000_0000, 0xC000_FFFF),
     ]
@@ -366,12 +369,12 @@ def test_reserved_arch_ranges_are_kvms() -> None:
 
 def test_named_abis_cover_the_reference_ids() -> None:
     expect = {
-        "psci": [0x8400_0000, 0x8400_0015, 0xC400_0015, 0xC400_001F],  # §5.1, SYSTEM_OFF2
-        "trng": [0x8400_0050, 0x8400_0053, 0xC400_0053],  # §5.2
+        "psci": [0x8400_0000, 0x8400_0015, 0xC400_0015, 0xC400_001F],  # SYSTEM_OFF2
+        "trng": [0x8400_0050, 0x8400_0053, 0xC400_0053],
         "ffa": [0x8400_0063, 0xC400_0060, 0x8400_00FF],
         "optee": [0xB200_0000, 0x3200_0001, 0xBF00_FF01],
-        "vendor-hyp": [0x8600_FF01, 0xC600_0002, 0x4600_0001, 0x0600_0000],  # §5.3, §7, HV
-        "std-hyp": [0xC500_0020, 0xC500_0021],  # §5.3 PV time
+        "vendor-hyp": [0x8600_FF01, 0xC600_0002, 0x4600_0001, 0x0600_0000],  # HV
+        "std-hyp": [0xC500_0020, 0xC500_0021],  # PV time
     }
     for abi, fids in expect.items():
         for fid in fids:

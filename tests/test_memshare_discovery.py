@@ -1,5 +1,6 @@
 """Memshare discovery never lies: KVM's UID and KVM_FEATURES claim exactly what the handler
-serves, and every claimed ID answers (issue 6 items 3 and 4; reference/kvm-smccc.md §5.3, §7)."""
+serves, and every claimed ID answers (issue 6 items 3 and 4; include/linux/arm-smccc.h,
+Documentation/virt/kvm/arm/hypercalls.rst)."""
 
 from __future__ import annotations
 

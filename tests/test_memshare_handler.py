@@ -1,8 +1,8 @@
 """MemshareHandler: KVM vendor-hyp discovery and the pKVM guest calls, one behaviour per test.
 
-References: reference/kvm-smccc.md §5.3 (KVM vendor services: UID, KVM_FEATURES bitmap) and §7
-(pKVM guest hypercalls: HYP_MEMINFO, MEM_SHARE, MEM_UNSHARE, MMIO_GUARD, "-3 on error").
-"""
+References: include/linux/arm-smccc.h (KVM's vendor hypervisor service: UID, KVM_FEATURES bitmap)
+and Documentation/virt/kvm/arm/hypercalls.rst (pKVM guest hypercalls: HYP_MEMINFO, MEM_SHARE,
+MEM_UNSHARE, MMIO_GUARD, "-3 on error")."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def calls_metric(function: str, result: str) -> float:
 async def test_call_uid_is_kvms_uid() -> None:
     h, ctx = make()
     result = await call(h, ctx, abi.VENDOR_HYP_CALL_UID)
-    assert result.x[:4] == (0xB66F_B428, 0xE911_C52E, 0x564B_CAA9, 0x743A_004D)  # §5.3
+    assert result.x[:4] == (0xB66F_B428, 0xE911_C52E, 0x564B_CAA9, 0x743A_004D)
 
 
 async def test_kvm_features_advertises_exactly_the_served_functions() -> None:
@@ -67,7 +67,7 @@ async def test_kvm_features_drops_mmio_guard_when_it_is_off() -> None:
 @pytest.mark.parametrize("fid", [abi.KVM_PTP, abi.DISCOVER_IMPL_VER, abi.DISCOVER_IMPL_CPUS,
                                  0x8600_0002, 0xC600_0005, 0xC600_FF01, 0x4600_0001])
 async def test_host_kernel_services_are_neither_served_nor_advertised(fid: int) -> None:
-    # PTP needs the host's clocks read together; only the host kernel can serve it (§5.3).
+    # PTP needs the host's clocks read together; only the host kernel can serve it.
     h, ctx = make()
     result = await call(h, ctx, fid)
     assert result.x[0] == NOT_SUPPORTED_U64
@@ -176,7 +176,7 @@ async def test_guard_records_the_granule() -> None:
 
 
 async def test_guarding_twice_succeeds_and_writes_once() -> None:
-    # The guest's ioremap hook guards each mapping and warns on failure (§7).
+    # The guest's ioremap hook guards each mapping and warns on failure.
     h, ctx = make()
     await call(h, ctx, abi.MMIO_GUARD, 0x900_0000)
     assert x0(await call(h, ctx, abi.MMIO_GUARD, 0x900_0000)) == 0
@@ -274,7 +274,7 @@ async def test_no_register_values_make_the_handler_raise(fid: int, args: list[in
 
 
 async def test_linux_pkvm_guest_driver_sequence() -> None:
-    """drivers/virt/coco/pkvm-guest/arm-pkvm-guest.c as a Linux guest runs it (§7): the record
+    """drivers/virt/coco/pkvm-guest/arm-pkvm-guest.c as a Linux guest runs it: the record
     after sharing and unsharing matches what the guest did."""
     h, ctx = make({"ram": [{"base": RAM, "size": 0x2000_0000}]})
     # kvm_init_hyp_services: the UID must be KVM's before KVM_FEATURES is read.

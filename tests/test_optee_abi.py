@@ -1,4 +1,5 @@
-"""The OP-TEE proxy's fast calls and handler surface (reference/optee.md §1, §4.3)."""
+"""The OP-TEE proxy's fast calls and handler surface (core/include/optee_smc.h; Xen's
+xen/arch/arm/tee/optee.c)."""
 
 from __future__ import annotations
 
@@ -28,13 +29,13 @@ async def ask(h: Harness, fid: int, *args: int) -> Result:
 
 
 async def test_calls_uid_is_the_optee_message_uid(harness: Harness) -> None:
-    # §1.1 / §3.1 step 1: the Linux probe compares a0..a3 with OPTEE_MSG_UID_0..3.
+    # The Linux probe compares a0..a3 with OPTEE_MSG_UID_0..3.
     r = await ask(harness, abi.CALLS_UID)
     assert r.x[:4] == (0x384FB3E0, 0xE7F811E3, 0xAF630002, 0xA5D5C51B)
 
 
 async def test_calls_revision_is_2_0(harness: Harness) -> None:
-    # §3.1 step 3: major must be 2.
+    # Major must be 2.
     assert (await ask(harness, abi.CALLS_REVISION)).x[:2] == (2, 0)
 
 
@@ -57,7 +58,7 @@ async def test_calls_count_counts_the_answered_functions(harness: Harness) -> No
 
 async def test_exchange_capabilities_offers_dynamic_shm_and_memref_null_only(
         harness: Harness) -> None:
-    # §1.2, §4.3: no reserved SHM, no RPC_ARG, no ASYNC_NOTIF, no VIRTUALIZATION for guests.
+    # No reserved SHM, no RPC_ARG, no ASYNC_NOTIF, no VIRTUALIZATION for guests.
     for nsec in (0, abi.NSEC_CAP_UNIPROCESSOR):
         r = await ask(harness, abi.EXCHANGE_CAPABILITIES, nsec)
         assert r.x[:4] == (SmcReturn.OK, abi.SEC_CAP_DYNAMIC_SHM | abi.SEC_CAP_MEMREF_NULL, 0, 0)
@@ -72,13 +73,14 @@ async def test_exchange_capabilities_refuses_an_unknown_normal_world_bit(
 
 
 async def test_get_shm_config_is_not_available(harness: Harness) -> None:
-    # §4.3: no static SHM for guests.
+    # No static SHM for guests.
     assert (await ask(harness, abi.GET_SHM_CONFIG)).x[0] == SmcReturn.ENOTAVAIL
 
 
 async def test_disable_shm_cache_ends_with_enotavail_and_enable_with_ok(
         harness: Harness) -> None:
-    # arm64-kvm-lab.md real guest item 4: any other answer hangs the probe.
+    # measured on the KVM bed, docs/kvm-bed.md real guest item 4: any other answer
+    # hangs the probe.
     assert (await ask(harness, abi.DISABLE_SHM_CACHE)).x[0] == SmcReturn.ENOTAVAIL
     assert (await ask(harness, abi.ENABLE_SHM_CACHE)).x[0] == SmcReturn.OK
 
@@ -88,7 +90,7 @@ async def test_disable_shm_cache_ends_with_enotavail_and_enable_with_ok(
                                  abi.GET_PROTMEM_CONFIG, 0xB200_1234, 0xBF00_0000, 0xBF00_FF02])
 async def test_unknown_fast_calls_get_unknown_function_zero_extended(
         harness: Harness, fid: int) -> None:
-    # §1.3: OPTEE_SMC_RETURN_UNKNOWN_FUNCTION is the 32-bit 0xFFFFFFFF; Linux compares it as is.
+    # OPTEE_SMC_RETURN_UNKNOWN_FUNCTION is the 32-bit 0xFFFFFFFF; Linux compares it as is.
     r = await ask(harness, fid)
     assert r.x[0] == 0xFFFF_FFFF and r.outcome == Outcome.GUEST_ERROR
 

@@ -2,7 +2,7 @@
 
 Whatever a guest puts in an optee_msg_arg or a page list, the proxy answers with an OP-TEE
 return code (and, when it accepted the message, a TEE result in it), never raises, and leaves a
-consistent per-VM state (reference/optee.md §2).
+consistent per-VM state (core/include/optee_msg.h).
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
-"""The Linux OP-TEE driver's probe, replayed against the proxy (reference/optee.md §3).
+"""The Linux OP-TEE driver's probe, replayed against the proxy (Linux's drivers/tee/optee/smc_abi.c
+optee_probe).
 
-The order is what a Debian 6.12 guest was seen to call on the real-KVM bed (arm64-kvm-lab.md,
-"A real Linux guest as L2", item 4): CALLS_UID, GET_OS_REVISION, CALLS_REVISION,
-GET_THREAD_COUNT, EXCHANGE_CAPABILITIES, DISABLE_SHM_CACHE (until ENOTAVAIL), ENABLE_SHM_CACHE
-(until OK), then the device enumeration through CALL_WITH_ARG. The guest side is
-handlers.optee.guest.GuestDriver, a model of smc_abi.c and device.c.
-"""
+The order is what a Debian 6.12 guest was seen to call on the real-KVM bed (measured on this
+project's arm64 KVM bed (docs/kvm-bed.md), "A real Linux guest as L2", item 4): CALLS_UID,
+GET_OS_REVISION, CALLS_REVISION, GET_THREAD_COUNT, EXCHANGE_CAPABILITIES, DISABLE_SHM_CACHE (until
+ENOTAVAIL), ENABLE_SHM_CACHE (until OK), then the device enumeration through CALL_WITH_ARG. The
+guest side is handlers.optee.guest.GuestDriver, a model of smc_abi.c and device.c."""
 
 from __future__ import annotations
 
@@ -93,7 +93,8 @@ async def test_probe_with_several_cpus_does_not_claim_uniprocessor(h: Harness) -
 
 
 async def test_probe_in_linux_7_2_order(h: Harness) -> None:
-    # Linux 7.2 asks GET_OS_REVISION last among the discovery calls (arm64-kvm-lab.md).
+    # Linux 7.2 asks GET_OS_REVISION last among the discovery calls (measured on this project's
+    # arm64 KVM bed (docs/kvm-bed.md)).
     d = h.guest().driver
     for fid in (abi.CALLS_UID, abi.CALLS_REVISION, abi.GET_THREAD_COUNT):
         assert (await d.fast(fid))[0] != SmcReturn.UNKNOWN_FUNCTION

@@ -174,7 +174,8 @@ def test_unreadable_or_missing_input_exits_2(argv: list[str],
     assert code == 2 and out == "" and err.startswith("hyperbroker policy check: ")
 
 
-# --- --records: the kernel model as a table (reference/kvm-smccc.md §9.2, §1.3) -----------------
+# --- --records: the kernel model as a table (tools/testing/selftests/kvm/arm64/smccc_filter.c;
+# arch/arm64/kvm/hypercalls.c) -----------------
 
 SELFTEST_RECORDS: list[tuple[dict[str, Any], str]] = [
     ({"base": 0x8400_0000, "nr_functions": 1, "action": 1, "pad": [255]}, "EINVAL"),  # 1

@@ -4,7 +4,7 @@ hyperbroker.smccc's FunctionRange.overlaps/covers, merge_ranges and subtract_ran
 as the spec (sets of IDs), exhaustively on a small ID space and structurally on the 32-bit one.
 Then the policy engine and the kernel model (broker.kernel_filter) must agree: a set of records
 is accepted by the policy exactly when KVM would install every one of them
-(reference/kvm-smccc.md §1.3).
+(arch/arm64/kvm/hypercalls.c).
 """
 
 from __future__ import annotations

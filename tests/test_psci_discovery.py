@@ -1,5 +1,5 @@
 """PSCI discovery never lies: every ID PSCI_VERSION and PSCI_FEATURES claim is served, and every
-served ID is claimed (issue 6 item 4; reference/kvm-smccc.md §5.1)."""
+served ID is claimed (issue 6 item 4; include/uapi/linux/psci.h, arch/arm64/kvm/psci.c)."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ async def answer(h: PsciHandler, fid: int, *args: int) -> int:
 
 
 def kernel_served(fid: int) -> bool:
-    """SMCCC_VERSION: in the Arm architecture range every profile leaves to KVM (§1.2)."""
+    """SMCCC_VERSION: in the Arm architecture range every profile leaves to KVM."""
     return fid == abi.SMCCC_VERSION and any(fid in r for r in RESERVED_ARCH_RANGES)
 
 

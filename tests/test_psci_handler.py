@@ -1,8 +1,8 @@
 """Userspace PSCI 1.3 through PsciHandler, one behaviour per test.
 
-References: reference/kvm-smccc.md §5.1 (IDs, return codes, KVM's behaviour that this handler
-mirrors), reference/arm64-kvm-lab.md "A real Linux guest as L2" (the calls Linux makes at boot).
-"""
+References: include/uapi/linux/psci.h, arch/arm64/kvm/psci.c (IDs, return codes, KVM's behaviour
+that this handler mirrors), measured on the KVM bed, docs/kvm-bed.md (the calls
+Linux makes at boot)."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def x0(result: Result) -> int:
 
 async def test_version_defaults_to_1_3() -> None:
     h, ctx = make()
-    assert (await call(h, ctx, abi.PSCI_VERSION)).x[0] == 0x10003  # KVM_ARM_PSCI_1_3, §5.1
+    assert (await call(h, ctx, abi.PSCI_VERSION)).x[0] == 0x10003  # KVM_ARM_PSCI_1_3
 
 
 async def test_version_is_configurable() -> None:
@@ -81,7 +81,7 @@ async def test_features_system_off2_reports_hibernate_off() -> None:
 
 
 async def test_features_claims_smccc_version_for_the_kernel() -> None:
-    # Linux's psci_init_smccc asks this before using SMCCC 1.1 discovery (§4.3, §5.1).
+    # Linux's psci_init_smccc asks this before using SMCCC 1.1 discovery.
     h, ctx = make()
     assert x0(await call(h, ctx, abi.PSCI_FEATURES, abi.SMCCC_VERSION)) == 0
 
@@ -96,7 +96,7 @@ async def test_features_is_not_supported_for_unserved_ids(fid: int) -> None:
 
 
 async def test_features_follows_the_configured_version() -> None:
-    # KVM reports SYSTEM_RESET2 only for minor >= 1 and SYSTEM_OFF2 only for minor >= 3 (§5.1).
+    # KVM reports SYSTEM_RESET2 only for minor >= 1 and SYSTEM_OFF2 only for minor >= 3.
     h, ctx = make({"version": "1.0"})
     assert x0(await call(h, ctx, abi.PSCI_FEATURES, abi.SYSTEM_RESET2)) == -1
     assert x0(await call(h, ctx, abi.PSCI_FEATURES, abi.SYSTEM_OFF2)) == -1
@@ -184,7 +184,7 @@ async def test_cpu_on_outside_the_entry_ranges_is_invalid_address() -> None:
 
 
 async def test_smc32_cpu_on_reads_only_the_low_32_bits() -> None:
-    # kvm_psci_narrow_to_32bit (§5.1): SMC32 functions take W registers.
+    # kvm_psci_narrow_to_32bit: SMC32 functions take W registers.
     h, ctx = make()
     result = await call(h, ctx, abi.CPU_ON, (0xAB << 32) | MPIDR_1, (1 << 40) | ENTRY,
                         (1 << 63) | CONTEXT)
@@ -273,7 +273,7 @@ async def test_system_off_ends_the_vm_through_a_vmm_action() -> None:
     h, ctx = make()
     result = await call(h, ctx, abi.SYSTEM_OFF)
     assert result.actions == (VmmAction(ActionKind.SYSTEM_OFF),)
-    assert x0(result) == abi.PsciError.INTERNAL_FAILURE  # KVM's preload, §5.1
+    assert x0(result) == abi.PsciError.INTERNAL_FAILURE  # KVM's preload
 
 
 async def test_system_reset_restarts_with_only_the_boot_vcpus_on() -> None:

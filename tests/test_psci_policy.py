@@ -25,7 +25,7 @@ def test_a_profile_forwarding_all_of_psci_is_accepted() -> None:
 
 
 @pytest.mark.parametrize("selector", [
-    "functions: [PSCI_CPU_ON]",  # only CPU_ON (what QEMU's hotplug RFC forwards, §8.1)
+    "functions: [PSCI_CPU_ON]",  # only CPU_ON (what QEMU's hotplug RFC forwards)
     "ranges: [{base: 0x84000000, count: 0x20}]",  # the SMC32 half only
 ])
 def test_a_profile_forwarding_part_of_psci_is_refused(selector: str) -> None:

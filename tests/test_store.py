@@ -1,9 +1,8 @@
 """broker.store: the same behaviours from MemoryStore and SqliteStore.
 
 The store keeps policy versions, each VM's handler documents, shared handler documents and each
-vCPU's last result (DESIGN.md "Failure, state, security": the broker answers a re-sent call from
-the vCPU's last-result record). A StoreBatch is one transaction: all of it or none of it.
-"""
+vCPU's last result (the broker answers a re-sent call from the vCPU's last-result record). A
+StoreBatch is one transaction: all of it or none of it."""
 
 from __future__ import annotations
 

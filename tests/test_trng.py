@@ -1,6 +1,6 @@
 """SMCCC TRNG (Arm DEN0098) through handlers.trng: the pure ABI and the handler's registers.
 
-IDs, codes, limits and KVM's UUID: reference/kvm-smccc.md §5.2 (include/linux/arm-smccc.h,
+IDs, codes, limits and KVM's UUID: Arm DEN0098, arch/arm64/kvm/trng.c (include/linux/arm-smccc.h,
 arch/arm64/kvm/trng.c). Results follow SMCCC 1.1: x0..x3 written, negative codes sign-extended.
 """
 
@@ -20,7 +20,7 @@ from hyperbroker.handlers.trng import abi as trng_abi
 from hyperbroker.smccc import NR_ARGS
 from hyperbroker.testing.context import FakeContext
 
-# §5.2: ARM_SMCCC_TRNG_VERSION, _FEATURES, _GET_UUID, _RND32, _RND64.
+# ARM_SMCCC_TRNG_VERSION, _FEATURES, _GET_UUID, _RND32, _RND64.
 VERSION = 0x8400_0050
 FEATURES = 0x8400_0051
 GET_UUID = 0x8400_0052
@@ -32,7 +32,7 @@ INVALID_PARAMETERS = 0xFFFF_FFFF_FFFF_FFFE  # -2 in x0
 
 # UUID_INIT(0x0d21e000, 0x4384, 0x11eb, 0x80, 0x70, 0x52, 0x44, 0x55, 0x4e, 0x5a, 0x4c) is the
 # byte string 0d 21 e0 00 | 43 84 11 eb | 80 70 52 44 | 55 4e 5a 4c; SMCCC returns byte 4r+0 in
-# bits 7:0 of register r (§5.3), so each group of four reads backwards:
+# bits 7:0 of register r, so each group of four reads backwards:
 KVM_TRNG_UUID_REGS = (0x00E0_210D, 0xEB11_8443, 0x4452_7080, 0x4C5A_4E55)
 
 u64 = st.integers(0, (1 << 64) - 1)
@@ -67,7 +67,7 @@ def assert_invalid_parameters(r: Result) -> None:
 
 async def test_version_is_1_0() -> None:
     r = await call(make(), VERSION)
-    assert r.x[:4] == (0x10000, 0, 0, 0)  # KVM: version 1.0, §5.2
+    assert r.x[:4] == (0x10000, 0, 0, 0)  # KVM: version 1.0
     assert (r.mask, r.outcome) == (0xF, Outcome.OK)
 
 
@@ -209,7 +209,7 @@ async def test_other_ids_of_the_trng_range_are_not_supported(fid: int) -> None:
 
 
 def test_handler_owns_exactly_the_trng_abi_range() -> None:
-    # 0x50..0x5F fast, SMC32 and SMC64 (crosvm smccc_trng.rs; §8.3).
+    # 0x50..0x5F fast, SMC32 and SMC64 (crosvm smccc_trng.rs).
     assert [(r.base, r.end) for r in make().ranges] == [
         (0x8400_0050, 0x8400_0060), (0xC400_0050, 0xC400_0060),
     ]

@@ -343,7 +343,7 @@ class _Loader(ProfileChecks):
         return count
 
     def add_range(self, where: str, draft: Draft, r: FunctionRange) -> None:
-        """Keep `r` if KVM would take it as a record; else say what KVM answers (§1.3 step 3)."""
+        """Keep `r` if KVM would take it as a record; else say what KVM answers."""
         rules = (draft.label,)
         if not 0 <= r.base <= U32_MAX:
             self.error(f"{where}: {r}: base {r.base:#x} is outside the 32-bit function-ID space",

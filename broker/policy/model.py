@@ -33,9 +33,9 @@ DEFAULT_PROFILE = "default"  # the profile of a VM whose VMM names none
 DEFAULT_DEADLINE_MS = 100
 DEADLINE_MS_RANGE = (1, 60_000)  # no vCPU waits longer than a minute for its fallback
 BUILTIN_FALLBACK = "not_supported"
-U32_MAX = 0xFFFF_FFFF  # struct kvm_smccc_filter base and nr_functions are __u32 (§1.1)
+U32_MAX = 0xFFFF_FFFF  # struct kvm_smccc_filter base and nr_functions are __u32
 
-# SMCCC_RET_NOT_SUPPORTED in x0, x1..x3 zero: what KVM itself answers a DENY (§1.3).
+# SMCCC_RET_NOT_SUPPORTED in x0, x1..x3 zero: what KVM itself answers a DENY.
 NOT_SUPPORTED_FALLBACK = Result.regs(NOT_SUPPORTED_U64, outcome=Outcome.FALLBACK)
 
 # IDs examined when listing a forwarded range's named functions; larger ranges list only the
@@ -43,7 +43,7 @@ NOT_SUPPORTED_FALLBACK = Result.regs(NOT_SUPPORTED_U64, outcome=Outcome.FALLBACK
 NAME_SCAN_LIMIT = 1 << 20
 
 # SMCCC_VERSION and SMCCC_ARCH_FEATURES: inside the Arm-architecture range KVM keeps in every
-# filter (reference/kvm-smccc.md §1.3, §4.3), so the kernel serves them in every profile and a
+# filter (arch/arm64/kvm/hypercalls.c), so the kernel serves them in every profile and a
 # handler may claim them (Linux asks PSCI_FEATURES(SMCCC_VERSION) before it uses SMCCC 1.1).
 KERNEL_SERVED = frozenset({SMCCC_VERSION, SMCCC_ARCH_FEATURES})
 KERNEL = "kernel"  # DiscoveryClaim.served_by for KERNEL_SERVED IDs

@@ -1,9 +1,8 @@
 """FF-A vocabulary: function IDs, versions, error codes, and the typed answers folded to registers.
 
-Everything here mirrors Arm DEN0077 (FF-A v1.0/v1.1/v1.2) as reference/ffa.md §1-§5 records it
-from Linux (include/linux/arm_ffa.h), Hafnium, TF-A and Xen. It is pure data and pure functions:
-it knows nothing of handler state, guest memory, partitions or the broker.
-"""
+Everything here mirrors Arm DEN0077 (FF-A v1.0/v1.1/v1.2) as include/linux/arm_ffa.h; FF-A memory
+sharing records it from Linux (include/linux/arm_ffa.h), Hafnium, TF-A and Xen. It is pure data and
+pure functions: it knows nothing of handler state, guest memory, partitions or the broker."""
 
 from __future__ import annotations
 
@@ -13,9 +12,9 @@ from dataclasses import dataclass
 
 from hyperbroker.smccc import U64_MASK, FunctionRange
 
-W_MASK = 0xFFFF_FFFF  # wN is the low 32 bits of xN (§0)
+W_MASK = 0xFFFF_FFFF  # wN is the low 32 bits of xN
 
-# §1 function IDs: SMC32 = 0x84000000 | fn, SMC64 = 0xC4000000 | fn.
+# Function IDs: SMC32 = 0x84000000 | fn, SMC64 = 0xC4000000 | fn.
 # FF-A is the fast functions 0x60..0xFF of the standard secure service, SMC32 and SMC64: what
 # pKVM treats as FF-A (Linux arch/arm64/kvm/hyp/include/nvhe/ffa.h FFA_MIN_FUNC_NUM 0x60,
 # FFA_MAX_FUNC_NUM 0xFF; 0x7F in older kernels). DEN0077 allocates 0x60..0x90 so far. The ABI
@@ -77,25 +76,25 @@ FFA_MEM_PERM_SET_32 = 0x8400_0089
 FFA_MEM_PERM_SET_64 = 0xC400_0089
 FFA_CONSOLE_LOG_32 = 0x8400_008A
 FFA_CONSOLE_LOG_64 = 0xC400_008A
-FFA_PARTITION_INFO_GET_REGS = 0xC400_008B  # SMC64 only (§1, §3.5)
+FFA_PARTITION_INFO_GET_REGS = 0xC400_008B  # SMC64 only
 FFA_EL3_INTR_HANDLE = 0x8400_008C
-FFA_MSG_SEND_DIRECT_REQ2 = 0xC400_008D  # SMC64 only (§4)
-FFA_MSG_SEND_DIRECT_RESP2 = 0xC400_008E  # SMC64 only (§4)
+FFA_MSG_SEND_DIRECT_REQ2 = 0xC400_008D  # SMC64 only
+FFA_MSG_SEND_DIRECT_RESP2 = 0xC400_008E  # SMC64 only
 
-# A bounded set of names (metrics labels, the CLI): every ID of §1's table.
+# A bounded set of names (metrics labels, the CLI): every ID FF-A v1.0-v1.2 defines.
 FUNCTION_NAMES: Mapping[int, str] = {
     value: name
     for name, value in sorted(globals().items())
     if name.startswith("FFA_") and isinstance(value, int) and value > 0xFFFF
 }
-OTHER_FUNCTION = "FFA_OTHER"  # an ID in the FF-A ranges that §1 does not define
+OTHER_FUNCTION = "FFA_OTHER"  # an ID in the FF-A ranges that FF-A does not define
 
 
 def function_name(fid: int) -> str:
     return FUNCTION_NAMES.get(fid, OTHER_FUNCTION)
 
 
-# §3.1 version encoding: major bits[30:16], minor bits[15:0], bit 31 must be zero.
+# Version encoding: major bits[30:16], minor bits[15:0], bit 31 must be zero.
 VERSION_MBZ = 1 << 31
 VERSION_MAJOR_SHIFT = 16
 VERSION_MAJOR_MASK = 0x7FFF
@@ -120,7 +119,7 @@ def version_minor(version: int) -> int:
 
 
 class FfaError(enum.IntEnum):
-    """§2 error codes, carried in w2 of FFA_ERROR."""
+    """Error codes, carried in w2 of FFA_ERROR."""
 
     NOT_SUPPORTED = -1
     INVALID_PARAMETERS = -2
@@ -135,14 +134,14 @@ class FfaError(enum.IntEnum):
 
 
 class FeatureId(enum.IntEnum):
-    """§3.2 FFA_FEATURES feature IDs (w1 bit 31 clear, ID in bits[7:0])."""
+    """FFA_FEATURES feature IDs (w1 bit 31 clear, ID in bits[7:0])."""
 
     NPI = 1  # notification pending interrupt
     SRI = 2  # schedule receiver interrupt
     MEI = 3  # managed exit interrupt
 
 
-# §3.3: bit 15 set marks a secure endpoint (SP); 0 is the hypervisor; 0xFFFF is TF-A's SPMD.
+# Bit 15 set marks a secure endpoint (SP); 0 is the hypervisor; 0xFFFF is TF-A's SPMD.
 ENDPOINT_SECURE_BIT = 0x8000
 ENDPOINT_ID_MASK = 0xFFFF
 HYPERVISOR_ID = 0
@@ -155,7 +154,7 @@ def is_secure(endpoint_id: int) -> bool:
 
 
 def pack_target(source: int, destination: int) -> int:
-    """w1 of direct messages: source in bits[31:16], destination in [15:0] (§4 PACK_TARGET_INFO)."""
+    """w1 of direct messages: source in bits[31:16], destination in [15:0] (PACK_TARGET_INFO)."""
     return ((source & ENDPOINT_ID_MASK) << 16) | (destination & ENDPOINT_ID_MASK)
 
 
@@ -163,7 +162,7 @@ def unpack_target(w1: int) -> tuple[int, int]:
     return (w1 >> 16) & ENDPOINT_ID_MASK, w1 & ENDPOINT_ID_MASK
 
 
-# §5.1: memory handles; bit 63 says who allocated it (1 = hypervisor, 0 = SPMC).
+# Memory handles; bit 63 says who allocated it (1 = hypervisor, 0 = SPMC).
 HANDLE_HYPERVISOR_BIT = 1 << 63
 INVALID_HANDLE = U64_MASK
 
@@ -177,7 +176,7 @@ def split_handle(handle: int) -> tuple[int, int]:
     return handle & W_MASK, (handle >> 32) & W_MASK
 
 
-# §3.4 partition property bits.
+# Partition property bits.
 PROP_DIRECT_REQ_RECV = 1 << 0
 PROP_DIRECT_REQ_SEND = 1 << 1
 PROP_INDIRECT_MSG = 1 << 2
@@ -189,13 +188,13 @@ PROP_DIRECT_REQ2_RECV = 1 << 9  # v1.2
 PROP_DIRECT_REQ2_SEND = 1 << 10  # v1.2
 PROPS_V1_2_ONLY = PROP_DIRECT_REQ2_RECV | PROP_DIRECT_REQ2_SEND
 
-# §4: w2 bit 31 of a direct message marks a framework message.
+# W2 bit 31 of a direct message marks a framework message.
 DIRECT_MSG_FRAMEWORK = 1 << 31
 
-# §3.4: FFA_PARTITION_INFO_GET flags (w5); bit 0 "return count only" exists from v1.1.
+# FFA_PARTITION_INFO_GET flags (w5); bit 0 "return count only" exists from v1.1.
 PARTITION_INFO_COUNT_ONLY = 1 << 0
 
-# Result widths: FF-A results live in w0..w7; SMCCC 1.2 calls (v1.2) may use x0..x17 (§2).
+# Result widths: FF-A results live in w0..w7; SMCCC 1.2 calls (v1.2) may use x0..x17.
 NARROW_WIDTH = 8
 WIDE_WIDTH = 18
 
@@ -235,7 +234,7 @@ class VersionAnswer:
 
 @dataclass(frozen=True, slots=True)
 class FragRx:
-    """FFA_MEM_FRAG_RX: w1/w2 = handle, w3 = bytes received so far, w4 = 0 (§5.4 step 2)."""
+    """FFA_MEM_FRAG_RX: w1/w2 = handle, w3 = bytes received so far, w4 = 0."""
 
     handle: int
     received: int

@@ -43,7 +43,7 @@ KEYS = (
     "max_descriptor_bytes",
     "spmc_id",
 )
-# Defaults beat both reference mediators (§6): Xen maps one RX/TX page and shares at most 256
+# Defaults beat both reference mediators: Xen maps one RX/TX page and shares at most 256
 # pages, 32 shares per guest; a 64 KiB-page Linux guest needs 16 pages of RX/TX.
 DEFAULTS = {
     "max_rxtx_pages": 16,

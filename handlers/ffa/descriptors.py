@@ -1,13 +1,13 @@
 """FF-A memory transaction descriptors: the guest-supplied bytes of MEM_SHARE/LEND, parsed safely.
 
-`parse_mem_transaction` turns the bytes a sender put in its TX buffer into a typed
-`MemTransaction`, or answers `FfaError.INVALID_PARAMETERS`. Every offset, count and length is
-checked against the data before it is used, every reserved field must be zero, and the
-permission and attribute encodings must be ones the spec defines (reference/ffa.md §5.2, §5.3).
-It never raises for any input. Whether a well-formed transaction is *allowed* (who the sender
-is, which receivers exist, limits, memory ownership) is decided in handlers.ffa.memshare; this
-module knows nothing of handler state, partitions or guest memory.
-"""
+`parse_mem_transaction` turns the bytes a sender put in its TX buffer into a typed `MemTransaction`,
+or answers `FfaError.INVALID_PARAMETERS`. Every offset, count and length is checked against the data
+before it is used, every reserved field must be zero, and the permission and attribute encodings
+must be ones the spec defines (the memory transaction descriptor, include/linux/arm_ffa.h;
+descriptor sizes, include/linux/arm_ffa.h). It never raises for any input. Whether a well-formed
+transaction is *allowed* (who the sender is, which receivers exist, limits, memory ownership) is
+decided in handlers.ffa.memshare; this module knows nothing of handler state, partitions or guest
+memory."""
 
 from __future__ import annotations
 
@@ -18,10 +18,10 @@ from dataclasses import dataclass
 
 from hyperbroker.handlers.ffa.abi import VERSION_1_0, VERSION_1_2, FfaError
 
-PAGE_SIZE = 4096  # the FF-A granule: Linux FFA_PAGE_SIZE SZ_4K (§3.6, §5.2 constituents)
+PAGE_SIZE = 4096  # the FF-A granule: Linux FFA_PAGE_SIZE SZ_4K (constituents)
 ADDRESS_LIMIT = 1 << 64
 
-# §5.2 / §5.3 sizes.
+# Sizes.
 HEADER_SIZE_V1_0 = 32
 HEADER_SIZE_V1_1 = 48
 EMAD_SIZE_V1_0 = 16  # also v1.1
@@ -36,7 +36,7 @@ _EMAD = struct.Struct("<HBBI")  # receiver, permissions, flags, composite offset
 _COMPOSITE = struct.Struct("<IIQ")  # total pages, constituent count, reserved
 _CONSTITUENT = struct.Struct("<QII")  # address, page count, reserved
 
-# Access permissions byte (§5.2): data access bits[1:0], instruction access bits[3:2].
+# Access permissions byte: data access bits[1:0], instruction access bits[3:2].
 DATA_ACCESS_MASK = 0x3
 INSTRUCTION_ACCESS_SHIFT = 2
 INSTRUCTION_ACCESS_MASK = 0x3
@@ -55,7 +55,7 @@ class InstructionAccess(enum.IntEnum):
     X = 2
 
 
-# Memory region attributes (§5.2): shareability bits[1:0], cacheability [3:2], type [5:4].
+# Memory region attributes: shareability bits[1:0], cacheability [3:2], type [5:4].
 ATTR_SHAREABILITY_MASK = 0x3
 ATTR_CACHEABILITY_SHIFT = 2
 ATTR_TYPE_SHIFT = 4
@@ -120,7 +120,7 @@ class EndpointAccess:
 
 @dataclass(frozen=True, slots=True)
 class MemTransaction:
-    """A lend/share transaction descriptor as the sender wrote it (§5.2)."""
+    """A lend/share transaction descriptor as the sender wrote it."""
 
     layout: Layout
     sender: int
@@ -153,14 +153,14 @@ def layout_for(version: int, emad_size: int | None = None) -> Layout | None:
 
 
 def minimum_first_fragment(version: int) -> int:
-    """Header plus one EMAD: the smallest first fragment pKVM (PK2) accepts (§5.3)."""
+    """Header plus one EMAD: the smallest first fragment pKVM (PK2) accepts."""
     if version <= VERSION_1_0:
         return HEADER_SIZE_V1_0 + EMAD_SIZE_V1_0
     return HEADER_SIZE_V1_1 + EMAD_SIZE_V1_0
 
 
 def attributes_valid(attributes: int) -> bool:
-    """A defined encoding of the memory region attributes (§5.2), reserved bits already zero."""
+    """A defined encoding of the memory region attributes, reserved bits already zero."""
     kind = (attributes >> ATTR_TYPE_SHIFT) & 0x3
     cacheability = (attributes >> ATTR_CACHEABILITY_SHIFT) & 0x3
     shareability = attributes & ATTR_SHAREABILITY_MASK
@@ -177,7 +177,7 @@ def attributes_valid(attributes: int) -> bool:
 
 
 def permissions_valid(permissions: int) -> bool:
-    """Neither access field uses its reserved value 3 and bits[7:4] are zero (§5.2)."""
+    """Neither access field uses its reserved value 3 and bits[7:4] are zero."""
     if permissions & PERMISSIONS_MBZ:
         return False
     data = permissions & DATA_ACCESS_MASK
@@ -189,7 +189,7 @@ _INVALID = FfaError.INVALID_PARAMETERS
 
 
 def parse_mem_transaction(data: bytes, version: int) -> MemTransaction | FfaError:
-    """Parse a complete lend/share descriptor sent by a caller at `version` (§5.2).
+    """Parse a complete lend/share descriptor sent by a caller at `version`.
 
     The descriptor must end exactly with its last constituent. Any violation answers
     INVALID_PARAMETERS; nothing here raises.
@@ -316,7 +316,7 @@ def build_mem_transaction(
     flags: int = 0,
     tag: int = 0,
 ) -> MemTransaction:
-    """A descriptor laid out as Linux lays it out: EMADs right after the header (§5.2)."""
+    """A descriptor laid out as Linux lays it out: EMADs right after the header."""
     layout = Layout.V1_2 if version >= VERSION_1_2 else layout_for(version)
     assert layout is not None
     emad_offset = layout.header_size
@@ -335,7 +335,7 @@ def build_mem_transaction(
     )
 
 
-# §3.4 partition information descriptor: id, execution contexts, properties, UUID (v1.1+).
+# Partition information descriptor: id, execution contexts, properties, UUID (v1.1+).
 PARTITION_INFO_SIZE_V1_0 = 8
 PARTITION_INFO_SIZE_V1_1 = 24
 _PARTITION_INFO = struct.Struct("<HHI")

@@ -1,4 +1,4 @@
-"""Discovery: FFA_FEATURES, FFA_ID_GET, FFA_SPM_ID_GET, FFA_PARTITION_INFO_GET(_REGS) (§3.2-§3.5).
+"""Discovery: FFA_FEATURES, FFA_ID_GET, FFA_SPM_ID_GET, FFA_PARTITION_INFO_GET(_REGS).
 
 Pure answers computed from the caller's negotiated version, the configured partitions and the
 handler limits. FFA_PARTITION_INFO_GET's descriptors go into the caller's RX buffer: this module
@@ -17,7 +17,7 @@ from hyperbroker.handlers.ffa.descriptors import encode_partition_info, partitio
 from hyperbroker.handlers.ffa.partitions import Partition, PartitionSet
 from hyperbroker.handlers.ffa.version import served_at
 
-# §3.2 FFA_RXTX_MAP properties: bits[1:0] minimum size and alignment (0 = 4 KiB), bits[31:16]
+# FFA_RXTX_MAP properties: bits[1:0] minimum size and alignment (0 = 4 KiB), bits[31:16]
 # the maximum buffer size in pages, a field that exists from v1.2.
 RXTX_MIN_4K = 0
 RXTX_MAX_PAGES_SHIFT = 16
@@ -30,7 +30,7 @@ def features(version: int, w1: int, max_rxtx_pages: int) -> Success | FfaError:
     """FFA_FEATURES(w1): SUCCESS with w2 = interface properties, or NOT_SUPPORTED.
 
     Feature IDs (NPI, SRI, MEI) are NOT_SUPPORTED: this endpoint raises no notifications and no
-    managed exits, and Linux then runs without notifications (§7 step 7). MEM_SHARE/LEND report
+    managed exits, and Linux then runs without notifications. MEM_SHARE/LEND report
     w2 bit0 = 0, no dynamic buffers, like pKVM and Xen.
     """
     w1 &= abi.W_MASK
@@ -47,23 +47,23 @@ def features(version: int, w1: int, max_rxtx_pages: int) -> Success | FfaError:
 
 
 def id_get(endpoint_id: int) -> Success:
-    """FFA_ID_GET: w2[15:0] = the caller's own endpoint ID (§3.3)."""
+    """FFA_ID_GET: w2[15:0] = the caller's own endpoint ID."""
     return Success((0, endpoint_id))
 
 
 def spm_id_get(spmc_id: int) -> Success:
-    """FFA_SPM_ID_GET (v1.1): w2 = the SPMC's ID (§3.3, Hafnium api_ffa_spm_id_get)."""
+    """FFA_SPM_ID_GET (v1.1): w2 = the SPMC's ID (Hafnium api_ffa_spm_id_get)."""
     return Success((0, spmc_id))
 
 
 def uuid_from_words(w1: int, w2: int, w3: int, w4: int) -> uuid.UUID | None:
-    """§3.4: the raw UUID bytes as four little-endian words (Linux export_uuid); nil is None."""
+    """The raw UUID bytes as four little-endian words (Linux export_uuid); nil is None."""
     raw = b"".join((w & abi.W_MASK).to_bytes(4, "little") for w in (w1, w2, w3, w4))
     return None if raw == bytes(16) else uuid.UUID(bytes=raw)
 
 
 def uuid_from_pair(lo: int, hi: int) -> uuid.UUID | None:
-    """§3.5/§4: the raw UUID bytes as two little-endian u64 (GET_REGS x1/x2, REQ2 x2/x3)."""
+    """The raw UUID bytes as two little-endian u64 (GET_REGS x1/x2, REQ2 x2/x3)."""
     raw = lo.to_bytes(8, "little") + hi.to_bytes(8, "little")
     return None if raw == bytes(16) else uuid.UUID(bytes=raw)
 
@@ -95,7 +95,7 @@ def _matching(partitions: PartitionSet, wanted: uuid.UUID | None) -> tuple[Parti
 def partition_info_get(
     version: int, partitions: PartitionSet, w1: int, w2: int, w3: int, w4: int, w5: int
 ) -> PartitionInfoPlan | FfaError:
-    """FFA_PARTITION_INFO_GET: UUID filter in w1..w4, flags in w5 (§3.4)."""
+    """FFA_PARTITION_INFO_GET: UUID filter in w1..w4, flags in w5."""
     flags = w5 & abi.W_MASK
     allowed = 0 if version <= abi.VERSION_1_0 else abi.PARTITION_INFO_COUNT_ONLY
     if flags & ~allowed:
@@ -119,14 +119,14 @@ def partition_info_get(
     return PartitionInfoPlan(len(found), size, blob)
 
 
-GET_REGS_PER_CALL = 5  # x3..x17, three registers per descriptor (§3.5)
+GET_REGS_PER_CALL = 5  # x3..x17, three registers per descriptor
 GET_REGS_TAG = 0  # the partition list never changes under a VM: one tag, 0
 
 
 def partition_info_get_regs(
     partitions: PartitionSet, x1: int, x2: int, x3: int
 ) -> Success | FfaError:
-    """FFA_PARTITION_INFO_GET_REGS (v1.2, SMC64): up to five descriptors per call (§3.5)."""
+    """FFA_PARTITION_INFO_GET_REGS (v1.2, SMC64): up to five descriptors per call."""
     start, tag = x3 & 0xFFFF, (x3 >> 16) & 0xFFFF
     if x3 >> 32 or (start == 0 and tag != 0):
         return FfaError.INVALID_PARAMETERS

@@ -1,6 +1,6 @@
 """Fleet-unique FF-A endpoint IDs for VMs, allocated in the handler's shared state document.
 
-§3.3: ID 0 is the hypervisor's and bit 15 marks secure endpoints, so a VM gets an ID in
+ID 0 is the hypervisor's and bit 15 marks secure endpoints, so a VM gets an ID in
 1..0x7FFF; it must be unique across every VM the broker serves (handles embed it, partitions
 key on it) and stable for the VM's life. The shared document maps IDs to VM keys and back; IDs
 are handed out round-robin from `next` so a freed ID is reused as late as possible. Pure

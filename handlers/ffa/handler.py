@@ -1,13 +1,13 @@
 """The FF-A handler: a guest-facing FF-A v1.0-v1.2 endpoint, folded into registers.
 
-The adapter between the broker and the pure FF-A modules. For each call it loads the VM's
-`VmState` from ctx.state, runs the version gate and the call's transition, does the guest-memory
-reads and writes and the partition round trip the transition asks for, stores the new state only
-when it changed, and folds the typed answer into registers: FFA_SUCCESS/FFA_ERROR/the version in
-x0..x7, or x0..x17 for v1.2 callers and SMCCC 1.2 results (reference/ffa.md §2). Calls of one VM
-are serialised (an in-process lock per VM; the state itself is always in the store). Every guest
-input is answered with an FF-A error, never an exception. It knows nothing of gRPC or sockets.
-"""
+The adapter between the broker and the pure FF-A modules. For each call it loads the VM's `VmState`
+from ctx.state, runs the version gate and the call's transition, does the guest-memory reads and
+writes and the partition round trip the transition asks for, stores the new state only when it
+changed, and folds the typed answer into registers: FFA_SUCCESS/FFA_ERROR/the version in x0..x7, or
+x0..x17 for v1.2 callers and SMCCC 1.2 results (include/linux/arm_ffa.h).
+Calls of one VM are serialised (an in-process lock per VM; the state itself is always in the store).
+Every guest input is answered with an FF-A error, never an exception. It knows nothing of gRPC or
+sockets."""
 
 from __future__ import annotations
 
@@ -111,18 +111,18 @@ class FfaHandler(Handler):
 
     def served_functions(self) -> frozenset[int]:
         """The IDs of this handler's ranges a caller at our version gets anything but
-        FFA_ERROR(NOT_SUPPORTED) from, once it has called FFA_VERSION (§3.1)."""
+        FFA_ERROR(NOT_SUPPORTED) from, once it has called FFA_VERSION."""
         return frozenset(fid for fid in version.SERVED_SINCE
                          if version.served_at(fid, abi.OUR_VERSION))
 
     def discovery_claims(self) -> Mapping[int, frozenset[int]]:
         """Discovery function ID -> the function IDs it tells the guest are served: FFA_FEATURES
-        answers FFA_SUCCESS for every served function at the caller's version (§3.2), and a
+        answers FFA_SUCCESS for every served function at the caller's version, and a
         caller at our version hears all of them."""
         return {abi.FFA_FEATURES: self.served_functions()}
 
     def static_answers(self) -> Mapping[int, Result]:
-        """Every §1 ID this endpoint does not serve: FFA_ERROR(NOT_SUPPORTED) in any state."""
+        """Every FF-A ID this endpoint does not serve: FFA_ERROR(NOT_SUPPORTED) in any state."""
         return {
             fid: error_result(FfaError.NOT_SUPPORTED)
             for fid in abi.FUNCTION_NAMES
@@ -235,7 +235,7 @@ class FfaHandler(Handler):
         assert state.version is not None  # admitted calls have a version
         return state.version
 
-    # ---- discovery (§3.2-§3.5) -------------------------------------------------------------
+    # ---- discovery -------------------------------------------------------------
     async def _features(self, call: Call, ctx: CallContext, state: VmState) -> Step:
         return state, discovery.features(self._version(state), call.arg(1),
                                          self.settings.max_rxtx_pages)
@@ -267,7 +267,7 @@ class FfaHandler(Handler):
             self.partitions, call.arg(1), call.arg(2), call.arg(3)
         )
 
-    # ---- RX/TX buffers (§3.6) --------------------------------------------------------------
+    # ---- RX/TX buffers --------------------------------------------------------------
     async def _rxtx_map(self, call: Call, ctx: CallContext, state: VmState) -> Step:
         req = mailbox.decode_map(call.function_id, call.arg(1), call.arg(2), call.arg(3))
         error = mailbox.check_map(state, req, self.settings.max_rxtx_pages)
@@ -290,7 +290,7 @@ class FfaHandler(Handler):
     def _step(state: VmState, outcome: VmState | FfaError) -> Step:
         return (state, outcome) if isinstance(outcome, FfaError) else (outcome, Success())
 
-    # ---- direct messaging (§4) -------------------------------------------------------------
+    # ---- direct messaging -------------------------------------------------------------
     async def _direct_req(self, call: Call, ctx: CallContext, state: VmState) -> Step:
         msg = messaging.decode_request(call.function_id, call.x, self._own_id(state), ctx.vm.key)
         if isinstance(msg, FfaError):
@@ -307,7 +307,7 @@ class FfaHandler(Handler):
     async def _direct_resp(self, call: Call, ctx: CallContext, state: VmState) -> Step:
         return state, FfaError.DENIED  # nobody sends a guest direct requests: none to answer
 
-    # ---- memory sharing (§5) ---------------------------------------------------------------
+    # ---- memory sharing ---------------------------------------------------------------
     async def _mem_send(self, call: Call, ctx: CallContext, state: VmState) -> Step:
         req = memshare.decode_send(call.function_id, *(call.arg(i) for i in range(1, 5)))
         gpa = memshare.check_send(state, req, self.settings.limits, self._version(state))

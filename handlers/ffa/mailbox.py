@@ -1,13 +1,13 @@
-"""RX/TX buffers: FFA_RXTX_MAP, FFA_RXTX_UNMAP, FFA_RX_RELEASE and RX ownership (§3.6).
+"""RX/TX buffers: FFA_RXTX_MAP, FFA_RXTX_UNMAP, FFA_RX_RELEASE and RX ownership.
 
-A VM registers one TX buffer (it writes, we read: memory descriptors) and one RX buffer (we
-write, it reads: partition descriptors). After we write RX it belongs to the guest until
-FFA_RX_RELEASE. Errors follow reference/ffa.md exactly: DENIED for a second map (pKVM, Xen);
-INVALID_PARAMETERS to unmap nothing, DENIED to unmap while the guest still holds RX (Xen);
-DENIED to release an unmapped or already free RX (Xen); BUSY to fill an RX the guest holds (Xen
-`ffa_rx_acquire`), DENIED when no RX is mapped (Xen). Checking that the buffers lie in the VM's
-memory needs guest-memory reads and is the adapter's job; everything else is decided here.
-"""
+A VM registers one TX buffer (it writes, we read: memory descriptors) and one RX buffer (we write,
+it reads: partition descriptors). After we write RX it belongs to the guest until FFA_RX_RELEASE.
+Errors follow Arm DEN0077A (FF-A) as include/linux/arm_ffa.h and Hafnium's inc/vmapi/hf/ffa.h encode
+it exactly: DENIED for a second map (pKVM, Xen); INVALID_PARAMETERS to unmap nothing, DENIED to
+unmap while the guest still holds RX (Xen); DENIED to release an unmapped or already free RX (Xen);
+BUSY to fill an RX the guest holds (Xen `ffa_rx_acquire`), DENIED when no RX is mapped (Xen).
+Checking that the buffers lie in the VM's memory needs guest-memory reads and is the adapter's job;
+everything else is decided here."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from hyperbroker.handlers.ffa.abi import FfaError
 from hyperbroker.handlers.ffa.descriptors import PAGE_SIZE
 from hyperbroker.handlers.ffa.state import Mailbox, VmState
 
-RXTX_PAGE_COUNT_MASK = 0xFFFF_FFFF  # w3; its exact width is UNVERIFIED (§3.6), w3 holds it all
-ADDRESS_MASK_32 = 0xFFFF_FFFF  # Xen masks SMC32 RXTX_MAP addresses to 32 bits (§3.6)
+RXTX_PAGE_COUNT_MASK = 0xFFFF_FFFF  # w3; its exact width is UNVERIFIED, w3 holds it all
+ADDRESS_MASK_32 = 0xFFFF_FFFF  # Xen masks SMC32 RXTX_MAP addresses to 32 bits
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,7 +34,7 @@ class MapRequest:
 
 
 def decode_map(fid: int, x1: int, x2: int, x3: int) -> MapRequest:
-    """x1 = TX address, x2 = RX address, w3 = page count in 4 KiB units (§3.6)."""
+    """x1 = TX address, x2 = RX address, w3 = page count in 4 KiB units."""
     if fid == abi.FFA_RXTX_MAP_32:
         x1 &= ADDRESS_MASK_32
         x2 &= ADDRESS_MASK_32

@@ -1,20 +1,20 @@
-"""Memory sharing: FFA_MEM_SHARE/LEND (32, 64), FFA_MEM_FRAG_TX and FFA_MEM_RECLAIM (§5).
+"""Memory sharing: FFA_MEM_SHARE/LEND (32, 64), FFA_MEM_FRAG_TX and FFA_MEM_RECLAIM.
 
 The sender writes a transaction descriptor into its TX buffer, in one fragment or several
-(§5.4). Each step here is a pure transition over VmState: check the registers, take the bytes
+. Each step here is a pure transition over VmState: check the registers, take the bytes
 the adapter read from TX, assemble fragments, validate the complete descriptor (parsed by
 handlers.ffa.descriptors) against the sender, the partitions, the limits and the shares the VM
-already has, then commit a `Share` under a handle with the hypervisor bit (§5.1). Whether the
+already has, then commit a `Share` under a handle with the hypervisor bit. Whether the
 pages lie in the VM's memory needs guest-memory reads: the adapter probes `probe_addresses()`
 between `validate` and `commit`. Nothing here does I/O or knows about registers beyond decoding.
 
-Error choices, each from reference/ffa.md: dynamic buffers (x3/w4 != 0) are not offered
-(FFA_FEATURES w2 bit0 = 0) so they are INVALID_PARAMETERS (pKVM); a descriptor longer than the
-configured bound is NO_MEMORY (pKVM "len > descriptor buffer"); a receiver that is a VM is
-NOT_SUPPORTED and device memory is NOT_SUPPORTED (Xen); pages already shared or lent are DENIED
-(pKVM/Hafnium page-state checks); reclaiming a handle the VM does not own is INVALID_PARAMETERS
-(Xen); more pages or shares than configured is NO_MEMORY.
-"""
+Error choices, each from Arm DEN0077A (FF-A) as include/linux/arm_ffa.h and Hafnium's
+inc/vmapi/hf/ffa.h encode it: dynamic buffers (x3/w4 != 0) are not offered (FFA_FEATURES w2 bit0 =
+0) so they are INVALID_PARAMETERS (pKVM); a descriptor longer than the configured bound is NO_MEMORY
+(pKVM "len > descriptor buffer"); a receiver that is a VM is NOT_SUPPORTED and device memory is
+NOT_SUPPORTED (Xen); pages already shared or lent are DENIED (pKVM/Hafnium page-state checks);
+reclaiming a handle the VM does not own is INVALID_PARAMETERS (Xen); more pages or shares than
+configured is NO_MEMORY."""
 
 from __future__ import annotations
 
@@ -34,12 +34,12 @@ from hyperbroker.handlers.ffa.mailbox import ADDRESS_MASK_32, tx_fragment
 from hyperbroker.handlers.ffa.state import Grant, Pending, Share, ShareKind, VmState
 from hyperbroker.smccc import is_smc64
 
-# §5.2 transaction flags a sender may set on SHARE/LEND here: bit1 "time-slicing allowed".
+# Transaction flags a sender may set on SHARE/LEND here: bit1 "time-slicing allowed".
 # Bit0 (clear memory) and bit2 (clear after relinquish) would need the relayer to zero guest
 # pages; bits[4:3], [8:5], 9 belong to retrieve requests; the rest is reserved.
 FLAG_TIME_SLICE = 1 << 1
 SEND_FLAGS_ALLOWED = FLAG_TIME_SLICE
-# §5.1 FFA_MEM_RECLAIM flags: bit0 clear memory (refused, as above), bit1 time-slicing.
+# FFA_MEM_RECLAIM flags: bit0 clear memory (refused, as above), bit1 time-slicing.
 RECLAIM_FLAG_CLEAR = 1 << 0
 RECLAIM_FLAGS_ALLOWED = 1 << 1
 
@@ -69,7 +69,7 @@ class SendRequest:
 
 
 def decode_send(fid: int, x1: int, x2: int, x3: int, x4: int) -> SendRequest:
-    """w1 = total length, w2 = fragment length, x3/w4 = dynamic buffer (§5.1)."""
+    """w1 = total length, w2 = fragment length, x3/w4 = dynamic buffer."""
     return SendRequest(
         kind=ShareKind.LEND if fid in LEND_FIDS else ShareKind.SHARE,
         total_length=x1 & abi.W_MASK,
@@ -93,7 +93,7 @@ def check_send(state: VmState, req: SendRequest, limits: Limits, version: int) -
 
 
 def _allocate_handle(state: VmState, endpoint_id: int) -> tuple[VmState, int]:
-    """Bit 63 (hypervisor allocator, §5.1), the endpoint ID in [47:32], a counter in [31:0].
+    """Bit 63 (hypervisor allocator), the endpoint ID in [47:32], a counter in [31:0].
 
     Endpoint IDs are fleet-unique, so handles are too without a shared allocator.
     """
@@ -135,7 +135,7 @@ class FragTxRequest:
 
 
 def decode_frag_tx(x1: int, x2: int, x3: int, x4: int) -> FragTxRequest:
-    """w1/w2 = handle, w3 = fragment length, w4[31:16] = sender (hypervisor only) (§5.4)."""
+    """w1/w2 = handle, w3 = fragment length, w4[31:16] = sender (hypervisor only)."""
     return FragTxRequest(abi.join_handle(x1, x2), x3 & abi.W_MASK, (x4 >> 16) & 0xFFFF)
 
 
@@ -240,7 +240,7 @@ class ReclaimRequest:
 
 
 def decode_reclaim(x1: int, x2: int, x3: int) -> ReclaimRequest:
-    """w1/w2 = handle, w3 = flags (§5.1)."""
+    """w1/w2 = handle, w3 = flags."""
     return ReclaimRequest(abi.join_handle(x1, x2), x3 & abi.W_MASK)
 
 

@@ -1,4 +1,4 @@
-"""Direct messaging: FFA_MSG_SEND_DIRECT_REQ (32, 64) and DIRECT_REQ2, routed to partitions (§4).
+"""Direct messaging: FFA_MSG_SEND_DIRECT_REQ (32, 64) and DIRECT_REQ2, routed to partitions.
 
 Decoding checks what the guest may say: the source in w1[31:16] must be the caller itself and
 the destination someone else (Xen); w2 must be zero, so framework messages (bit 31), which only

@@ -40,12 +40,12 @@ class MessageKind(enum.Enum):
 
     @property
     def payload_length(self) -> int:
-        return 14 if self is MessageKind.REQ2 else 5  # x4..x17 or x3..x7 (§4)
+        return 14 if self is MessageKind.REQ2 else 5  # x4..x17 or x3..x7
 
 
 @dataclass(frozen=True, slots=True)
 class PartitionInfo:
-    """What FFA_PARTITION_INFO_GET reports about a partition (§3.4)."""
+    """What FFA_PARTITION_INFO_GET reports about a partition."""
 
     name: str  # operator-chosen, a bounded metrics label
     partition_id: int
@@ -183,7 +183,7 @@ class PartitionSet:
         return self.by_id.get(partition_id)
 
     def matching(self, wanted: uuid.UUID | None) -> tuple[Partition, ...]:
-        """All partitions (nil UUID) or those with that UUID (§3.4 filter)."""
+        """All partitions (nil UUID) or those with that UUID (filter)."""
         if wanted is None:
             return self.ordered
         return tuple(p for p in self.ordered if p.info.uuid == wanted)

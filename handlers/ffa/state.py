@@ -27,7 +27,7 @@ class ShareKind(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class Mailbox:
-    """The RX/TX buffer pair registered with FFA_RXTX_MAP (§3.6)."""
+    """The RX/TX buffer pair registered with FFA_RXTX_MAP."""
 
     tx: int
     rx: int
@@ -41,7 +41,7 @@ class Mailbox:
 
 @dataclass(frozen=True, slots=True)
 class Grant:
-    """One receiver of a share and the permissions byte the sender gave it (§5.2 EMAD)."""
+    """One receiver of a share and the permissions byte the sender gave it (EMAD)."""
 
     receiver: int
     permissions: int
@@ -73,7 +73,7 @@ class Share:
 
 @dataclass(frozen=True, slots=True)
 class Pending:
-    """A fragmented transaction being assembled (§5.4): the bytes received so far."""
+    """A fragmented transaction being assembled: the bytes received so far."""
 
     handle: int
     kind: ShareKind
@@ -87,7 +87,7 @@ class Pending:
 
 @dataclass(frozen=True, slots=True)
 class VmState:
-    version: int | None = None  # the version the guest asked for, clamped to ours (§3.1)
+    version: int | None = None  # the version the guest asked for, clamped to ours
     frozen: bool = False  # a non-VERSION call was made: the version can no longer change
     endpoint_id: int | None = None
     mailbox: Mailbox | None = None

@@ -1,6 +1,6 @@
 """FFA_VERSION negotiation and call admission: which calls a VM may make, and when.
 
-reference/ffa.md §3.1: the callee answers its own version (never FFA_SUCCESS); bit 31 set or a
+FFA_VERSION: the callee answers its own version (never FFA_SUCCESS); bit 31 set or a
 major other than 1 is NOT_SUPPORTED; the guest's version is the one it asked for, clamped to
 ours (Xen `ffa_negotiate_version`), and may be asked again until the first other call, after
 which only the same version is accepted (Hafnium `api_ffa_version`; Xen "negotiation is final
@@ -18,7 +18,7 @@ from hyperbroker.handlers.ffa import abi
 from hyperbroker.handlers.ffa.abi import FfaError, VersionAnswer
 from hyperbroker.handlers.ffa.state import VmState
 
-# The calls this endpoint serves, and the version that introduced each (§1 "Ver").
+# The calls this endpoint serves, and the version that introduced each ("Ver").
 SERVED_SINCE: Mapping[int, int] = {
     abi.FFA_VERSION: abi.VERSION_1_0,
     abi.FFA_FEATURES: abi.VERSION_1_0,
@@ -56,7 +56,7 @@ def requested_version(w1: int) -> int | None:
     w1 &= abi.W_MASK
     if w1 & abi.VERSION_MBZ or abi.version_major(w1) != abi.version_major(abi.OUR_VERSION):
         return None
-    return min(w1, abi.OUR_VERSION)  # a newer 1.x caller downgrades to us (§7 step 2)
+    return min(w1, abi.OUR_VERSION)  # a newer 1.x caller downgrades to us
 
 
 def negotiate(state: VmState, w1: int) -> tuple[VmState, VersionAnswer]:

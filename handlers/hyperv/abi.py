@@ -1,10 +1,10 @@
 """Hyper-V on arm64 as a Linux guest sees it: UID, HV_FUNC_ID, control word, status codes,
 call codes, synthetic register names and the feature bits of the privilege registers.
 
-Mirrors reference/hyperv-arm64.md (§1 detection, §2 HV_FUNC_ID, §3 register conventions, §4
-control word, §5 status codes, §6 synthetic registers) and include/hyperv/hvgdk_mini.h, where the
-reference is silent. Values and decoders only: no register file, no memory, no handler.
-"""
+Mirrors the Hyper-V TLFS as Linux uses it on arm64: detection and register conventions in
+arch/arm64/hyperv/ (mshyperv.c, hv_core.c), HV_FUNC_ID in arch/arm64/include/asm/mshyperv.h, the
+control word, status codes and synthetic registers in include/hyperv/hvgdk_mini.h. Values and
+decoders only: no register file, no memory, no handler."""
 
 from __future__ import annotations
 
@@ -15,15 +15,16 @@ from dataclasses import dataclass
 
 from hyperbroker.smccc import uuid_to_regs
 
-# §1.1: VENDOR_HYP_CALL_UID answers Hyper-V's UUID; Linux compares it with
+# VENDOR_HYP_CALL_UID answers Hyper-V's UUID; Linux compares it with
 # UUID_INIT(0x58ba324d, 0x6447, 0x24cd, 0x75, 0x6c, 0xef, 0x8e, 0x24, 0x70, 0x59, 0x16).
 VENDOR_HYP_CALL_UID = 0x8600_FF01
 HYPERV_UID = uuid.UUID("58ba324d-6447-24cd-756c-ef8e24705916")
 
-# §2: ARM_SMCCC_CALL_VAL(STD_CALL, SMC_64, OWNER_VENDOR_HYP, 1).
+# ARM_SMCCC_CALL_VAL(STD_CALL, SMC_64, OWNER_VENDOR_HYP, 1).
 HV_FUNC_ID = 0x4600_0001
 
-# KVM's vendor-hyp discovery (reference/kvm-smccc.md §5.3): hidden behind Hyper-V's UID.
+# KVM's vendor-hyp discovery (include/linux/arm-smccc.h): hidden
+# behind Hyper-V's UID.
 KVM_FEATURES = 0x8600_0000
 
 FUNCTION_NAMES: Mapping[int, str] = {
@@ -33,12 +34,12 @@ FUNCTION_NAMES: Mapping[int, str] = {
 
 
 def hyperv_uid_regs() -> tuple[int, int, int, int]:
-    """x0..x3 = 0x4d32ba58, 0xcd244764, 0x8eef6c75, 0x16597024 (§1.1)."""
+    """x0..x3 = 0x4d32ba58, 0xcd244764, 0x8eef6c75, 0x16597024."""
     return uuid_to_regs(HYPERV_UID.bytes)
 
 
 class HvStatus(enum.IntEnum):
-    """HV_STATUS_* (§5), returned in bits 15:0 of x0."""
+    """HV_STATUS_*, returned in bits 15:0 of x0."""
 
     SUCCESS = 0x0
     INVALID_HYPERCALL_CODE = 0x2
@@ -69,7 +70,7 @@ class HvStatus(enum.IntEnum):
     VTL_ALREADY_ENABLED = 0x86
 
 
-# Call codes (hvgdk_mini.h HVCALL_*; §4 and §6.1).
+# Call codes (hvgdk_mini.h HVCALL_*).
 HVCALL_GET_PARTITION_ID = 0x0046
 HVCALL_GET_VP_REGISTERS = 0x0050
 HVCALL_SET_VP_REGISTERS = 0x0051
@@ -84,7 +85,7 @@ CALL_NAMES: Mapping[int, str] = {
     HVCALL_SIGNAL_EVENT: "HvCallSignalEvent",
 }
 
-# §4, HV_HYPERCALL_*.
+# HV_HYPERCALL_*.
 CODE_MASK = 0xFFFF
 FAST_BIT = 1 << 16
 VARHEAD_SHIFT = 17
@@ -101,7 +102,7 @@ RESERVED_MASK = RSVD0_MASK | RSVD1_MASK | RSVD2_MASK
 
 @dataclass(frozen=True, slots=True)
 class Control:
-    """The hypercall input value in x1 (§4)."""
+    """The hypercall input value in x1."""
 
     code: int
     fast: bool
@@ -140,7 +141,7 @@ HV_PAGE_SIZE = 4096  # HV_HYP_PAGE_SIZE: hypercall input and output never cross 
 HV_MESSAGE_PAYLOAD_BYTE_COUNT = 240
 HV_EVENT_FLAGS_COUNT = 256 * 8  # flags per SINT in the SIEF page (Linux hyperv_vmbus.h)
 
-# Synthetic register names (§6.2; hvgdk_mini.h enum hv_register_name).
+# Synthetic register names (hvgdk_mini.h enum hv_register_name).
 HV_REGISTER_HYPERVISOR_VERSION = 0x0000_0100
 HV_REGISTER_PRIVILEGES_AND_FEATURES_INFO = 0x0000_0200
 HV_REGISTER_FEATURES_INFO = 0x0000_0201
@@ -172,9 +173,9 @@ HV_MSR_REFERENCE_TSC_AVAILABLE = 1 << 9
 HV_ACCESS_PARTITION_ID = 1 << (32 + 1)
 HV_POST_MESSAGES = 1 << (32 + 4)
 HV_SIGNAL_EVENTS = 1 << (32 + 5)
-# Misc features, bits 95:64 of PRIVILEGES_AND_FEATURES_INFO on arm64 (§6.1), as a 32-bit word.
+# Misc features, bits 95:64 of PRIVILEGES_AND_FEATURES_INFO on arm64, as a 32-bit word.
 HV_FEATURE_GUEST_CRASH_MSR_AVAILABLE = 1 << 8  # arm64 value (hvgdk_mini.h CONFIG_ARM64)
-# FEATURES_INFO bit 0, UseHvRegisterForReset, is always false on arm64 (§6.3).
+# FEATURES_INFO bit 0, UseHvRegisterForReset, is always false on arm64.
 HV_HINT_USE_HV_REGISTER_FOR_RESET = 1 << 0
 
 # HV_CRASH_CTL_REG_CONTENTS.

@@ -1,10 +1,9 @@
 """A guest crash as the persona reports it: one structured event, its log line, its JSON form.
 
-Linux reports a panic through the crash registers (reference/hyperv-arm64.md §6.2): either
-hyperv_report_panic (P0 = error, P1 = guest OS ID, P2 = PC, P3 = SP, then CRASH_CTL =
-CRASH_NOTIFY) or hv_kmsg_dump (P3 = GPA of a page of panic text, P4 = its length, then CRASH_CTL
-= CRASH_NOTIFY_MSG). Plain values; the adapter fills in the message from guest memory.
-"""
+Linux reports a panic through the crash registers (HV_REGISTER_*, include/hyperv/hvgdk_mini.h):
+either hyperv_report_panic (P0 = error, P1 = guest OS ID, P2 = PC, P3 = SP, then CRASH_CTL =
+CRASH_NOTIFY) or hv_kmsg_dump (P3 = GPA of a page of panic text, P4 = its length, then CRASH_CTL =
+CRASH_NOTIFY_MSG). Plain values; the adapter fills in the message from guest memory."""
 
 from __future__ import annotations
 

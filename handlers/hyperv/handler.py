@@ -1,12 +1,11 @@
 """The Hyper-V persona: a Hyper-V-enlightened arm64 guest's hypervisor, served from the broker.
 
 It owns the whole vendor-hyp range for the profiles that select it. VENDOR_HYP_CALL_UID answers
-Hyper-V's UID, so KVM's own vendor services (KVM_FEATURES, PTP) are neither served nor
-advertised; HV_FUNC_ID carries the hypercalls (reference/hyperv-arm64.md). The adapter moves
-bytes between the guest (memory for slow calls, x2..x17 for fast ones) and the pure executor in
-handlers.hyperv.hypercall, keeps the persona's state in ctx.state, and turns crash reports into
-an event, a log line and metrics.
-"""
+Hyper-V's UID, so KVM's own vendor services (KVM_FEATURES, PTP) are neither served nor advertised;
+HV_FUNC_ID carries the hypercalls (the Hyper-V TLFS as Linux's arch/arm64/hyperv/ and
+include/hyperv/hvgdk_mini.h use it). The adapter moves bytes between the guest (memory for slow
+calls, x2..x17 for fast ones) and the pure executor in handlers.hyperv.hypercall, keeps the
+persona's state in ctx.state, and turns crash reports into an event, a log line and metrics."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@ execute against the VM's PartitionState.
 
 The adapter fetches the input block (guest memory for slow calls, x2..x17 for fast ones) and
 stores the output the same way; everything in between is here. Status codes follow
-reference/hyperv-arm64.md §5 and the TLFS rules for the hypercall input value (§4): reserved
+HV_STATUS_*, include/hyperv/hvgdk_mini.h and the TLFS rules for the hypercall input value: reserved
 bits, a variable header, rep fields on a simple call, or a rep start not below the rep count are
 INVALID_HYPERCALL_INPUT; an unknown code is INVALID_HYPERCALL_CODE; a slow call's input or output
 that is not 8-byte aligned or crosses a page is INVALID_ALIGNMENT. A rep call stops at its first

@@ -5,7 +5,7 @@ keep them in registers. Both are seen here as the same little-endian byte block,
 serves both: for a fast call the block is x2..x17 (16 registers, 128 bytes), the input starts at
 x2 and the output at the next 16-byte boundary after the input. That is what Linux relies on for
 a one-register HvCallGetVpRegisters (input header in x2/x3, the name in x4, the value returned in
-x6/x7; reference/hyperv-arm64.md §3) and for HvCallSetVpRegisters (name in x4, value in x6/x7).
+x6/x7; arch/arm64/hyperv/hv_core.c) and for HvCallSetVpRegisters (name in x4, value in x6/x7).
 Structures are those of include/hyperv/hvgdk_mini.h. Every parser takes untrusted bytes and
 returns a value or None; nothing here raises for guest input.
 """

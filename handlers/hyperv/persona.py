@@ -1,10 +1,10 @@
 """What the Hyper-V persona tells a guest about itself, and what it may truthfully claim.
 
-The feature registers are discovery: every privilege or feature bit they carry promises a
-register or a hypercall (reference/hyperv-arm64.md §6.1, §6.3). The persona accepts only bits it
-serves, so a configuration cannot make it lie, and `claims()` lists what the bits promise so a
-test can call each. Pure values; no state, no registers in flight.
-"""
+The feature registers are discovery: every privilege or feature bit they carry promises a register
+or a hypercall (hyperv_init, arch/arm64/hyperv/mshyperv.c; the TLFS feature registers,
+include/hyperv/hvgdk_mini.h). The persona accepts only bits it serves, so a configuration cannot
+make it lie, and `claims()` lists what the bits promise so a test can call each. Pure values; no
+state, no registers in flight."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ for _bit in MISC_REGISTERS:
 
 # Not served, so never advertised: the SynIC (no message or event delivery into the guest),
 # synthetic timers, the reference TSC page, VP runtime. Their registers may still be read and
-# written where §6.2 lists them.
+# written (HV_REGISTER_* in include/hyperv/hvgdk_mini.h).
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +74,7 @@ class PersonaConfig:
     crash_records: int = 8  # crash events kept per VM for the Admin API
 
     def privileges_value(self) -> int:
-        """PRIVILEGES_AND_FEATURES_INFO: privileges in 63:0, misc features in 95:64 (§6.1)."""
+        """PRIVILEGES_AND_FEATURES_INFO: privileges in 63:0, misc features in 95:64."""
         return self.privileges | self.misc_features << 64
 
     def has(self, privilege: int) -> bool:

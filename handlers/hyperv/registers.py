@@ -1,6 +1,6 @@
 """The persona's synthetic register file: which registers exist, their values and write rules.
 
-Every register of reference/hyperv-arm64.md §6.2 is held, with the TLFS rules: read-only
+Every register of HV_REGISTER_*, include/hyperv/hvgdk_mini.h is held, with the TLFS rules: read-only
 registers refuse writes; a 64-bit register refuses a value with bits beyond 64 ("bits beyond the
 architectural size of the register are zeroed", HvCallSetVpRegisters); reserved bits must be
 zero where the register defines them; VP_INDEX is the VP's own index; TIME_REF_COUNT counts

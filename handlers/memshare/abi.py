@@ -1,8 +1,8 @@
 """KVM's vendor-hypervisor service as a pKVM guest sees it: IDs, UID, KVM_FEATURES bitmap.
 
-Mirrors include/linux/arm-smccc.h and Documentation/virt/kvm/arm/hypercalls.rst
-(reference/kvm-smccc.md §5.3 KVM vendor services, §7 pKVM guest hypercalls). Constants and
-register encodings only; no record keeping, no policy.
+Mirrors include/linux/arm-smccc.h (KVM's vendor hypervisor service) and
+Documentation/virt/kvm/arm/hypercalls.rst (the pKVM guest hypercalls). Constants and register
+encodings only; no record keeping, no policy.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 
 from hyperbroker.smccc import uuid_to_regs
 
-# ARM_SMCCC_VENDOR_HYP_CALL_UID_FUNC_ID and the KVM function IDs (§5.3, §7).
+# ARM_SMCCC_VENDOR_HYP_CALL_UID_FUNC_ID and the KVM function IDs.
 VENDOR_HYP_CALL_UID = 0x8600_FF01
 KVM_FEATURES = 0x8600_0000
 KVM_PTP = 0x8600_0001
@@ -23,7 +23,7 @@ MMIO_GUARD = 0xC600_0007
 DISCOVER_IMPL_VER = 0xC600_0040
 DISCOVER_IMPL_CPUS = 0xC600_0041
 
-# ARM_SMCCC_KVM_FUNC_*: the bit each function has in the KVM_FEATURES bitmap (§5.3).
+# ARM_SMCCC_KVM_FUNC_*: the bit each function has in the KVM_FEATURES bitmap.
 FUNC_FEATURES = 0  # KVM_FEATURES and VENDOR_HYP_CALL_UID (vendor_hyp_bmap bit FUNC_FEAT)
 FUNC_PTP = 1
 FUNC_HYP_MEMINFO = 2
@@ -58,7 +58,7 @@ FUNCTION_NAMES: Mapping[int, str] = {
     DISCOVER_IMPL_CPUS: "KVM_DISCOVER_IMPL_CPUS",
 }
 
-# KVM's vendor-hyp UID (§5.3): x0..x3 = 0xb66fb428, 0xe911c52e, 0x564bcaa9, 0x743a004d.
+# KVM's vendor-hyp UID: x0..x3 = 0xb66fb428, 0xe911c52e, 0x564bcaa9, 0x743a004d.
 KVM_UID = uuid.UUID("28b46fb6-2ec5-11e9-a9ca-4b564d003a74")
 
 
@@ -67,7 +67,7 @@ def kvm_uid_regs() -> tuple[int, int, int, int]:
 
 
 def features_bitmap(functions: Iterable[int]) -> tuple[int, int, int, int]:
-    """KVM_FEATURES' answer: function n sets bit n % 32 of register n // 32 (§5.3)."""
+    """KVM_FEATURES' answer: function n sets bit n % 32 of register n // 32."""
     words = [0, 0, 0, 0]
     for n in functions:
         if not 0 <= n < NUM_FUNCS:

@@ -2,10 +2,9 @@
 
 It owns the whole vendor-hyp range for the profiles that select it, so it answers
 VENDOR_HYP_CALL_UID with KVM's UID and KVM_FEATURES with a bitmap of exactly what it serves
-(reference/kvm-smccc.md §5.3); KVM's own host-kernel services in that range (PTP) are then not
-served and not advertised. The record of shared and guarded granules lives in ctx.state; the
-adapter never awaits.
-"""
+(include/linux/arm-smccc.h); KVM's own host-kernel services in that
+range (PTP) are then not served and not advertised. The record of shared and guarded granules lives
+in ctx.state; the adapter never awaits."""
 
 from __future__ import annotations
 
@@ -158,7 +157,7 @@ class MemshareHandler(Handler):
         return Result.regs(0)
 
     async def vm_destroyed(self, ctx: CallContext) -> None:
-        """The VM is gone: its shares go with it (DESIGN.md "memory-share records dropped")."""
+        """The VM is gone: its shares go with it (a destroyed VM's share records are dropped)."""
         ctx.state.put(None)
         for gauge in (SHARED_BYTES, GUARDED):
             with contextlib.suppress(KeyError):  # never set for this VM

@@ -1,11 +1,10 @@
 """The per-VM record of memory a pKVM guest shares with its host, and the MMIO it guards.
 
-MEM_SHARE and MEM_UNSHARE move one protection granule between "private" and "shared";
-MMIO_GUARD marks one granule as emulated MMIO (reference/kvm-smccc.md §7). The only error a
-guest can be told is INVALID_PARAMETER (-3), so the record also says why it refused, for logs
-and metrics. Limits and deny ranges come from policy. A pure state machine over an immutable
-value with a JSON form; it knows nothing of registers, the store or metrics.
-"""
+MEM_SHARE and MEM_UNSHARE move one protection granule between "private" and "shared"; MMIO_GUARD
+marks one granule as emulated MMIO (Documentation/virt/kvm/arm/hypercalls.rst). The only error a
+guest can be told is INVALID_PARAMETER (-3), so the record also says why it refused, for logs and
+metrics. Limits and deny ranges come from policy. A pure state machine over an immutable value with
+a JSON form; it knows nothing of registers, the store or metrics."""
 
 from __future__ import annotations
 

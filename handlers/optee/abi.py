@@ -1,7 +1,7 @@
 """The OP-TEE SMC ABI: function IDs, return codes, capabilities, and the fast calls as values.
 
 Everything here mirrors OP-TEE's optee_smc.h and core/arch/arm/tee/entry_fast.c as
-reference/optee.md §1 lists them. The fast calls that depend only on their registers and the
+core/include/optee_smc.h lists them. The fast calls that depend only on their registers and the
 proxy's configuration are answered by `fast_call`; the yielding calls that carry a message
 (CALL_WITH_ARG and friends) are handled by handlers.optee.std. No I/O, no guest memory.
 """
@@ -25,7 +25,7 @@ RANGES = (
     FunctionRange(0xBF00_0000, 0x1_0000),
 )
 
-# §1.1 function IDs: OPTEE_SMC_CALL_VAL(type, SMC32, owner, fn).
+# Function IDs: OPTEE_SMC_CALL_VAL(type, SMC32, owner, fn).
 CALLS_COUNT = 0xBF00_FF00
 CALLS_UID = 0xBF00_FF01
 CALLS_REVISION = 0xBF00_FF03
@@ -78,7 +78,7 @@ STD_CALLS = frozenset({RETURN_FROM_RPC, CALL_WITH_ARG, CALL_WITH_RPC_ARG, CALL_W
 
 
 class SmcReturn(enum.IntEnum):
-    """OPTEE_SMC_RETURN_* in a0 (§1.3). Unsigned 32-bit: never sign-extended."""
+    """OPTEE_SMC_RETURN_* in a0. Unsigned 32-bit: never sign-extended."""
 
     OK = 0x0
     ETHREAD_LIMIT = 0x1
@@ -91,7 +91,7 @@ class SmcReturn(enum.IntEnum):
     UNKNOWN_FUNCTION = 0xFFFF_FFFF
 
 
-# §1.3/§1.4: RPC returns are 0xFFFF0000 | func; the normal world resumes with RETURN_FROM_RPC.
+# RPC returns are 0xFFFF0000 | func; the normal world resumes with RETURN_FROM_RPC.
 RPC_PREFIX = 0xFFFF_0000
 RPC_FUNC_ALLOC = 0
 RPC_FUNC_FREE = 2
@@ -106,12 +106,12 @@ def is_rpc(a0: int) -> bool:
     return a0 != SmcReturn.UNKNOWN_FUNCTION and a0 & 0xFFFF_0000 == RPC_PREFIX
 
 
-# §1.1: OPTEE_MSG_UID_0..3, OPTEE_MSG_OS_OPTEE_UUID_0..3, OPTEE_MSG_REVISION_MAJOR/MINOR.
+# OPTEE_MSG_UID_0..3, OPTEE_MSG_OS_OPTEE_UUID_0..3, OPTEE_MSG_REVISION_MAJOR/MINOR.
 MSG_UID = (0x384F_B3E0, 0xE7F8_11E3, 0xAF63_0002, 0xA5D5_C51B)
 OS_UUID = (0x4861_78E0, 0xE7F8_11E3, 0xBC5E_0002, 0xA5D5_C51B)
 MSG_REVISION = (2, 0)
 
-# §1.2 capabilities.
+# Capabilities.
 NSEC_CAP_UNIPROCESSOR = 1 << 0
 SEC_CAP_HAVE_RESERVED_SHM = 1 << 0
 SEC_CAP_UNREGISTERED_SHM = 1 << 1
@@ -127,7 +127,7 @@ SEC_CAP_DYNAMIC_PROTMEM = 1 << 9
 # What a guest of the proxy gets: dynamic shared memory and NULL memrefs. No reserved carve-out
 # (guests have none to share), no RPC_ARG (so Linux keeps one message per page and calls
 # ENABLE_SHM_CACHE, the probe order the lab recorded), no async notification (no interrupt to
-# deliver it). Xen's mediator hides the same bits (§4.3).
+# deliver it). Xen's mediator hides the same bits.
 GUEST_SEC_CAPS = SEC_CAP_DYNAMIC_SHM | SEC_CAP_MEMREF_NULL
 
 # OP-TEE core/arch/arm/include/kernel/thread_private_arch.h THREAD_RPC_MAX_NUM_PARAMS: the size
@@ -161,7 +161,8 @@ def calls_count() -> int:
 
 
 def exchange_capabilities(nsec_caps: int) -> Answer:
-    """§1.2, entry_fast.c tee_entry_exchange_capabilities: an unknown normal-world bit is
+    """OPTEE_SMC_EXCHANGE_CAPABILITIES, entry_fast.c tee_entry_exchange_capabilities: an unknown
+    normal-world bit is
     ENOTAVAIL; otherwise OK, a1 = secure caps, a2 = max notification value, a3 = RPC params."""
     if nsec_caps & U32 & ~NSEC_CAP_UNIPROCESSOR:
         return Answer((SmcReturn.ENOTAVAIL,), error=True)
@@ -186,7 +187,7 @@ def fast_call(fid: int, x1: int, config: FastConfig) -> Answer | None:
     if fid == EXCHANGE_CAPABILITIES:
         return exchange_capabilities(x1)
     if fid == GET_SHM_CONFIG:
-        # No static shared memory for guests (Xen's mediator answers the same, §4.3).
+        # No static shared memory for guests (Xen's mediator answers the same).
         return Answer((SmcReturn.ENOTAVAIL,), error=True)
     if fid == BOOT_SECONDARY:
         # OP-TEE without CFG_BOOT_SECONDARY_REQUEST (entry_fast.c tee_entry_boot_secondary).
@@ -195,10 +196,11 @@ def fast_call(fid: int, x1: int, config: FastConfig) -> Answer | None:
 
 
 def shm_cache(fid: int, busy: bool) -> Answer:
-    """DISABLE_SHM_CACHE / ENABLE_SHM_CACHE (§1.1, entry_fast.c). The proxy caches no shared
+    """DISABLE_SHM_CACHE / ENABLE_SHM_CACHE (entry_fast.c). The proxy caches no shared
     memory, so DISABLE always ends with ENOTAVAIL ("cache empty") and ENABLE with OK; both are
     EBUSY while one of the VM's messages is running, as OP-TEE answers when a thread is not free.
-    The Linux driver loops until it gets exactly these (arm64-kvm-lab.md, real guest, item 4)."""
+    The Linux driver loops until it gets exactly these (measured with a real Linux guest on the
+    KVM bed)."""
     if busy:
         return Answer((SmcReturn.EBUSY,))
     if fid == DISABLE_SHM_CACHE:

@@ -62,7 +62,7 @@ def _fold(answer: abi.Answer) -> Result:
 
 def _smc_error(code: SmcReturn) -> Result:
     metrics.smc_error(code.name).inc()
-    if code == SmcReturn.ETHREAD_LIMIT:  # §1.3: a1-a7 preserved
+    if code == SmcReturn.ETHREAD_LIMIT:  # A1-a7 preserved
         return Result((int(code),), mask=0x1, outcome=Outcome.GUEST_ERROR)
     return Result.regs(int(code), outcome=Outcome.GUEST_ERROR)
 

@@ -1,6 +1,6 @@
 """struct optee_msg_arg and struct optee_msg_param: layout, parsing, and the fields written back.
 
-Layout and constants from OP-TEE core/include/optee_msg.h (reference/optee.md §2). Parsing takes
+Layout and constants from OP-TEE core/include/optee_msg.h (core/include/optee_msg.h). Parsing takes
 bytes read from guest memory and never fails with an exception: a header is always 32 bytes and
 every 32-byte parameter is some attribute plus three 64-bit words; what the words mean is decided
 by handlers.optee.std. Write-back produces `Patch`es (offset within the message, bytes) for only
@@ -13,7 +13,6 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-# §2.1
 HEADER_SIZE = 32
 PARAM_SIZE = 32
 MAX_NUM_PARAMS = (4096 - HEADER_SIZE) // PARAM_SIZE  # OPTEE_MSG_MAX_NUM_PARAMS = 127
@@ -39,7 +38,7 @@ OFF_WORD_A = 8
 OFF_WORD_B = 16
 OFF_WORD_C = 24
 
-# §2.2 attribute types (attr bits 7:0) and flags.
+# Attribute types (attr bits 7:0) and flags.
 ATTR_TYPE_NONE = 0x0
 ATTR_TYPE_VALUE_INPUT = 0x1
 ATTR_TYPE_VALUE_OUTPUT = 0x2
@@ -61,12 +60,12 @@ VALUE_TYPES = frozenset({ATTR_TYPE_VALUE_INPUT, ATTR_TYPE_VALUE_OUTPUT, ATTR_TYP
 RMEM_TYPES = frozenset({ATTR_TYPE_RMEM_INPUT, ATTR_TYPE_RMEM_OUTPUT, ATTR_TYPE_RMEM_INOUT})
 TMEM_TYPES = frozenset({ATTR_TYPE_TMEM_INPUT, ATTR_TYPE_TMEM_OUTPUT, ATTR_TYPE_TMEM_INOUT})
 
-# §2.2 non-contiguous buffers: 4 KiB page lists of 511 entries and a next-page pointer.
+# Non-contiguous buffers: 4 KiB page lists of 511 entries and a next-page pointer.
 NONCONTIG_PAGE_SIZE = 4096
 PAGE_MASK = NONCONTIG_PAGE_SIZE - 1
 PAGELIST_ENTRIES_PER_PAGE = NONCONTIG_PAGE_SIZE // 8 - 1
 
-# §2.3 commands.
+# Commands.
 CMD_OPEN_SESSION = 0
 CMD_INVOKE_COMMAND = 1
 CMD_CLOSE_SESSION = 2

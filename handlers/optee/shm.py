@@ -2,7 +2,7 @@
 
 A TMEM parameter with OPTEE_MSG_ATTR_NONCONTIG points at a page list: 4 KiB pages of 511 page
 addresses and a pointer to the next list page, with the buffer's offset into its first page in the
-low 12 bits of buf_ptr (reference/optee.md §2.2; OP-TEE core/kernel/msg_param.c). REGISTER_SHM
+low 12 bits of buf_ptr (OPTEE_MSG_ATTR_*, optee_msg.h; OP-TEE core/kernel/msg_param.c). REGISTER_SHM
 keeps such a buffer under a cookie for later RMEM parameters and CALL_WITH_REGD_ARG. A
 `SharedBuffer` stores the pages as extents of contiguous pages (compact in the per-VM JSON
 state) and maps a byte range of the buffer to guest-physical runs. Walking a list reads guest

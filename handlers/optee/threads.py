@@ -2,11 +2,11 @@
 
 OP-TEE runs each yielding call on a thread; when the call must wait it returns to the normal world
 with an RPC (a foreign interrupt) and the normal world resumes the thread with RETURN_FROM_RPC,
-handing back a1..a3 (reference/optee.md §1.3, §1.4). The proxy does the same with backend calls
-that outlast `yield_ms`: the vCPU goes back to the guest, the backend call goes on as a task, and
-RETURN_FROM_RPC picks up its completion. A thread is named by the registers of the call that
-started it (a1, a2, a3: the message's address or registered-SHM cookie and offset), which is also
-what a fallback that writes only a0 leaves the guest to hand back.
+handing back a1..a3 (OPTEE_SMC_RETURN_*, optee_smc.h; OPTEE_SMC_RPC_*, optee_smc.h). The proxy does
+the same with backend calls that outlast `yield_ms`: the vCPU goes back to the guest, the backend
+call goes on as a task, and RETURN_FROM_RPC picks up its completion. A thread is named by the
+registers of the call that started it (a1, a2, a3: the message's address or registered-SHM cookie
+and offset), which is also what a fallback that writes only a0 leaves the guest to hand back.
 
 Like OP-TEE's threads these live in memory: after a broker restart RETURN_FROM_RPC finds nothing
 and gets ERESUME (the guest reports TEEC_ERROR_COMMUNICATION for that one call). Finished threads

@@ -1,8 +1,8 @@
 """PSCI 1.3 vocabulary: function IDs, return codes, versions, power-state and MPIDR encodings.
 
 Everything here mirrors Arm DEN0022 (Power State Coordination Interface) as Linux spells it in
-include/uapi/linux/psci.h and as KVM serves it in arch/arm64/kvm/psci.c (reference/kvm-smccc.md
-§5.1). Pure values and decoders: nothing here knows about vCPU state, VMM actions or handlers.
+include/uapi/linux/psci.h and as KVM serves it in arch/arm64/kvm/psci.c. Pure values and decoders:
+nothing here knows about vCPU state, VMM actions or handlers.
 """
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ from dataclasses import dataclass
 
 from hyperbroker.smccc import FunctionRange
 
-# include/uapi/linux/psci.h: PSCI_0_2_FN_BASE, PSCI_0_2_64BIT (reference §5.1).
+# include/uapi/linux/psci.h: PSCI_0_2_FN_BASE, PSCI_0_2_64BIT.
 FN_BASE = 0x8400_0000
 FN64_BASE = 0xC400_0000
 
 
-# PSCI 0.2+ is functions 0x00..0x1F of the standard secure service, SMC32 and SMC64 (DEN0022
-# §5.1; kvmtool forwards exactly these): the ABI is this range, whole.
+# PSCI 0.2+ is functions 0x00..0x1F of the standard secure service, SMC32 and SMC64 (Arm DEN0022;
+# kvmtool forwards exactly these): the ABI is this range, whole.
 RANGES = (FunctionRange(FN_BASE, 0x20), FunctionRange(FN64_BASE, 0x20))
 
 
@@ -33,7 +33,7 @@ def fn64(n: int) -> int:
     return FN64_BASE + n
 
 
-# Function IDs, reference/kvm-smccc.md §5.1 table.
+# Function IDs (include/uapi/linux/psci.h).
 PSCI_VERSION = fn(0)
 CPU_SUSPEND = fn(1)
 CPU_SUSPEND64 = fn64(1)
@@ -57,9 +57,10 @@ SYSTEM_RESET2_64 = fn64(18)
 SYSTEM_OFF2 = fn(21)  # PSCI 1.3
 SYSTEM_OFF2_64 = fn64(21)
 
-# SMCCC_VERSION lives in the Arm architecture range KVM keeps (reference §1.2, §4.3). Linux asks
-# PSCI_FEATURES about it before trusting SMCCC 1.1 (psci_init_smccc), so a userspace PSCI must
-# claim it even though the kernel, not this handler, answers it.
+# SMCCC_VERSION lives in the Arm architecture range KVM keeps
+# (Documentation/virt/kvm/devices/vm.rst). Linux asks PSCI_FEATURES about it before trusting SMCCC
+# 1.1 (psci_init_smccc), so a userspace PSCI must claim it even though the kernel, not this handler,
+# answers it.
 SMCCC_VERSION = 0x8000_0000
 
 FUNCTION_NAMES: Mapping[int, str] = {
@@ -102,7 +103,8 @@ FUNCTION_NAMES: Mapping[int, str] = {
 
 
 class PsciError(enum.IntEnum):
-    """PSCI return codes (reference §5.1), negative, sign-extended in x0."""
+    """PSCI return codes (include/uapi/linux/psci.h), negative, sign-extended
+    in x0."""
 
     NOT_SUPPORTED = -1
     INVALID_PARAMS = -2

@@ -37,8 +37,8 @@ class VmPower:
 
     @classmethod
     def initial(cls, nr_vcpus: int, boot_vcpus: Iterable[int]) -> VmPower:
-        """Power at VM start: the boot vCPUs ON, every secondary OFF (reference/arm64-kvm-lab.md
-        "A real Linux guest as L2": secondaries start powered off and wait for CPU_ON)."""
+        """Power at VM start: the boot vCPUs ON, every secondary OFF (measured on the KVM bed:
+        secondaries start powered off and wait for CPU_ON)."""
         boot = set(boot_vcpus)
         return cls(tuple(VcpuPower(Power.ON if i in boot else Power.OFF) for i in range(nr_vcpus)))
 

@@ -1,12 +1,12 @@
 """The userspace PSCI 1.3 service as a pure function: a call's registers and the VM's power state
 in, a typed answer (x0, VMM actions, the new power state) out.
 
-Decoding follows KVM's own PSCI (arch/arm64/kvm/psci.c; reference/kvm-smccc.md §5.1): SMC32
-functions see only the low 32 bits of x1..x3, PSCI_FEATURES is true exactly for the functions
-served, SYSTEM_* calls preload x0 with INTERNAL_FAILURE in case the VMM resumes the vCPU instead
-of carrying the action out. The work itself (starting, stopping, suspending vCPUs, ending the VM)
-is a VMM action (hyperbroker.calls.ActionKind). Nothing here touches the store or the broker.
-"""
+Decoding follows KVM's own PSCI (arch/arm64/kvm/psci.c; include/uapi/linux/psci.h,
+arch/arm64/kvm/psci.c): SMC32 functions see only the low 32 bits of x1..x3, PSCI_FEATURES is true
+exactly for the functions served, SYSTEM_* calls preload x0 with INTERNAL_FAILURE in case the VMM
+resumes the vCPU instead of carrying the action out. The work itself (starting, stopping, suspending
+vCPUs, ending the VM) is a VMM action (hyperbroker.calls.ActionKind). Nothing here touches the store
+or the broker."""
 
 from __future__ import annotations
 
@@ -71,8 +71,8 @@ class PsciConfig:
         return not self.entry_ranges or any(address in r for r in self.entry_ranges)
 
 
-# The functions PSCI 0.2 makes mandatory, with the SMC64 forms a 64-bit caller uses (DEN0022
-# §5.1 "Mandatory"); PSCI_FEATURES joins them from 1.0.
+# The functions PSCI 0.2 makes mandatory, with the SMC64 forms a 64-bit caller uses (Arm
+# DEN0022); PSCI_FEATURES joins them from 1.0.
 MANDATORY_0_2: frozenset[int] = frozenset({
     abi.PSCI_VERSION, abi.CPU_SUSPEND, abi.CPU_SUSPEND64, abi.CPU_OFF, abi.CPU_ON, abi.CPU_ON64,
     abi.AFFINITY_INFO, abi.AFFINITY_INFO64, abi.SYSTEM_OFF, abi.SYSTEM_RESET,

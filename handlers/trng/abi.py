@@ -1,9 +1,8 @@
 """The TRNG ABI as pure functions: registers in, typed answer or typed error out.
 
-DEN0098 (Arm True Random Number Generator Firmware Interface 1.0), with IDs and codes as Linux
-and KVM spell them (include/linux/arm-smccc.h, arch/arm64/kvm/trng.c; reference/kvm-smccc.md
-§5.2). Entropy comes from a callable so tests can pin it; nothing here does I/O.
-"""
+DEN0098 (Arm True Random Number Generator Firmware Interface 1.0), with IDs and codes as Linux and
+KVM spell them (include/linux/arm-smccc.h, arch/arm64/kvm/trng.c; Arm DEN0098,
+arch/arm64/kvm/trng.c). Entropy comes from a callable so tests can pin it; nothing here does I/O."""
 
 from __future__ import annotations
 

@@ -1,12 +1,11 @@
 """OP-TEE's device-enumeration pseudo-TA, which the Linux driver opens at probe.
 
 Linux drivers/tee/optee/device.c opens a session to PTA_DEVICE_UUID, invokes PTA_CMD_GET_DEVICES
-first with a NULL memref to learn the size, then with a buffer, and registers one TEE bus device
-per UUID returned (reference/optee.md §3.1 step 9). A failed invoke fails the driver's probe, so
-this PTA must answer exactly as OP-TEE's core/pta/device.c does: parameter types
+first with a NULL memref to learn the size, then with a buffer, and registers one TEE bus device per
+UUID returned (Linux's drivers/tee/optee/smc_abi.c optee_probe). A failed invoke fails the driver's
+probe, so this PTA must answer exactly as OP-TEE's core/pta/device.c does: parameter types
 (MEMREF_OUTPUT, NONE, NONE, NONE), SHORT_BUFFER with the needed size when the buffer is too small.
-It lists the TAs of this service flagged `device_enum`; it keeps no state.
-"""
+It lists the TAs of this service flagged `device_enum`; it keeps no state."""
 
 from __future__ import annotations
 

@@ -1,15 +1,15 @@
 """The OP-TEE path end to end with real processes: TEE service, broker, agent (issue 5, "Tests").
 
 `python -m tee.server` runs as a process on a free port with its own state directory; a real
-broker's policy forwards the OP-TEE ABI (reference/optee.md §1.1: owner 50 fast and yielding,
+broker's policy forwards the OP-TEE ABI (core/include/optee_smc.h: owner 50 fast and yielding,
 owner 63) to an `optee` handler pointed at that service; a real agent sits in front of it. The
 test plays the VMM with hyperbroker.vmm_client: guest RAM is a memfd (GuestRam) that the agent
 maps itself over SEQPACKET, or that the test serves through MEM_READ / MEM_WRITE over STREAM.
 The guest's OP-TEE driver is handlers.optee.guest.GuestDriver, the model of Linux's
-drivers/tee/optee: it lays `struct optee_msg_arg` out one message per page in that RAM (§2.1),
-registers client buffers with REGISTER_SHM page lists (§2.2, §2.3) and passes them as RMEM,
+drivers/tee/optee: it lays `struct optee_msg_arg` out one message per page in that RAM,
+registers client buffers with REGISTER_SHM page lists and passes them as RMEM,
 issues CALL_WITH_ARG with the page's address in a1:a2, and resumes foreign-interrupt RPCs with
-RETURN_FROM_RPC (§1.4) as optee_smc_do_call_with_arg does.
+RETURN_FROM_RPC as optee_smc_do_call_with_arg does.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ DRIVER_BASE = RAM_BASE + (1 << 20)  # the driver lays messages and buffers out a
 HOST = "host-tee"
 
 # The optee ABI forwarded whole, in two rules as docs/tee-proxy.md recommends: the fast calls
-# (§1.1 owners 50 and 63) with the default fallback, the yielding calls with the
+# (owners 50 and 63) with the default fallback, the yielding calls with the
 # "foreign-interrupt" fallback, so a message that outlives its deadline resumes with
 # RETURN_FROM_RPC instead of being lost.
 POLICY = """\
@@ -185,7 +185,7 @@ async def invoke(vm: AgentVm, session: int, cmd: int, *params: GuestParam) -> Ca
 
 async def test_guest_driver_stores_reads_back_signs_and_closes(client: VmmClient,
                                                                stack: TeeStack) -> None:
-    """Probe (§3.1), a storage object written and read back, the MAC TA, sessions closed."""
+    """Probe, a storage object written and read back, the MAC TA, sessions closed."""
     vm = await register(client, vm_name(client, "vm-tee"))
     assert set(await vm.driver.probe()) == {SECURE_STORAGE_TA, KEYED_MAC_TA}
 

@@ -13,11 +13,11 @@
  * Every call is reported (hb_call_report, or call_wide, whose extra "regs" line carries x4..);
  * every check the guest makes itself is a "check name=... ok=0|1" line, and the program exits
  * with the number of failed checks. KVM answers SMCCC_VERSION with 1.1 (the call is in the
- * architecture range it keeps; reference/arm64-kvm-lab.md): this guest does not insist on 1.2,
+ * architecture range it keeps; measured on the KVM bed): this guest does not insist on 1.2,
  * it relies on x0..x17 travelling both ways, which the digests prove.
  *
  * Argument 0: the seed of the page's bytes (xorshift32, fill_page); the test recomputes them.
- * IDs: reference/ffa.md §1 and handlers/ffa/abi.py; layouts §3.4, §5.2; the hashing partition's
+ * IDs and layouts: include/linux/arm_ffa.h and handlers/ffa/abi.py; the hashing partition's
  * message protocol: docs/ffa.md "Built-in partitions".
  */
 #include "hb_guest.h"
@@ -39,22 +39,22 @@
 #define FFA_MSG_SEND_DIRECT_RESP2  0xC400008Eu
 
 #define FFA_VERSION_1_2            0x10002u
-#define FFA_INVALID_PARAMETERS     0xFFFFFFFEull /* -2 in w2, zero-extended (§2) */
+#define FFA_INVALID_PARAMETERS     0xFFFFFFFEull /* -2 in w2, zero-extended */
 #define FFA_BUSY                   0xFFFFFFFCull /* -4 */
 #define STATUS_INVALID_PARAMETERS  0xFFFFFFFFFFFFFFFEull /* sha256's x3 status, sign-extended */
-#define HANDLE_HYPERVISOR_BIT      (1ull << 63) /* §5.1 */
+#define HANDLE_HYPERVISOR_BIT      (1ull << 63)
 
 #define PAGE                       4096u
-#define PARTITION_INFO_SIZE        24u   /* v1.1+ descriptor (§3.4) */
-/* §5.2 v1.1/v1.2 transaction descriptor: 48-byte header, 32-byte v1.2 EMAD, 16-byte composite
+#define PARTITION_INFO_SIZE        24u   /* v1.1+ descriptor */
+/* V1.1/v1.2 transaction descriptor: 48-byte header, 32-byte v1.2 EMAD, 16-byte composite
  * header, 16-byte constituent. */
 #define DESC_HEADER                48u
 #define DESC_EMAD_V1_2             32u
 #define DESC_COMPOSITE             (DESC_HEADER + DESC_EMAD_V1_2)
 #define DESC_CONSTITUENT           (DESC_COMPOSITE + 16u)
 #define DESC_LENGTH                (DESC_CONSTITUENT + 16u)
-#define ATTR_NORMAL_WB_INNER       0x2Fu /* normal, write-back, inner shareable (§5.2) */
-#define PERM_RO_NX                 0x05u /* data RO (1), instruction NX (1 << 2) (§5.2) */
+#define ATTR_NORMAL_WB_INNER       0x2Fu /* normal, write-back, inner shareable */
+#define PERM_RO_NX                 0x05u /* data RO (1), instruction NX (1 << 2) */
 
 /* A range of the page the DIRECT_REQ2 request hashes: an odd offset exercises the offset path. */
 #define RANGE_OFFSET               0x123u
@@ -217,7 +217,7 @@ static void fill_page(uint32_t seed)
 	}
 }
 
-/* §5.2 v1.2 share descriptor in TX: one borrower (`receiver`, RO/NX), one constituent (`page`). */
+/* V1.2 share descriptor in TX: one borrower (`receiver`, RO/NX), one constituent (`page`). */
 static void build_share_descriptor(uint16_t sender, uint16_t receiver)
 {
 	for (unsigned i = 0; i < DESC_LENGTH; i++)
@@ -271,7 +271,7 @@ static void hash_req64(const char *label, uint16_t self, uint16_t sha, uint64_t 
 static int resp64_ok(const uint64_t r[18], uint16_t self, uint16_t sha)
 {
 	return r[0] == FFA_MSG_SEND_DIRECT_RESP_64 &&
-	       (r[1] & 0xFFFFFFFFu) == ((uint32_t)sha << 16 | self); /* responder, requester (§4) */
+	       (r[1] & 0xFFFFFFFFu) == ((uint32_t)sha << 16 | self); /* responder, requester */
 }
 
 void guest_main(void)
@@ -287,21 +287,21 @@ void guest_main(void)
 
 	hb_call_report("smccc_version", SMCCC_VERSION, 0, 0, 0);
 
-	/* §3.1: the answer is the callee's version itself, never FFA_SUCCESS. */
+	/* The answer is the callee's version itself, never FFA_SUCCESS. */
 	r = hb_call_report("version", FFA_VERSION, FFA_VERSION_1_2, 0, 0);
 	check("version", r.x0 == FFA_VERSION_1_2);
 
-	/* §3.3: w2[15:0] = our endpoint ID: never 0 (the hypervisor's), never a secure ID. */
+	/* W2[15:0] = our endpoint ID: never 0 (the hypervisor's), never a secure ID. */
 	r = hb_call_report("id", FFA_ID_GET, 0, 0, 0);
 	self = (uint16_t)r.x2;
 	check("id", r.x0 == FFA_SUCCESS_32 && self != 0 && !(self & 0x8000));
 
-	/* §3.6: one 4 KiB page each, TX first. */
+	/* One 4 KiB page each, TX first. */
 	r = hb_call_report("map", FFA_RXTX_MAP_64, (uint64_t)(uintptr_t)tx,
 			   (uint64_t)(uintptr_t)rx, 1);
 	check("map", r.x0 == FFA_SUCCESS_32);
 
-	/* §3.4: nil UUID = every partition; w2 = count, w3 = descriptor size; descriptors in RX. */
+	/* Nil UUID = every partition; w2 = count, w3 = descriptor size; descriptors in RX. */
 	r = hb_call_report("info", FFA_PARTITION_INFO_GET, 0, 0, 0);
 	check("info", r.x0 == FFA_SUCCESS_32 && r.x3 == PARTITION_INFO_SIZE && r.x2 >= 1 &&
 		      r.x2 <= PAGE / PARTITION_INFO_SIZE);
@@ -329,16 +329,16 @@ void guest_main(void)
 		hb_puts(is_sha ? " sha256=1" : " sha256=0");
 		hb_newline();
 	}
-	check("sha256_partition_found", sha & 0x8000); /* a secure endpoint ID (§3.3) */
+	check("sha256_partition_found", sha & 0x8000); /* a secure endpoint ID */
 	check("echo_partition_found", echo & 0x8000);
 
-	/* RX is ours until we release it: the producer may not fill it again (§3.6). */
+	/* RX is ours until we release it: the producer may not fill it again. */
 	r = hb_call_report("info.busy", FFA_PARTITION_INFO_GET, 0, 0, 0);
 	check("info.busy", r.x0 == FFA_ERROR && r.x2 == FFA_BUSY);
 	r = hb_call_report("rx_release", FFA_RX_RELEASE, 0, 0, 0);
 	check("rx_release", r.x0 == FFA_SUCCESS_32);
 
-	/* DIRECT_REQ2 to echo, routed by UUID (x2/x3, §4): all fourteen of x4..x17 travel from the
+	/* DIRECT_REQ2 to echo, routed by UUID (x2/x3): all fourteen of x4..x17 travel from the
 	 * guest through KVM, the VMM, the agent and the broker, and back. */
 	for (unsigned i = 0; i < 18; i++)
 		regs[i] = i >= 4 ? echo_word(i) : 0;
@@ -353,7 +353,7 @@ void guest_main(void)
 		echoed &= regs[i] == echo_word(i);
 	check("echo2", echoed);
 
-	/* §5.1: the descriptor in TX (x3 = w4 = 0), one fragment; the handle in w2 (low), w3. */
+	/* The descriptor in TX (x3 = w4 = 0), one fragment; the handle in w2 (low), w3. */
 	build_share_descriptor(self, sha);
 	r = hb_call_report("share", FFA_MEM_SHARE_64, DESC_LENGTH, DESC_LENGTH, 0);
 	handle = (r.x3 & 0xFFFFFFFFu) << 32 | (r.x2 & 0xFFFFFFFFu);
@@ -363,7 +363,7 @@ void guest_main(void)
 	hash_req64("hash", self, sha, handle, regs);
 	check("hash", resp64_ok(regs, self, sha) && regs[3] == 0 && digest_is(regs + 4, whole));
 
-	/* A range through DIRECT_REQ2, routed by UUID (x2/x3, §4): status in x4, digest x5..x8. */
+	/* A range through DIRECT_REQ2, routed by UUID (x2/x3): status in x4, digest x5..x8. */
 	for (unsigned i = 0; i < 18; i++)
 		regs[i] = 0;
 	regs[0] = FFA_MSG_SEND_DIRECT_REQ2;
@@ -388,7 +388,7 @@ void guest_main(void)
 	check("hash.after", resp64_ok(regs, self, sha) && regs[3] == 0 &&
 				    digest_is(regs + 4, whole));
 
-	/* §5.1: w1/w2 = handle, w3 = flags. */
+	/* W1/w2 = handle, w3 = flags. */
 	r = hb_call_report("reclaim", FFA_MEM_RECLAIM, handle & 0xFFFFFFFFu, handle >> 32, 0);
 	check("reclaim", r.x0 == FFA_SUCCESS_32);
 

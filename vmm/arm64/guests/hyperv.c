@@ -3,11 +3,12 @@
  * A Hyper-V-enlightened guest against the broker's Hyper-V persona (handlers/hyperv), with the
  * vendor-hyp range forwarded to it and PSCI to the psci handler. Run with vcpus=2.
  *
- * vCPU 0 does what Linux's hyperv_init does (reference/hyperv-arm64.md §1, §3, §6.1): the
+ * vCPU 0 does what Linux's hyperv_init does (arch/arm64/hyperv/mshyperv.c,
+ * hv_core.c): the
  * vendor-hyp Call UID (Hyper-V's, and KVM_FEATURES hidden), SetVpRegisters GUEST_OS_ID and
  * GetVpRegisters of the feature registers with the SMCCC 1.2 fast convention (name in x4, value
  * in x6/x7), then VP_INDEX on both vCPUs (vCPU 1 started with PSCI CPU_ON), the status codes of
- * §5 for bad input, HvCallGetPartitionId into an output page, and a guest crash reported through
+ * For bad input, HvCallGetPartitionId into an output page, and a guest crash reported through
  * GUEST_CRASH_P0..P4 and GUEST_CRASH_CTL twice: hyperv_report_panic's CRASH_NOTIFY, then
  * hv_kmsg_dump's CRASH_NOTIFY_MSG with a page of panic text. It then waits (hb_wait) so the host
  * can look at the broker while the VM is still registered.
@@ -18,9 +19,9 @@
 
 #define VENDOR_HYP_CALL_UID 0x8600FF01u
 #define KVM_FEATURES        0x86000000u
-#define HV_FUNC_ID          0x46000001u /* §2: SMCCC STD call, SMC64, owner vendor-hyp, 1 */
+#define HV_FUNC_ID          0x46000001u /* SMCCC STD call, SMC64, owner vendor-hyp, 1 */
 
-/* §4 control word; hvgdk_mini.h call codes. */
+/* Control word; hvgdk_mini.h call codes. */
 #define HVCALL_GET_PARTITION_ID 0x0046ull
 #define HVCALL_GET_VP_REGISTERS 0x0050ull
 #define HVCALL_SET_VP_REGISTERS 0x0051ull
@@ -32,7 +33,7 @@
 #define HV_PARTITION_ID_SELF 0xFFFFFFFFFFFFFFFFull /* (u64)-1 */
 #define HV_VP_INDEX_SELF     0xFFFFFFFEull         /* (u32)-2 */
 
-/* §6.2 register names. */
+/* Register names. */
 #define HV_REGISTER_HYPERVISOR_VERSION           0x00000100u
 #define HV_REGISTER_PRIVILEGES_AND_FEATURES_INFO 0x00000200u
 #define HV_REGISTER_FEATURES_INFO                0x00000201u
@@ -77,7 +78,7 @@ static void hv_call(const char *label, uint64_t regs[18])
 }
 
 /*
- * hv_get_vpreg_128: fast GetVpRegisters of one register; the value comes back in x6/x7 (§3).
+ * hv_get_vpreg_128: fast GetVpRegisters of one register; the value comes back in x6/x7.
  * The input block is x2..x4 (20 bytes), so x5..x7 carry POISON in: a success must overwrite x6
  * and x7 (both halves of the 128-bit value), a failure must leave them alone.
  */
@@ -100,7 +101,7 @@ static uint64_t get_reg(const char *label, uint32_t name)
 			 HV_VP_INDEX_SELF, name);
 }
 
-/* hv_set_vpreg: fast SetVpRegisters, name in x4, value in x6 (x5 and x7 zero, §3). */
+/* hv_set_vpreg: fast SetVpRegisters, name in x4, value in x6 (x5 and x7 zero). */
 static uint64_t set_reg(const char *label, uint32_t name, uint64_t value)
 {
 	uint64_t regs[18] = { 0 };
@@ -134,11 +135,11 @@ void guest_main(void)
 	uint64_t sp, regs[18] = { 0 };
 	unsigned i;
 
-	/* §1: detection, then KVM's own discovery is gone. */
+	/* Detection, then KVM's own discovery is gone. */
 	hb_call_report("uid", VENDOR_HYP_CALL_UID, 0, 0, 0);
 	hb_call_report("kvm_features", KVM_FEATURES, 0, 0, 0);
 
-	/* §6.1 hyperv_init order. */
+	/* Hyperv_init order. */
 	set_reg("set.guest_os_id", HV_REGISTER_GUEST_OS_ID, GUEST_OS_ID);
 	get_reg("get.guest_os_id", HV_REGISTER_GUEST_OS_ID);
 	get_reg("get.privileges", HV_REGISTER_PRIVILEGES_AND_FEATURES_INFO);
@@ -154,7 +155,7 @@ void guest_main(void)
 	get_vpreg("get.vp_index.1", HVCALL_GET_VP_REGISTERS | HV_FAST | HV_REP_COMP_1, 1,
 		  HV_REGISTER_VP_INDEX);
 
-	/* §5: every bad input gets its status. */
+	/* Every bad input gets its status. */
 	get_reg("bad.register", HV_REGISTER_BOGUS);                       /* INVALID_PARAMETER */
 	get_vpreg("bad.reserved_bit", HVCALL_GET_VP_REGISTERS | HV_FAST | HV_REP_COMP_1 |
 		  HV_RSVD2_BIT60, HV_VP_INDEX_SELF, HV_REGISTER_VP_INDEX); /* INVALID_HYPERCALL_INPUT */

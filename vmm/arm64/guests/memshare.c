@@ -1,7 +1,8 @@
 /* SPDX-License-Identifier: Apache-2.0 */
 /*
  * A pKVM guest's memory-share calls against the broker's memshare handler (handlers/memshare),
- * with the vendor-hyp range forwarded to it (reference/kvm-smccc.md §5.3, §7; the Linux guest
+ * with the vendor-hyp range forwarded to it (include/linux/arm-smccc.h,
+ * Documentation/virt/kvm/arm/hypercalls.rst; the Linux guest
  * driver drivers/virt/coco/pkvm-guest/arm-pkvm-guest.c does the same in this order).
  *
  * Discovery (KVM's UID, the KVM_FEATURES bitmap of exactly what is served, PTP hidden), then

@@ -3,7 +3,8 @@
  * OP-TEE from a real guest, through the proxy (docs/tee-proxy.md "On the real-KVM bed"): the
  * calls Linux's optee driver makes at probe, then one session on the keyed-MAC TA with every
  * `struct optee_msg_arg` in this program's own RAM, laid out as drivers/tee/optee does it.
- * Function IDs, return codes and structures: reference/optee.md §1 and §2; the MAC TA's
+ * Function IDs, return codes and structures: OP-TEE's core/include/optee_smc.h and optee_msg.h;
+ * the MAC TA's
  * commands: tee/apps/mac.py.
  *
  * Fast calls are reported as "call" lines (x0..x3 as returned). Each message is reported as
@@ -15,7 +16,7 @@
  */
 #include "hb_guest.h"
 
-/* §1.1 function IDs (OPTEE_SMC_CALL_VAL, all SMC32). */
+/* Function IDs (OPTEE_SMC_CALL_VAL, all SMC32). */
 #define OPTEE_SMC_CALLS_COUNT           0xBF00FF00u
 #define OPTEE_SMC_CALLS_UID             0xBF00FF01u
 #define OPTEE_SMC_CALLS_REVISION        0xBF00FF03u
@@ -28,13 +29,13 @@
 #define OPTEE_SMC_ENABLE_SHM_CACHE      0xB200000Bu
 #define OPTEE_SMC_GET_THREAD_COUNT      0xB200000Fu
 
-/* §1.3 return codes, §1.4 RPC. */
+/* Return codes and RPC (optee_smc.h). */
 #define OPTEE_SMC_RETURN_ETHREAD_LIMIT  0x1u
 #define OPTEE_SMC_RETURN_UNKNOWN_FUNCTION 0xFFFFFFFFu
 #define OPTEE_SMC_RPC_FOREIGN_INTR      0xFFFF0004u
 #define OPTEE_SMC_NSEC_CAP_UNIPROCESSOR 0x1u
 
-/* §2.2 attributes, §2.3 commands and logins. */
+/* Attributes, commands and logins (optee_msg.h). */
 #define ATTR_TYPE_VALUE_INPUT  0x1u
 #define ATTR_TYPE_RMEM_INPUT   0x5u
 #define ATTR_TYPE_RMEM_OUTPUT  0x6u
@@ -68,7 +69,7 @@
 #define MAC_OFF  256u
 #define MAC_CAP  64u /* the SIGN output buffer is bigger than the MAC: size must come back 32 */
 
-/* OP-TEE core/include/optee_msg.h (§2.1, §2.2). */
+/* OP-TEE core/include/optee_msg.h. */
 struct optee_msg_param {
 	uint64_t attr;
 	uint64_t a, b, c; /* tmem buf_ptr/size/shm_ref, rmem offs/size/shm_ref, value a/b/c */
@@ -87,7 +88,7 @@ struct optee_msg_arg {
 };
 
 /* One message per page, as the Linux driver allocates them; a data page shared with the TEE
- * by REGISTER_SHM, and its page list (511 entries and a next-page pointer, §2.2). */
+ * by REGISTER_SHM, and its page list (511 entries and a next-page pointer). */
 static union {
 	struct optee_msg_arg arg;
 	uint8_t bytes[PAGE];
@@ -146,7 +147,7 @@ static void param(unsigned i, uint64_t attr, uint64_t a, uint64_t b, uint64_t c)
 /*
  * optee_smc_do_call_with_arg: a1:a2 = the message's address; ETHREAD_LIMIT means try again; a
  * foreign-interrupt RPC means the proxy yielded, and the guest resumes it with RETURN_FROM_RPC
- * and the a1..a3 it got (§1.3, §1.4). Any other RPC is not expected from the proxy (no RPC_ARG,
+ * and the a1..a3 it got. Any other RPC is not expected from the proxy (no RPC_ARG,
  * no RPC allocations): it ends the loop and a0 shows it.
  */
 static uint32_t call_with_arg(uint64_t parg, uint64_t *rpcs)
@@ -224,7 +225,7 @@ void guest_main(void)
 	volatile uint8_t *d = data;
 	uint32_t session;
 
-	/* The probe's calls (§3.1), in the Linux driver's order, then the SHM cache loop's ends. */
+	/* The probe's calls, in the Linux driver's order, then the SHM cache loop's ends. */
 	hb_call_report("uid", OPTEE_SMC_CALLS_UID, 0, 0, 0);
 	hb_call_report("os_revision", OPTEE_SMC_CALL_GET_OS_REVISION, 0, 0, 0);
 	hb_call_report("revision", OPTEE_SMC_CALLS_REVISION, 0, 0, 0);
@@ -243,7 +244,7 @@ void guest_main(void)
 		hb_report("uid.smc", OPTEE_SMC_CALLS_UID, 1, r, hb_ticks_to_ns(hb_ticks() - t0));
 	}
 
-	/* OPEN_SESSION: two META value inputs, the TA UUID and (client UUID, login) (§2.3). */
+	/* OPEN_SESSION: two META value inputs, the TA UUID and (client UUID, login). */
 	msg_begin(CMD_OPEN_SESSION, 0, 0, 2);
 	param(0, ATTR_META | ATTR_TYPE_VALUE_INPUT, 0, 0, 0);
 	param(1, ATTR_META | ATTR_TYPE_VALUE_INPUT, 0, 0, LOGIN_PUBLIC);
@@ -252,7 +253,7 @@ void guest_main(void)
 	send_line("open");
 	session = arg->session;
 
-	/* REGISTER_SHM of the data page through a one-entry page list (§2.2, §2.3). */
+	/* REGISTER_SHM of the data page through a one-entry page list. */
 	page_list[0] = addr(data);
 	page_list[PAGE / 8 - 1] = 0; /* no next list page */
 	put_bytes(KEY_OFF, key_name, sizeof(key_name) - 1);

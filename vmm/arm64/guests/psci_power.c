@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: Apache-2.0 */
 /*
  * PSCI served by the broker's psci handler, on two vCPUs (Arm DEN0022; IDs and return codes in
- * reference/kvm-smccc.md §5.1). Run with vcpus=2 under a profile forwarding the PSCI range.
+ * include/uapi/linux/psci.h). Run with vcpus=2 under a profile forwarding the PSCI range.
  *
  * vCPU 0: PSCI_VERSION and PSCI_FEATURES; AFFINITY_INFO of vCPU 1 (OFF); CPU_ON of vCPU 1 at
  * hb_secondary_entry with a context id; vCPU 1 writes that context id to a marker word and

@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: Apache-2.0 */
 /*
  * TRNG (Arm DEN0098) from a real guest: every function, fresh entropy, one bad bit count.
- * IDs: reference/kvm-smccc.md §5.2. The harness checks the values (tests/kvm_bed).
+ * IDs: Arm DEN0098, arch/arm64/kvm/trng.c. The harness checks the values (tests/kvm_bed).
  */
 #include "hb_guest.h"
 
@@ -25,7 +25,7 @@ void guest_main(void)
 	hb_call_report("rnd64.zero_bits", TRNG_RND64, 0, 0, 0);
 
 	/* The SMC conduit too: KVM forwards it with KVM_HYPERCALL_EXIT_SMC and has already moved
-	 * the PC past the SMC (kvm-smccc.md §1.3, §2.2). */
+	 * the PC past the SMC (arch/arm64/kvm/hypercalls.c; api.rst, KVM_EXIT_HYPERCALL). */
 	uint64_t t0 = hb_ticks();
 	struct hb_regs r = hb_smc(TRNG_RND64, 128, 0, 0);
 

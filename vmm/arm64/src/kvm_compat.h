@@ -3,8 +3,8 @@
  * KVM arm64 UAPI the build's headers may lack.
  *
  * Debian bookworm's cross headers (linux-libc-dev-arm64-cross 6.1) predate the SMCCC filter of
- * Linux 6.4. Definitions copied from arch/arm64/include/uapi/asm/kvm.h (reference/kvm-smccc.md
- * §1.1); run->hypercall.flags shares its offset with the 6.1 `longmode` slot (§2.1).
+ * Linux 6.4. Definitions copied from arch/arm64/include/uapi/asm/kvm.h and
+ * include/uapi/linux/kvm.h; run->hypercall.flags shares its offset with the 6.1 `longmode` slot.
  */
 #ifndef HB_KVM_COMPAT_H
 #define HB_KVM_COMPAT_H
@@ -37,7 +37,7 @@ struct kvm_smccc_filter {
 
 _Static_assert(sizeof(struct kvm_smccc_filter) == 24, "struct kvm_smccc_filter");
 
-/* Core register IDs for KVM_GET/SET_ONE_REG (api.rst; reference/kvm-smccc.md §2.4). */
+/* Core register IDs for KVM_GET/SET_ONE_REG (Documentation/virt/kvm/api.rst). */
 #define HB_REG_CORE(off32)  (KVM_REG_ARM64 | KVM_REG_SIZE_U64 | KVM_REG_ARM_CORE | (off32))
 #define HB_REG_X(n)         HB_REG_CORE(2u * (n))  /* regs.regs[n] */
 #define HB_REG_PC           HB_REG_CORE(0x40)

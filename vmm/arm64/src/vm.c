@@ -1,6 +1,7 @@
 /* SPDX-License-Identifier: Apache-2.0 */
 /*
- * One L2 VM: see vm.h. KVM facts are from reference/arm64-kvm-lab.md and kvm-smccc.md §1–2.
+ * One L2 VM: see vm.h. KVM facts are from Documentation/virt/kvm/api.rst,
+ * arch/arm64/kvm/hypercalls.c and what the bed measured (docs/kvm-bed.md).
  */
 #define _GNU_SOURCE
 #include "vm.h"
