@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from hyperbroker.agent import metrics
+from hyperbroker.kvm import errno_name
 from hyperbroker.wire import vmm as proto
 
 log = logging.getLogger("hyperbroker.agent.vmm")
@@ -33,10 +34,6 @@ MAX_OUTBOUND = 8 * 1024 * 1024  # a VMM that does not read its replies is cut of
 MAX_READS_PER_WAKE = 64
 
 FrameSink = Callable[["VmmConnection", bytes, list[int]], None]
-
-
-def errno_name(code: int) -> str:
-    return errno.errorcode.get(code, str(code))
 
 
 class VmmConnection:

@@ -18,16 +18,6 @@ from hyperbroker.smccc import RESERVED_ARCH_RANGES
 
 U32_MASK = 0xFFFF_FFFF
 
-# The errno names the model (and KVM, for this attribute) can answer; vm.rst §6.1 lists them.
-ERRNO_NAMES: dict[int, str] = {
-    0: "OK",
-    errno.EINVAL: "EINVAL",
-    errno.EEXIST: "EEXIST",
-    errno.EBUSY: "EBUSY",
-    errno.ENOMEM: "ENOMEM",
-}
-
-
 @dataclass(frozen=True, slots=True)
 class FilterEntry:
     """One maple-tree entry: the inclusive span [first, last] and its action."""
@@ -97,8 +87,3 @@ class KernelFilterModel:
         i = bisect.bisect_left(self._firsts, entry.first)
         self._entries.insert(i, entry)
         self._firsts.insert(i, entry.first)
-
-
-def errno_name(value: int) -> str:
-    """'OK' for 0, else the errno's symbolic name (EEXIST ...)."""
-    return ERRNO_NAMES.get(value) or errno.errorcode.get(value, str(value))

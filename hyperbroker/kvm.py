@@ -55,6 +55,11 @@ class SmcccFilter:
         return cls(base, nr, action, pad)
 
 
+def errno_name(value: int) -> str:
+    """'OK' for 0, else the errno's symbolic name (EEXIST ...), else the number."""
+    return "OK" if value == 0 else errno.errorcode.get(value, str(value))
+
+
 def filter_errno(record: SmcccFilter) -> int:
     """The errno kvm_smccc_set_filter() gives `record` on its own, before overlap checks; 0 if none.
 

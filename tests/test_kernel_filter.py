@@ -11,8 +11,8 @@ import errno
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hyperbroker.broker.kernel_filter import KernelFilterModel, errno_name
-from hyperbroker.kvm import FilterAction, SmcccFilter
+from hyperbroker.broker.kernel_filter import KernelFilterModel
+from hyperbroker.kvm import FilterAction, SmcccFilter, errno_name
 from hyperbroker.smccc import RESERVED_ARCH_RANGES
 
 PSCI_VERSION = 0x8400_0000  # PSCI_0_2_FN_PSCI_VERSION

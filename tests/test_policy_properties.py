@@ -16,9 +16,9 @@ import yaml
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from hyperbroker.broker.kernel_filter import KernelFilterModel, errno_name
+from hyperbroker.broker.kernel_filter import KernelFilterModel
 from hyperbroker.broker.policy import PolicyInvalid, load_policy
-from hyperbroker.kvm import FilterAction, SmcccFilter
+from hyperbroker.kvm import FilterAction, SmcccFilter, errno_name
 from hyperbroker.smccc import RESERVED_ARCH_RANGES, FunctionRange, merge_ranges, subtract_ranges
 
 SMALL = 64  # the small ID space [0, SMALL) where ranges can be compared as Python sets

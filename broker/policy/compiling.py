@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from hyperbroker.broker.kernel_filter import KernelFilterModel, errno_name
+from hyperbroker.broker.kernel_filter import KernelFilterModel
 from hyperbroker.broker.policy.model import (
     Action,
     DispatchEntry,
@@ -22,7 +22,7 @@ from hyperbroker.broker.policy.model import (
     Rule,
 )
 from hyperbroker.calls import Result
-from hyperbroker.kvm import FilterAction, SmcccFilter
+from hyperbroker.kvm import FilterAction, SmcccFilter, errno_name
 from hyperbroker.wire.v1 import broker_pb2
 
 FILTER_ACTION = {Action.DENY: FilterAction.DENY, Action.FORWARD: FilterAction.FWD_TO_USER}

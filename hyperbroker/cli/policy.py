@@ -17,7 +17,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
 
-from hyperbroker.broker.kernel_filter import KernelFilterModel, errno_name
+from hyperbroker.broker.kernel_filter import KernelFilterModel
 from hyperbroker.broker.policy import (
     Action,
     Policy,
@@ -28,7 +28,7 @@ from hyperbroker.broker.policy import (
     to_json,
 )
 from hyperbroker.handlers.api import Handler, discover_plugins
-from hyperbroker.kvm import SMCCC_FILTER, SmcccFilter
+from hyperbroker.kvm import SMCCC_FILTER, SmcccFilter, errno_name
 from hyperbroker.smccc import merge_ranges, to_s64
 
 EXIT_OK = 0
