@@ -61,7 +61,7 @@ class AgentConfig:
     stream_socket_path: Path | None = None
     metrics_listen: str | None = None
     tls: TlsFiles | None = None
-    busy_poll_us: float = 0.0  # hyperbroker.busypoll; 0: sleep whenever idle
+    busy_poll_us: float = 0.0  # hyperbroker.runtime.busypoll; 0: sleep whenever idle
 
 
 class Agent:

@@ -2,7 +2,7 @@
 
 Each connection is driven by reader/writer callbacks on the event loop (no task per message).
 SEQPACKET packets are whole frames and may carry file descriptors (SCM_RIGHTS) for guest RAM;
-a STREAM is cut into frames by hyperbroker.vmm_protocol.StreamFramer. Frames go to the Agent;
+a STREAM is cut into frames by hyperbroker.wire.vmm.StreamFramer. Frames go to the Agent;
 this module does not interpret them. A connection that cannot be framed any more (bad magic on a
 stream) gets an HB_MSG_ERROR and is closed; a bad frame on SEQPACKET only gets the error.
 """

@@ -1,4 +1,4 @@
-"""`python -m tee`: the same as `hyperbroker tee-serve`."""
+"""`python -m hyperbroker.tee`: the same as `hyperbroker tee-serve`."""
 
 import sys
 

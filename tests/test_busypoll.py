@@ -1,4 +1,4 @@
-"""hyperbroker.busypoll: the loop keeps polling for the window after a kick, then sleeps."""
+"""hyperbroker.runtime.busypoll: the loop keeps polling for the window after a kick, then sleeps."""
 
 from __future__ import annotations
 

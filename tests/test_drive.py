@@ -1,4 +1,4 @@
-"""hyperbroker.drive: coroutines stepped without a task until they suspend."""
+"""hyperbroker.runtime.drive: coroutines stepped without a task until they suspend."""
 
 from __future__ import annotations
 

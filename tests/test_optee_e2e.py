@@ -1,5 +1,6 @@
-"""End to end: the TEE service as a real process (`python -m tee.server`), the proxy handler in
-this process, and guests acting as the Linux driver on simulated memory (issue 5, "Tests").
+"""End to end: the TEE service as a real process (`python -m hyperbroker.tee.server`), the proxy
+handler in this process, and guests acting as the Linux driver on simulated memory (issue 5,
+"Tests").
 
 Storage and MAC round trips, two VMs kept apart, a restart of the service, and mTLS with
 certificates from `trustme`.

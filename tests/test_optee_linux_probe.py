@@ -5,7 +5,7 @@ The order is what a Debian 6.12 guest was seen to call on the real-KVM bed (meas
 project's arm64 KVM bed (docs/kvm-bed.md), "A real Linux guest as L2", item 4): CALLS_UID,
 GET_OS_REVISION, CALLS_REVISION, GET_THREAD_COUNT, EXCHANGE_CAPABILITIES, DISABLE_SHM_CACHE (until
 ENOTAVAIL), ENABLE_SHM_CACHE (until OK), then the device enumeration through CALL_WITH_ARG. The
-guest side is handlers.optee.guest.GuestDriver, a model of smc_abi.c and device.c."""
+guest side is hyperbroker.testing.optee_guest.GuestDriver, a model of smc_abi.c and device.c."""
 
 from __future__ import annotations
 

@@ -206,7 +206,7 @@ def test_records_replay_through_the_kernel_model_in_order(
 def test_a_ran_before_marker_entry_freezes_the_filter_and_prints_no_row(
     tmp_path: Path, capsys: pytest.CaptureFixture[str],
 ) -> None:
-    # The real-KVM test bed writes the run as its own entry (hyperbroker.kvm_bed.RanBefore).
+    # The real-KVM test bed writes the run as its own entry (hyperbroker_tools.kvm_bed.RanBefore).
     records = [{"base": 0x8400_0050, "nr_functions": 16, "action": 2}, {"ran_before": True},
                {"base": 0xC400_0050, "nr_functions": 16, "action": 2}]
     code, out, _ = check(["--records", write(tmp_path, "r.json", json.dumps(records))], capsys)

@@ -2,9 +2,9 @@
 
 `Harness` wires one OpteeHandler to the real reference TEE (tee.service.TeeService in the same
 process, through LocalTeeBackend) and to simulated guests (FakeContext RAM driven by
-handlers.optee.guest.GuestDriver). `FaultyBackend` makes the backend slow, unreachable, or
-restarted (a new service epoch on the same state directory). `start_tee_process` runs
-`python -m tee.server` as a real process and waits for its "listening" line.
+hyperbroker.testing.optee_guest.GuestDriver). `FaultyBackend` makes the backend slow, unreachable,
+or restarted (a new service epoch on the same state directory). `start_tee_process` runs `python -m
+hyperbroker.tee.server` as a real process and waits for its "listening" line.
 """
 
 from __future__ import annotations
@@ -194,7 +194,7 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> Non
 
 @dataclass
 class TeeProcess:
-    """`python -m tee.server` running as a real process."""
+    """`python -m hyperbroker.tee.server` running as a real process."""
 
     proc: subprocess.Popen[str]
     port: int

@@ -53,7 +53,7 @@ def test_broker_unit_keeps_state_and_drains_within_its_stop_timeout() -> None:
     assert flags["--policy"] == "/etc/hyperbroker/policy.yaml"
     assert flags["--listen"] == "0.0.0.0:50051"
     assert flags["--metrics-listen"] == "0.0.0.0:9464"
-    # The broker's default drain grace (hyperbroker/cli.py --drain-grace) fits in the timeout.
+    # The broker's default drain grace (hyperbroker/cli/main.py --drain-grace) fits in the timeout.
     from hyperbroker.cli.main import build_parser
 
     grace = build_parser().parse_args(argv[1:]).drain_grace
@@ -99,7 +99,7 @@ def test_env_example_names_only_variables_the_units_read() -> None:
     for unit in ("hyperbroker-broker.service", "hyperbroker-agent.service"):
         text = (SYSTEMD / unit).read_text()
         read |= set(re.findall(r"\$\{?(\w+)", text))
-    read.add("HYPERBROKER_LOG")  # hyperbroker/cli.py reads it for --log-level
+    read.add("HYPERBROKER_LOG")  # hyperbroker/cli/main.py reads it for --log-level
     example = (SYSTEMD / "hyperbroker.env.example").read_text()
     named = set(re.findall(r"^#?(HYPERBROKER_\w+)=", example, re.M))
     assert named and named <= read

@@ -1,7 +1,7 @@
 """The forwarded-call path end to end: real broker and agent processes, a VMM in the test.
 
 Each test starts its own broker and agent (tests/e2e/conftest.py) and plays the VMM over the
-agent's sockets with hyperbroker.vmm_client, in SEQPACKET mode (guest RAM passed as a memfd) and
+agent's sockets with hyperbroker.testing.vmm, in SEQPACKET mode (guest RAM passed as a memfd) and
 in STREAM mode (guest RAM served by the VMM through messages).
 """
 

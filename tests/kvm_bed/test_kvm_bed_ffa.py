@@ -6,7 +6,7 @@ both partition descriptors out of RX, has the echo partition return x4..x17 of a
 shares one page of known bytes (xorshift32 from SEED) with the SHA-256 partition, asks for the
 digest with DIRECT_REQ_64 and DIRECT_REQ2, and reclaims. While the share is live it waits
 (hb_wait) and the harness, as a second VM registered with the same agent under the same profile
-(hyperbroker.vmm_client over the agent's SEQPACKET socket), tries to reclaim and to hash the
+(hyperbroker.testing.vmm over the agent's SEQPACKET socket), tries to reclaim and to hash the
 first VM's handle. Encodings as Linux's include/linux/arm_ffa.h and Hafnium's inc/vmapi/hf/ffa.h
 define them (Arm DEN0077A, FF-A).
 

@@ -42,7 +42,8 @@ PR_SET_PDEATHSIG = 1  # include/uapi/linux/prctl.h
 
 
 def hyperbroker_command() -> list[str]:
-    """The hyperbroker CLI of this interpreter's environment (as hyperbroker.procs starts it)."""
+    """The hyperbroker CLI of this interpreter's environment (as hyperbroker.testing.procs starts
+    it)."""
     return [sys.executable, "-m", "hyperbroker.cli"]
 
 
@@ -75,7 +76,8 @@ def parse_metrics(text: str) -> list[MetricSample]:
 
 
 class Services:
-    """A real broker and agent (hyperbroker.procs), for one policy, with state in `workdir`."""
+    """A real broker and agent (hyperbroker.testing.procs), for one policy, with state in `workdir`.
+    """
 
     def __init__(self, policy: Path, workdir: Path, host_id: str = "kvm-bed") -> None:
         self.policy = policy

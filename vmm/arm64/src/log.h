@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: Apache-2.0 */
 /*
  * Console output of the reference VMM: every line starts with "HB " and then a record kind and
- * key=value fields, so the host harness (hyperbroker/kvm_bed.py) can parse the L1 console.
+ * key=value fields, so the host harness (tools/hyperbroker_tools/kvm_bed) can parse the L1 console.
  * Lines from several threads never interleave.
  */
 #ifndef HB_LOG_H
