@@ -27,6 +27,7 @@ from hyperbroker.agent.memory import MappedRam, MemoryAccessError, RegionMap, cl
 from hyperbroker.agent.vmm import VmmConnection, VmmListener
 from hyperbroker.agent.vms import AgentVm, Pending
 from hyperbroker.calls import Outcome
+from hyperbroker.kvm import errno_name
 from hyperbroker.runtime.busypoll import BusyPoll
 from hyperbroker.runtime.tls import TlsFiles
 from hyperbroker.wire import vmm as proto
@@ -127,8 +128,11 @@ class Agent:
         self._policy_ready.set()
 
     def replay(self, frame: broker_pb2.AgentFrame, calls: list[bytes]) -> None:
-        """After (re)connecting: every live VM, then every call still waiting."""
+        """After (re)connecting: every live VM, then every call still waiting. A broker's
+        rejection was that broker's: the one now answering decides again."""
         for vm in self.vms.values():
+            if vm.rejected_by == "broker":
+                vm.rejected = vm.rejected_by = None
             frame.vms_registered.append(vm.registration())
         for vm in self.vms.values():
             for p in vm.pending:
@@ -139,6 +143,13 @@ class Agent:
     def on_broker_frame(self, frame: broker_pb2.BrokerFrame) -> None:
         now = time.monotonic_ns()
         self.poll.kick()
+        # Rejections first: results in the same frame for a VM the broker does not know (its
+        # replayed calls) are DENIED; the guest gets its rules' fallbacks instead.
+        for rej in frame.vms_rejected:
+            vm = self.vms.get(rej.vm_id)
+            if vm is not None:
+                log.error("broker rejected vm %s: %s", vm.name, rej.reason)
+                self._reject(vm, "broker", rej.reason)
         blob = frame.results
         if blob:
             writes = ({(w.vm_id, w.vcpu, w.seq): w for w in frame.memory_writes}
@@ -156,11 +167,6 @@ class Agent:
                 off = end
         for req in frame.memory_requests:
             self.on_memory_request(req)
-        for rej in frame.vms_rejected:
-            vm = self.vms.get(rej.vm_id)
-            if vm is not None:
-                vm.rejected = rej.reason
-                log.error("broker rejected vm %s: %s", vm.name, rej.reason)
         for request_id in frame.resets_done:
             self._reset_done(request_id, 0)
         if frame.HasField("policy"):
@@ -294,7 +300,12 @@ class Agent:
         failed = [(f, e) for f, e in zip(vm.profile.filters, msg.errnos, strict=False) if e]
         for f, e in failed:
             log.error("vm %s: KVM refused filter [%#x, +%d) action %d: %s", vm.name, f.base,
-                      f.nr_functions, f.action, errno.errorcode.get(e, e))
+                      f.nr_functions, f.action, errno_name(e))
+        if failed:
+            # Its kernel filter is not its profile's: calls meant for the broker may be served
+            # by KVM and the broker's view of the VM would be wrong, so none are forwarded.
+            self._reject(vm, "filter", f"KVM refused {len(failed)} of its "
+                         f"{len(vm.profile.filters)} filter records")
         if self.link.up:
             self.link.frame.filter_reports.add(vm_id=vm.vm_id, errnos=msg.errnos)
             self.link.mark()
@@ -414,6 +425,20 @@ class Agent:
                     vm.name, p.vcpu, p.fid, p.seq, p.rule.deadline_s * 1e3,
                     "broker slow" if self.link.up else "broker unreachable")
         self._fallback(p, Outcome.FALLBACK)
+
+    def _reject(self, vm: AgentVm, kind: str, reason: str) -> None:
+        """From now on the VM's forwarded calls get their rules' fallbacks, as do those waiting."""
+        if vm.rejected is None:
+            metrics.VMS_REJECTED[kind].inc()
+        if vm.rejected_by != "filter":  # a refused filter stays refused for the VM's life
+            vm.rejected, vm.rejected_by = reason, kind
+        for i, p in enumerate(vm.pending):
+            if p is not None:
+                if p.timer is not None:
+                    p.timer.cancel()
+                vm.pending[i] = None
+                metrics.FALLBACK_REJECTED.inc()
+                self._fallback(p, Outcome.FALLBACK)
 
     def _fallback(self, p: Pending, outcome: Outcome) -> None:
         rule = p.rule

@@ -22,6 +22,11 @@ FALLBACKS = Counter("hyperbroker_agent_fallbacks_total", "Calls answered with th
 FALLBACK_DEADLINE = FALLBACKS.labels("deadline")
 FALLBACK_DISCONNECTED = FALLBACKS.labels("disconnected")
 FALLBACK_REJECTED = FALLBACKS.labels("rejected")
+_REJECTED = Counter("hyperbroker_agent_vms_rejected_total",
+                    "VMs whose forwarded calls get their rules' fallbacks from now on: the broker "
+                    "rejected the registration (broker) or KVM refused filter records (filter)",
+                    ["reason"])
+VMS_REJECTED = {reason: _REJECTED.labels(reason) for reason in ("broker", "filter")}
 STREAM_UP = Gauge("hyperbroker_agent_broker_stream_up", "1 while the broker stream is open")
 RECONNECTS = Counter("hyperbroker_agent_reconnects_total", "Broker streams re-opened")
 VMS = Gauge("hyperbroker_agent_vms", "VMs registered on this host")

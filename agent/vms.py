@@ -55,7 +55,8 @@ class AgentVm:
         self.regions = regions
         self.ram = ram
         self.pending: list[Pending | None] = [None] * reg.nr_vcpus
-        self.rejected: str | None = None
+        self.rejected: str | None = None  # why its forwarded calls get fallbacks, if they do
+        self.rejected_by: str | None = None  # "broker" (until the next broker) or "filter"
 
     def registration(self) -> broker_pb2.VmRegistered:
         return broker_pb2.VmRegistered(

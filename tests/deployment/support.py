@@ -68,6 +68,7 @@ METRICS: Mapping[str, Metric] = {
     "hyperbroker_agent_vms": _m("gauge"),
     "hyperbroker_agent_vmm_connections": _m("gauge"),
     "hyperbroker_agent_protocol_errors_total": _m("counter", "code"),
+    "hyperbroker_agent_vms_rejected_total": _m("counter", "reason"),
     "hyperbroker_agent_memory_bytes_total": _m("counter", "direction"),
     "hyperbroker_agent_link_rtt_seconds": _m("histogram"),
     # handlers: every metric the shipped handler packages export (docs/operations.md "Handlers")
