@@ -230,3 +230,18 @@ class HypervHandler(Handler):
         ctx.state.put(None)
         with contextlib.suppress(KeyError):  # no crash was ever reported
             CRASHED.remove(ctx.vm.host, ctx.vm.name)
+
+    async def vm_reset(self, ctx: CallContext) -> None:
+        """A reboot of the same partition: the guest's synthetic registers (GUEST_OS_ID, the
+        crash parameters, the reference TSC page, every per-VP register) start cleared, as a
+        new boot finds them. The partition ID, the reference time (it never goes back) and the
+        partition's history (crashes reported, messages and events counted) stay with the VM."""
+        raw = ctx.state.get()
+        if raw is None:
+            return
+        old = PartitionState.from_json(raw)
+        new = PartitionState(partition_id=old.partition_id, time_epoch_ns=old.time_epoch_ns,
+                             time_last=old.time_last, crash_count=old.crash_count,
+                             crashes=old.crashes, messages_posted=old.messages_posted,
+                             events_signalled=old.events_signalled, eoms=old.eoms)
+        ctx.state.put(new.to_json())

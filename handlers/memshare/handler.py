@@ -158,7 +158,16 @@ class MemshareHandler(Handler):
 
     async def vm_destroyed(self, ctx: CallContext) -> None:
         """The VM is gone: its shares go with it (a destroyed VM's share records are dropped)."""
-        ctx.state.put(None)
+        self._forget(ctx)
+
+    async def vm_reset(self, ctx: CallContext) -> None:
+        """A new boot has shared and guarded nothing yet: the old boot's record goes."""
+        self._forget(ctx)
+
+    @staticmethod
+    def _forget(ctx: CallContext) -> None:
+        if ctx.state.get() is not None:
+            ctx.state.put(None)
         for gauge in (SHARED_BYTES, GUARDED):
             with contextlib.suppress(KeyError):  # never set for this VM
                 gauge.remove(ctx.vm.host, ctx.vm.name)

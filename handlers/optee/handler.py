@@ -231,6 +231,14 @@ class OpteeHandler(Handler):
 
     async def vm_destroyed(self, ctx: CallContext) -> None:
         """Stop the VM's messages, close its sessions at the service, drop its registrations."""
+        await self._forget_boot(ctx)
+
+    async def vm_reset(self, ctx: CallContext) -> None:
+        """A new boot knows none of the old one's sessions, shared memory or threads: they go as
+        at destruction, and the boot's first message registers a new incarnation."""
+        await self._forget_boot(ctx)
+
+    async def _forget_boot(self, ctx: CallContext) -> None:
         self.threads.forget(ctx.vm.key)
         state = VmTeeState.from_json(ctx.state.get())
         for rec in state.sessions.values():

@@ -137,3 +137,9 @@ class PsciHandler(Handler):
 
     async def vm_destroyed(self, ctx: CallContext) -> None:
         ctx.state.put(None)
+
+    async def vm_reset(self, ctx: CallContext) -> None:
+        """A new boot starts with the boot vCPUs ON and every secondary OFF, whatever the old
+        boot had powered on (a VMM-initiated reset comes with no SYSTEM_RESET call of ours)."""
+        if ctx.state.get() is not None:
+            ctx.state.put(None)
