@@ -25,7 +25,7 @@ from hyperbroker.agent.compiled_policy import AgentPolicy
 from hyperbroker.agent.link import BrokerLink
 from hyperbroker.agent.memory import MappedRam, MemoryAccessError, RegionMap, close_fds
 from hyperbroker.agent.vmm import VmmConnection, VmmListener
-from hyperbroker.agent.vms import AgentVm, Pending
+from hyperbroker.agent.vms import AgentVm, Pending, registration_error
 from hyperbroker.calls import Outcome
 from hyperbroker.kvm import errno_name
 from hyperbroker.runtime.busypoll import BusyPoll
@@ -238,18 +238,9 @@ class Agent:
             log.warning("refused registration of vm %r: %s", reg.name, message)
             conn.send(proto.encode(proto.RegisterVmReply(-code, 0, 0, (), message), tag))
 
-        if not reg.name:
-            return refuse(errno.EINVAL, "the VM name is empty")
-        if not 0 < reg.nr_vcpus <= proto.MAX_VCPUS:
-            return refuse(errno.EINVAL, f"nr_vcpus {reg.nr_vcpus} outside 1..{proto.MAX_VCPUS}")
-        if reg.flags & ~proto.REGISTER_MEM_FDS:
-            return refuse(errno.EINVAL, f"unknown flags {reg.flags:#x}")
-        wants_fds = bool(reg.flags & proto.REGISTER_MEM_FDS)
-        if wants_fds and not conn.seqpacket:
-            return refuse(errno.EINVAL, "HB_REGISTER_MEM_FDS needs a SEQPACKET connection")
-        if wants_fds != bool(fds):
-            return refuse(errno.EINVAL, "file descriptors must come exactly with "
-                                        "HB_REGISTER_MEM_FDS")
+        bad = registration_error(reg, conn.seqpacket, len(fds))
+        if bad is not None:
+            return refuse(*bad)
         if self.policy is None:
             try:
                 await asyncio.wait_for(self._policy_ready.wait(), REGISTER_WAIT_S)
@@ -318,11 +309,7 @@ class Agent:
             conn.send_error(errno.ENOENT, proto.MsgType.VM_RESET, tag,
                             f"vm_id {vm_id} is not registered on this connection")
             return
-        for i, p in enumerate(vm.pending):  # the reset vCPUs no longer wait for these
-            if p is not None:
-                if p.timer is not None:
-                    p.timer.cancel()
-                vm.pending[i] = None
+        vm.drop_pending()  # the reset vCPUs no longer wait for these
         if not self.link.up:
             conn.send(proto.encode(proto.VmResetReply(-errno.ENOTCONN), tag))
             return
@@ -353,11 +340,7 @@ class Agent:
             return
         self.names.pop(vm.name, None)
         vm.conn.vm_ids.discard(vm_id)
-        for i, p in enumerate(vm.pending):
-            if p is not None:
-                if p.timer is not None:
-                    p.timer.cancel()
-                vm.pending[i] = None
+        vm.drop_pending()
         if vm.ram is not None:
             vm.ram.close()
         metrics.VMS.dec()
@@ -432,13 +415,9 @@ class Agent:
             metrics.VMS_REJECTED[kind].inc()
         if vm.rejected_by != "filter":  # a refused filter stays refused for the VM's life
             vm.rejected, vm.rejected_by = reason, kind
-        for i, p in enumerate(vm.pending):
-            if p is not None:
-                if p.timer is not None:
-                    p.timer.cancel()
-                vm.pending[i] = None
-                metrics.FALLBACK_REJECTED.inc()
-                self._fallback(p, Outcome.FALLBACK)
+        for p in vm.drop_pending():
+            metrics.FALLBACK_REJECTED.inc()
+            self._fallback(p, Outcome.FALLBACK)
 
     def _fallback(self, p: Pending, outcome: Outcome) -> None:
         rule = p.rule

@@ -21,6 +21,23 @@ from hyperbroker.wire.v1 import broker_pb2
 MEMORY_RELAY_TIMEOUT_S = 1.5
 
 
+def registration_error(reg: proto.RegisterVm, seqpacket: bool,
+                       nr_fds: int) -> tuple[int, str] | None:
+    """(errno, reason) when REGISTER_VM is malformed in itself; None when it may go on."""
+    if not reg.name:
+        return errno.EINVAL, "the VM name is empty"
+    if not 0 < reg.nr_vcpus <= proto.MAX_VCPUS:
+        return errno.EINVAL, f"nr_vcpus {reg.nr_vcpus} outside 1..{proto.MAX_VCPUS}"
+    if reg.flags & ~proto.REGISTER_MEM_FDS:
+        return errno.EINVAL, f"unknown flags {reg.flags:#x}"
+    wants_fds = bool(reg.flags & proto.REGISTER_MEM_FDS)
+    if wants_fds and not seqpacket:
+        return errno.EINVAL, "HB_REGISTER_MEM_FDS needs a SEQPACKET connection"
+    if wants_fds != bool(nr_fds):
+        return errno.EINVAL, "file descriptors must come exactly with HB_REGISTER_MEM_FDS"
+    return None
+
+
 class Pending:
     __slots__ = ("conn", "fid", "record", "rule", "seq", "t_recv", "t_sent", "tag", "timer",
                  "vcpu", "vm")
@@ -66,6 +83,15 @@ class AgentVm:
             regions=[broker_pb2.MemoryRegion(gpa=r.gpa, size=r.size,
                                              readonly=bool(r.flags & proto.REGION_READONLY))
                      for r in self.regions.regions])
+
+    def drop_pending(self) -> list[Pending]:
+        """Every call still waiting, no longer waiting (deadline timers cancelled)."""
+        dropped = [p for p in self.pending if p is not None]
+        for p in dropped:
+            if p.timer is not None:
+                p.timer.cancel()
+        self.pending = [None] * len(self.pending)
+        return dropped
 
     # ---- guest memory --------------------------------------------------------------------
     def apply_writes(self, writes: Iterable[broker_pb2.MemoryWrite]) -> None:
