@@ -1,5 +1,5 @@
 """The broker goes away mid-run: the guest gets the rule's fallback within the rule's deadline
-and its vCPU runs on (issue 3 item 4; docs/operations.md on fallbacks).
+and its vCPU runs on (issue 3 item 4; the rule's `fallback` in docs/policy.md).
 """
 
 from __future__ import annotations

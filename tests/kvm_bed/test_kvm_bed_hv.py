@@ -10,7 +10,7 @@ host (hb_wait): while they wait, the harness reads the view with `hyperbroker in
 API's GetVmHandlerView) and scrapes the broker's metrics. References: Arm DEN0022 (PSCI) as
 arch/arm64/kvm/psci.c serves it; the Hyper-V TLFS as Linux's arch/arm64/hyperv/ and
 include/hyperv/hvgdk_mini.h use it; KVM's vendor hypervisor service and the pKVM guest calls in
-include/linux/arm-smccc.h and arch/arm64/kvm/hyp/nvhe/mem_protect.c; docs/psci.md,
+include/linux/arm-smccc.h and Documentation/virt/kvm/arm/hypercalls.rst; docs/psci.md,
 docs/hyperv.md, docs/memshare.md.
 """
 

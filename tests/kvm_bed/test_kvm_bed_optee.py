@@ -5,8 +5,9 @@ One boot runs vmm/arm64/guests/optee_mac.c under a profile that forwards the OP-
 `optee` handler pointed at `python -m hyperbroker.tee.server`, started here next to the bed's broker
 and agent. The guest makes the probe's fast calls, then OPEN_SESSION + INVOKE_COMMAND (GENERATE_KEY,
 SIGN, VERIFY) + CLOSE_SESSION on the keyed-MAC TA with every `struct optee_msg_arg` in its own RAM,
-and reports what the proxy wrote back into each message. Values: OP-TEE's core/include/optee_smc.h
-and optee_msg.h, docs/tee-proxy.md (the proxy's table), tee/apps/mac.py (the TA).
+and reports what the proxy wrote back into each message. Values: OP-TEE's optee_smc.h
+(core/arch/arm/include/sm/) and core/include/optee_msg.h, docs/tee-proxy.md (the proxy's table),
+tee/apps/mac.py (the TA).
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ def guest_programs() -> list[str]:
 
 
 def newc_entry(name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0),
-                ino: int = 0) -> bytes:
+               ino: int = 0) -> bytes:
     """One record of the kernel's initramfs format (newc cpio, buffer-format.rst)."""
     encoded = name.encode() + b"\0"
     fields = (ino, mode, 0, 0, 2 if mode & 0o040000 else 1, 0, len(data), 0, 0, rdev[0],
