@@ -127,6 +127,11 @@ class Agent:
             log.info("policy v%d current (%d profiles)", pb.version, len(pb.profiles))
         self._policy_ready.set()
 
+    def live_vms(self) -> list[broker_pb2.VmRef]:
+        """Every VM of this host now, for the broker to reconcile its view with (AgentHello)."""
+        return [broker_pb2.VmRef(vm_id=vm.vm_id, incarnation=vm.incarnation)
+                for vm in self.vms.values()]
+
     def replay(self, frame: broker_pb2.AgentFrame, calls: list[bytes]) -> None:
         """After (re)connecting: every live VM, then every call still waiting. A broker's
         rejection was that broker's: the one now answering decides again."""

@@ -31,6 +31,7 @@ class LinkOwner(Protocol):
     def on_welcome(self, welcome: broker_pb2.BrokerWelcome) -> None: ...
     def on_broker_frame(self, frame: broker_pb2.BrokerFrame) -> None: ...
     def replay(self, frame: broker_pb2.AgentFrame, calls: list[bytes]) -> None: ...
+    def live_vms(self) -> list[broker_pb2.VmRef]: ...
     @property
     def policy_version(self) -> int: ...
 
@@ -142,7 +143,8 @@ class BrokerLink:
         try:
             await call.write(broker_pb2.AgentFrame(hello=broker_pb2.AgentHello(
                 host=self.host, agent_version=__version__, protocol=PROTOCOL_VERSION,
-                policy_version=self.owner.policy_version, resumed=self.connects > 0)))
+                policy_version=self.owner.policy_version, resumed=self.connects > 0,
+                live_vms=self.owner.live_vms(), reconcile=True)))
             first = await call.read()
             if first is grpc.aio.EOF:
                 raise ConnectionError("broker closed the stream before its welcome")

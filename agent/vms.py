@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import secrets
 from collections.abc import Iterable
 
 from hyperbroker.agent import metrics
@@ -72,6 +73,8 @@ class AgentVm:
         self.regions = regions
         self.ram = ram
         self.pending: list[Pending | None] = [None] * reg.nr_vcpus
+        # This registration's identity at the broker: a new REGISTER_VM is a new boot.
+        self.incarnation = secrets.token_hex(16)
         self.rejected: str | None = None  # why its forwarded calls get fallbacks, if they do
         self.rejected_by: str | None = None  # "broker" (until the next broker) or "filter"
 
@@ -79,7 +82,7 @@ class AgentVm:
         return broker_pb2.VmRegistered(
             vm_id=self.vm_id, name=self.name, profile=self.profile_name,
             policy_version=self.policy_version, policy_digest=self.policy_digest,
-            nr_vcpus=self.nr_vcpus,
+            nr_vcpus=self.nr_vcpus, incarnation=self.incarnation,
             regions=[broker_pb2.MemoryRegion(gpa=r.gpa, size=r.size,
                                              readonly=bool(r.flags & proto.REGION_READONLY))
                      for r in self.regions.regions])

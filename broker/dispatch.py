@@ -135,8 +135,13 @@ class Dispatcher:
             host.queue_rejected(reg.vm_id, f"nr_vcpus {reg.nr_vcpus} outside 1..512")
             return
         old = host.vms.get(reg.vm_id)
-        if old is not None and old.name == reg.name:
-            return  # a re-registration after reconnecting: the session lives on
+        if old is not None:
+            if old.name == reg.name and old.incarnation == reg.incarnation:
+                return  # a re-registration after reconnecting: the session lives on
+            # The agent reused the handle for another registration: the old boot is over.
+            log.info("vm %s (id %d) replaced by a new registration %s", old.info.key, old.vm_id,
+                     reg.name)
+            self.destroy_vm(host, reg.vm_id)
         vm = VmSession(host.host, reg, pv)
         vm.tokens = self.vm_burst
         for vcpu, (seq, blob) in self.store.load_last_results(vm.key).items():
@@ -151,8 +156,16 @@ class Dispatcher:
                 rec.last_writes = writes
         host.vms[reg.vm_id] = vm
         metrics.VMS.inc()
-        log.info("vm %s registered (id %d, profile %s, policy v%d, %d vCPUs)", vm.key,
+        log.info("vm %s registered (id %d, profile %s, policy v%d, %d vCPUs)", vm.info.key,
                  vm.vm_id, vm.profile, pv.version, vm.nr_vcpus)
+
+    def reconcile(self, host: HostSession, live: dict[int, str]) -> None:
+        """The agent's list of its VMs (AgentHello.live_vms): every VM held for the host that
+        is not in it, or is there as another incarnation, ended while the stream was down."""
+        for vm_id, vm in list(host.vms.items()):
+            if live.get(vm_id) != vm.incarnation:
+                log.info("vm %s is no longer on host %s: destroying it", vm.info.key, host.host)
+                self.destroy_vm(host, vm_id)
 
     def destroy_vm(self, host: HostSession, vm_id: int) -> None:
         vm = host.vms.pop(vm_id, None)
@@ -182,8 +195,8 @@ class Dispatcher:
             try:
                 await policy.handlers[name].vm_reset(CallCtx(self, host, vm, name))
             except Exception:
-                log.exception("handler %s failed to reset vm %s", name, vm.key)
-        log.info("vm %s reset", vm.key)
+                log.exception("handler %s failed to reset vm %s", name, vm.info.key)
+        log.info("vm %s reset", vm.info.key)
         then()
         host.wake()
 
@@ -197,14 +210,14 @@ class Dispatcher:
             try:
                 await policy.handlers[name].vm_destroyed(ctx)
             except Exception:
-                log.exception("handler %s failed to clean up vm %s", name, vm.key)
+                log.exception("handler %s failed to clean up vm %s", name, vm.info.key)
         for state_key in [k for k in self.batch.vm_state if k[0] == vm.key]:
             del self.batch.vm_state[state_key]
         for result_key in [k for k in self.batch.last_results if k[0] == vm.key]:
             del self.batch.last_results[result_key]
         self.flush_store()
         self.store.forget_vm(vm.key)
-        log.info("vm %s destroyed", vm.key)
+        log.info("vm %s destroyed", vm.info.key)
 
     # ---- calls ---------------------------------------------------------------------------
     def dispatch_info(self, vm: VmSession, fid: int) -> DispatchInfo:
@@ -338,10 +351,10 @@ class Dispatcher:
                           result, info.function)
             elif isinstance(exc, TimeoutError):
                 log.error("handler %s: %s on vm %s timed out", info.handler_name, info.function,
-                          vm.key)
+                          vm.info.key)
             else:
                 log.error("handler %s failed on %s from vm %s vcpu %d", info.handler_name,
-                          info.function, vm.key, vcpu, exc_info=exc)
+                          info.function, vm.info.key, vcpu, exc_info=exc)
             fb = info.fallback
             result = Result(fb.x, fb.mask, Outcome.INTERNAL_ERROR)
             if ctx is not None:

@@ -96,6 +96,8 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
         if session.writer is not None:
             log.warning("host %s reconnected while its previous stream was still open; "
                         "the new stream takes over", hello.host)
+        if hello.reconcile:
+            self.dispatcher.reconcile(session, {v.vm_id: v.incarnation for v in hello.live_vms})
         writer = StreamWriter(context)
         session.attach(writer, context.peer())
         metrics.AGENTS_CONNECTED.inc()

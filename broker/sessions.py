@@ -60,7 +60,10 @@ class VmSession:
     def __init__(self, host: str, reg: broker_pb2.VmRegistered, pv: PolicyVersion) -> None:
         self.vm_id = reg.vm_id
         self.name = reg.name
-        self.key = f"{host}/{reg.name}"
+        self.incarnation = reg.incarnation
+        # The store key: one boot of one VM. Agents that name no incarnation (older ones) key by
+        # host and name alone, as before.
+        self.key = f"{host}/{reg.name}" + (f"#{reg.incarnation}" if reg.incarnation else "")
         self.profile = reg.profile or "default"
         self.pv = pv
         self.nr_vcpus = reg.nr_vcpus

@@ -45,18 +45,30 @@ class VmReset(_message.Message):
     def __init__(self, vm_id: _Optional[int] = ..., request_id: _Optional[int] = ...) -> None: ...
 
 class AgentHello(_message.Message):
-    __slots__ = ("host", "agent_version", "protocol", "policy_version", "resumed")
+    __slots__ = ("host", "agent_version", "protocol", "policy_version", "resumed", "live_vms", "reconcile")
     HOST_FIELD_NUMBER: _ClassVar[int]
     AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_FIELD_NUMBER: _ClassVar[int]
     POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
     RESUMED_FIELD_NUMBER: _ClassVar[int]
+    LIVE_VMS_FIELD_NUMBER: _ClassVar[int]
+    RECONCILE_FIELD_NUMBER: _ClassVar[int]
     host: str
     agent_version: str
     protocol: int
     policy_version: int
     resumed: bool
-    def __init__(self, host: _Optional[str] = ..., agent_version: _Optional[str] = ..., protocol: _Optional[int] = ..., policy_version: _Optional[int] = ..., resumed: _Optional[bool] = ...) -> None: ...
+    live_vms: _containers.RepeatedCompositeFieldContainer[VmRef]
+    reconcile: bool
+    def __init__(self, host: _Optional[str] = ..., agent_version: _Optional[str] = ..., protocol: _Optional[int] = ..., policy_version: _Optional[int] = ..., resumed: _Optional[bool] = ..., live_vms: _Optional[_Iterable[_Union[VmRef, _Mapping]]] = ..., reconcile: _Optional[bool] = ...) -> None: ...
+
+class VmRef(_message.Message):
+    __slots__ = ("vm_id", "incarnation")
+    VM_ID_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    vm_id: int
+    incarnation: str
+    def __init__(self, vm_id: _Optional[int] = ..., incarnation: _Optional[str] = ...) -> None: ...
 
 class MemoryRegion(_message.Message):
     __slots__ = ("gpa", "size", "readonly")
@@ -69,7 +81,7 @@ class MemoryRegion(_message.Message):
     def __init__(self, gpa: _Optional[int] = ..., size: _Optional[int] = ..., readonly: _Optional[bool] = ...) -> None: ...
 
 class VmRegistered(_message.Message):
-    __slots__ = ("vm_id", "name", "profile", "policy_version", "nr_vcpus", "regions", "policy_digest")
+    __slots__ = ("vm_id", "name", "profile", "policy_version", "nr_vcpus", "regions", "policy_digest", "incarnation")
     VM_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     PROFILE_FIELD_NUMBER: _ClassVar[int]
@@ -77,6 +89,7 @@ class VmRegistered(_message.Message):
     NR_VCPUS_FIELD_NUMBER: _ClassVar[int]
     REGIONS_FIELD_NUMBER: _ClassVar[int]
     POLICY_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
     vm_id: int
     name: str
     profile: str
@@ -84,7 +97,8 @@ class VmRegistered(_message.Message):
     nr_vcpus: int
     regions: _containers.RepeatedCompositeFieldContainer[MemoryRegion]
     policy_digest: str
-    def __init__(self, vm_id: _Optional[int] = ..., name: _Optional[str] = ..., profile: _Optional[str] = ..., policy_version: _Optional[int] = ..., nr_vcpus: _Optional[int] = ..., regions: _Optional[_Iterable[_Union[MemoryRegion, _Mapping]]] = ..., policy_digest: _Optional[str] = ...) -> None: ...
+    incarnation: str
+    def __init__(self, vm_id: _Optional[int] = ..., name: _Optional[str] = ..., profile: _Optional[str] = ..., policy_version: _Optional[int] = ..., nr_vcpus: _Optional[int] = ..., regions: _Optional[_Iterable[_Union[MemoryRegion, _Mapping]]] = ..., policy_digest: _Optional[str] = ..., incarnation: _Optional[str] = ...) -> None: ...
 
 class VmDestroyed(_message.Message):
     __slots__ = ("vm_id",)

@@ -1,0 +1,124 @@
+"""A VM at the broker is one boot of one VM (issue 11, items 4, 5 and 7).
+
+Measured before: a restarted agent numbered its VMs from 1 again and the broker took the same
+vm_id and name for a resume, so the new boot inherited the dead boot's handler state and
+last-result records; and a VM that ended while the agent's stream was down was never cleaned
+up. Now every registration carries an incarnation the agent chooses at random, and the hello of
+every stream lists the host's live VMs: the broker resumes only the same incarnation and
+destroys, with handler clean-up, every VM of the host not in the list. Real broker processes;
+the agent is either a real process or the test speaking the broker protocol itself.
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import grpc
+
+from hyperbroker.testing.procs import Broker, start_agent, start_broker
+from hyperbroker.testing.vmm import VmmClient
+from hyperbroker.wire import vmm as proto
+from hyperbroker.wire.v1 import broker_pb2, broker_pb2_grpc
+
+from .conftest import plugin_env
+
+INCREMENT = 0x8200_0001  # the test counter handler: per-VM counter += 1, x1 = counter
+
+
+async def connect(broker: Broker, host: str,
+                  live: dict[int, str]) -> tuple[grpc.aio.Channel, object]:
+    """A stream as an agent opens it: the hello lists the host's live VMs."""
+    channel = grpc.aio.insecure_channel(broker.address)
+    stream = broker_pb2_grpc.BrokerStub(channel).Connect()
+    await stream.write(broker_pb2.AgentFrame(hello=broker_pb2.AgentHello(
+        host=host, protocol=1, reconcile=True,
+        live_vms=[broker_pb2.VmRef(vm_id=i, incarnation=inc) for i, inc in live.items()])))
+    welcome = await stream.read()
+    assert welcome.HasField("welcome")
+    return channel, stream
+
+
+async def register(stream: object, vm_id: int, name: str, incarnation: str) -> None:
+    await stream.write(broker_pb2.AgentFrame(vms_registered=[broker_pb2.VmRegistered(  # type: ignore[attr-defined]
+        vm_id=vm_id, name=name, profile="default", policy_version=1, nr_vcpus=1,
+        incarnation=incarnation)]))
+
+
+async def increment(stream: object, vm_id: int, seq: int) -> int:
+    record = proto.CALL.pack(vm_id, 0, seq, INCREMENT, 0, 0, INCREMENT, *[0] * 17)
+    await stream.write(broker_pb2.AgentFrame(calls=record))  # type: ignore[attr-defined]
+    while True:
+        frame = await stream.read()  # type: ignore[attr-defined]
+        if frame.results:
+            msg = proto.decode(proto.header(proto.MsgType.RESULT, 0, len(frame.results))
+                               + frame.results).message
+            assert isinstance(msg, proto.ResultMsg)
+            return msg.x[1]
+
+
+async def test_the_same_incarnation_resumes_and_a_new_one_starts_afresh(
+        tmp_path: Path, policy_file: Path) -> None:
+    broker = start_broker(policy_file, tmp_path / "state", env=plugin_env(), log_level="info")
+    try:
+        channel, stream = await connect(broker, "host-i", {})
+        await register(stream, 1, "vm-i", "boot-a")
+        assert [await increment(stream, 1, seq) for seq in (1, 2)] == [1, 2]
+        await channel.close()
+        # A reconnect of the same agent: the VM is live, the same incarnation resumes.
+        channel, stream = await connect(broker, "host-i", {1: "boot-a"})
+        await register(stream, 1, "vm-i", "boot-a")
+        assert await increment(stream, 1, 3) == 3
+        await channel.close()
+        # A restarted agent reuses handle 1 and the name for a new registration.
+        channel, stream = await connect(broker, "host-i", {1: "boot-b"})
+        await register(stream, 1, "vm-i", "boot-b")
+        assert await increment(stream, 1, 1) == 1  # neither the old count nor its seq-1 record
+        await channel.close()
+        assert any("vm host-i/vm-i is no longer on host host-i" in line
+                   for line in broker.process.lines)
+    finally:
+        broker.process.stop()
+
+
+async def test_a_vm_that_ended_while_the_stream_was_down_is_cleaned_up(
+        tmp_path: Path, policy_file: Path) -> None:
+    broker = start_broker(policy_file, tmp_path / "state", env=plugin_env(), log_level="info")
+    try:
+        channel, stream = await connect(broker, "host-j", {})
+        await register(stream, 1, "vm-stays", "s")
+        await register(stream, 2, "vm-ends", "e")
+        assert await increment(stream, 1, 1) == 1
+        assert await increment(stream, 2, 1) == 1
+        await channel.close()
+        channel, stream = await connect(broker, "host-j", {1: "s"})  # vm-ends is gone
+        await register(stream, 1, "vm-stays", "s")
+        assert await increment(stream, 1, 2) == 2
+        await channel.close()
+        destroyed = [line for line in broker.process.lines if "destroyed" in line]
+        assert any("vm host-j/vm-ends destroyed" in line for line in destroyed)
+        assert not any("vm-stays destroyed" in line for line in destroyed)
+    finally:
+        broker.process.stop()
+
+
+async def test_a_restarted_agent_does_not_inherit_the_old_boot(
+        tmp_path: Path, policy_file: Path) -> None:
+    broker = start_broker(policy_file, tmp_path / "state", env=plugin_env(), log_level="info")
+    agent = start_agent(broker.address, "host-k", tmp_path / "a1")
+    try:
+        client = await VmmClient.connect(str(agent.socket), "seqpacket")
+        reg = await client.register("vm-k", 1)
+        counts = [(await client.call(reg.vm_id, 0, INCREMENT)).x[1] for _ in range(3)]
+        assert counts == [1, 2, 3]
+        client.close()
+        agent.process.signal(signal.SIGKILL)
+        agent.process.stop()
+        agent = start_agent(broker.address, "host-k", tmp_path / "a2")
+        client = await VmmClient.connect(str(agent.socket), "seqpacket")
+        reg = await client.register("vm-k", 1)  # the same name, handle 1 again
+        assert (await client.call(reg.vm_id, 0, INCREMENT)).x[1] == 1
+        client.close()
+    finally:
+        agent.process.stop()
+        broker.process.stop()
