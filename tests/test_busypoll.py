@@ -12,11 +12,12 @@ from hyperbroker.runtime.busypoll import BusyPoll
 
 
 async def until_asleep(poll: BusyPoll) -> None:
-    for _ in range(200):  # at most about a second
+    deadline = time.monotonic() + 10  # generous: a busy machine stretches every sleep
+    while time.monotonic() < deadline:
         if not poll.active:
             return
         await asyncio.sleep(0.005)  # the loop would sleep here; polling keeps it turning
-    raise AssertionError("still polling after a second")
+    raise AssertionError("still polling after 10 s")
 
 
 async def test_a_kick_keeps_the_loop_polling_for_the_window_then_stops() -> None:
@@ -27,7 +28,7 @@ async def test_a_kick_keeps_the_loop_polling_for_the_window_then_stops() -> None
     assert poll.active
     await until_asleep(poll)
     elapsed = time.monotonic() - t0
-    assert 0.02 <= elapsed < 1.0
+    assert 0.02 <= elapsed < 10  # the 20 ms window, then asleep (not polling forever)
     assert poll.spins > 10  # many loop iterations, not one timer
     spins = poll.spins
     await asyncio.sleep(0.03)
@@ -57,7 +58,7 @@ async def test_polling_loop_still_serves_sockets() -> None:
         poll.kick()
         await asyncio.sleep(0.005)
         b.send(b"ping")
-        assert await asyncio.wait_for(got, 1.0) == b"ping"
+        assert await asyncio.wait_for(got, 10) == b"ping"
     finally:
         loop.remove_reader(a.fileno())
         a.close()

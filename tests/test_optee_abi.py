@@ -1,4 +1,4 @@
-"""The OP-TEE proxy's fast calls and handler surface (core/include/optee_smc.h; Xen's
+"""The OP-TEE proxy's fast calls and handler surface (core/arch/arm/include/sm/optee_smc.h; Xen's
 xen/arch/arm/tee/optee.c)."""
 
 from __future__ import annotations

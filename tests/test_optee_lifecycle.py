@@ -170,7 +170,7 @@ async def test_a_silent_service_costs_at_most_the_timeout(tmp_path: Path) -> Non
         started = time.monotonic()
         r = await g.driver.invoke(session, ECHO_SLEEP, [GuestParam.value_in(20_000)])
         assert (r.ret, r.origin) == (TeeResult.COMMUNICATION, Origin.COMMS)
-        assert time.monotonic() - started < 3
+        assert time.monotonic() - started < 10  # the 300 ms timeout, not the 20 s call
     finally:
         await handler.close()
         await running.stop(grace=0)
@@ -182,7 +182,7 @@ async def test_a_service_that_is_not_there_costs_at_most_the_timeout() -> None:
     started = time.monotonic()
     r = await g.driver.open_session(ECHO_TA)
     assert (r.ret, r.origin) == (TeeResult.COMMUNICATION, Origin.COMMS)
-    assert time.monotonic() - started < 3
+    assert time.monotonic() - started < 10  # bounded by the timeout, with room for load
     await handler.close()
 
 

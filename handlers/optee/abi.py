@@ -1,8 +1,8 @@
 """The OP-TEE SMC ABI: function IDs, return codes, capabilities, and the fast calls as values.
 
 Everything here mirrors OP-TEE's optee_smc.h and core/arch/arm/tee/entry_fast.c as
-core/include/optee_smc.h lists them. The fast calls that depend only on their registers and the
-proxy's configuration are answered by `fast_call`; the yielding calls that carry a message
+core/arch/arm/include/sm/optee_smc.h lists them. The fast calls that depend only on their registers
+and the proxy's configuration are answered by `fast_call`; the yielding calls that carry a message
 (CALL_WITH_ARG and friends) are handled by handlers.optee.std. No I/O, no guest memory.
 """
 

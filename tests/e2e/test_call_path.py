@@ -176,7 +176,7 @@ async def test_many_vms_and_vcpus_in_flight_at_once(agent: AgentProcess) -> None
 async def raw_exchange(sock: socket.socket, data: bytes) -> proto.Frame:
     loop = asyncio.get_running_loop()
     await loop.sock_sendall(sock, data)
-    reply = await asyncio.wait_for(loop.sock_recv(sock, 1 << 18), 5)
+    reply = await asyncio.wait_for(loop.sock_recv(sock, 1 << 18), 30)
     return proto.decode(reply)
 
 
@@ -228,7 +228,7 @@ async def test_a_stream_that_loses_framing_is_closed_after_an_error(
     await loop.sock_connect(bad, str(agent.stream_socket))
     reply = await raw_exchange(bad, b"GET / HTTP/1.1\r\n\r\n")
     assert isinstance(reply.message, proto.ErrorMsg) and reply.message.code == errno.EPROTO
-    assert await asyncio.wait_for(loop.sock_recv(bad, 100), 5) == b""  # closed
+    assert await asyncio.wait_for(loop.sock_recv(bad, 100), 30) == b""  # closed
     assert (await good.call(reg.vm_id, 0, TRNG_RND64, [8])).outcome == Outcome.OK
     bad.close()
     good.close()

@@ -45,11 +45,11 @@ async def test_health_is_served_in_plaintext_beside_an_mtls_broker(
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{health_port}") as ch:
             r = await health_pb2_grpc.HealthStub(ch).Check(
-                health_pb2.HealthCheckRequest(service="hyperbroker.v1.Broker"), timeout=5)
+                health_pb2.HealthCheckRequest(service="hyperbroker.v1.Broker"), timeout=30)
             assert r.status == health_pb2.HealthCheckResponse.SERVING
             with pytest.raises(grpc.aio.AioRpcError) as e:  # nothing else is served there
                 await admin_pb2_grpc.AdminStub(ch).GetStats(admin_pb2.GetStatsRequest(),
-                                                            timeout=5)
+                                                            timeout=30)
             assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
         async with grpc.aio.insecure_channel(broker.address) as ch:  # the main port is TLS
             with pytest.raises(grpc.aio.AioRpcError):

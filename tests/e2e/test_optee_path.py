@@ -1,11 +1,11 @@
 """The OP-TEE path end to end with real processes: TEE service, broker, agent (issue 5, "Tests").
 
 `python -m hyperbroker.tee.server` runs as a process on a free port with its own state directory; a
-real broker's policy forwards the OP-TEE ABI (core/include/optee_smc.h: owner 50 fast and yielding,
-owner 63) to an `optee` handler pointed at that service; a real agent sits in front of it. The test
-plays the VMM with hyperbroker.testing.vmm: guest RAM is a memfd (GuestRam) that the agent maps
-itself over SEQPACKET, or that the test serves through MEM_READ / MEM_WRITE over STREAM. The guest's
-OP-TEE driver is hyperbroker.testing.optee_guest.GuestDriver, the model of Linux's
+real broker's policy forwards the OP-TEE ABI (core/arch/arm/include/sm/optee_smc.h: owner 50 fast
+and yielding, owner 63) to an `optee` handler pointed at that service; a real agent sits in front of
+it. The test plays the VMM with hyperbroker.testing.vmm: guest RAM is a memfd (GuestRam) that the
+agent maps itself over SEQPACKET, or that the test serves through MEM_READ / MEM_WRITE over STREAM.
+The guest's OP-TEE driver is hyperbroker.testing.optee_guest.GuestDriver, the model of Linux's
 drivers/tee/optee: it lays `struct optee_msg_arg` out one message per page in that RAM, registers
 client buffers with REGISTER_SHM page lists and passes them as RMEM, issues CALL_WITH_ARG with the
 page's address in a1:a2, and resumes foreign-interrupt RPCs with RETURN_FROM_RPC as
@@ -71,7 +71,7 @@ def free_port() -> int:
 
 def scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
     """Prometheus text from 127.0.0.1:`port`, as {(name, labels): value}."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as r:
         text = r.read().decode()
     out = {}
     for line in text.splitlines():

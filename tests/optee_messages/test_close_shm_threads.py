@@ -68,7 +68,7 @@ async def test_cancel_stops_a_running_invoke(tmp_path: Path) -> None:
     await wait_until(lambda: h.handler.threads.running(g.ctx.vm.key) > 0)
     r = await g.driver.cancel(session, 9)
     assert (r.ret, r.origin) == (TeeResult.SUCCESS, Origin.TEE)
-    done = await asyncio.wait_for(sleeper, 5)
+    done = await asyncio.wait_for(sleeper, 30)
     assert (done.ret, done.origin) == (TeeResult.CANCEL, Origin.TRUSTED_APP)
 
 

@@ -3,7 +3,8 @@
  * OP-TEE from a real guest, through the proxy (docs/tee-proxy.md "On the real-KVM bed"): the
  * calls Linux's optee driver makes at probe, then one session on the keyed-MAC TA with every
  * `struct optee_msg_arg` in this program's own RAM, laid out as drivers/tee/optee does it.
- * Function IDs, return codes and structures: OP-TEE's core/include/optee_smc.h and optee_msg.h;
+ * Function IDs, return codes and structures: OP-TEE's optee_smc.h (core/arch/arm/include/sm/)
+ * and core/include/optee_msg.h;
  * the MAC TA's
  * commands: tee/apps/mac.py.
  *
