@@ -4,9 +4,7 @@
  * calls Linux's optee driver makes at probe, then one session on the keyed-MAC TA with every
  * `struct optee_msg_arg` in this program's own RAM, laid out as drivers/tee/optee does it.
  * Function IDs, return codes and structures: OP-TEE's optee_smc.h (core/arch/arm/include/sm/)
- * and core/include/optee_msg.h;
- * the MAC TA's
- * commands: tee/apps/mac.py.
+ * and core/include/optee_msg.h; the MAC TA's commands: tee/apps/mac.py.
  *
  * Fast calls are reported as "call" lines (x0..x3 as returned). Each message is reported as
  *   msg label=L a0=A ret=R origin=O session=S rpc=N [extra fields]
