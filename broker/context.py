@@ -51,6 +51,7 @@ class StateView:
 
     def put(self, value: JsonValue) -> None:
         raw = json.dumps(value, separators=(",", ":"), sort_keys=True)
+        self._ctx.remember(self._doc, raw)
         self._doc.raw = raw
         batch = self._ctx.dispatcher.batch
         if isinstance(self._doc.key, tuple):
@@ -65,6 +66,7 @@ class CallCtx:
 
     __slots__ = (
         "_log",
+        "_undo",
         "dispatcher",
         "durable",
         "handler_name",
@@ -88,6 +90,31 @@ class CallCtx:
         self.memory_round_trips = 0
         self.memory_bytes = 0
         self._log: logging.Logger | None = None
+        self._undo: dict[int, tuple[StateDoc, str | None, str]] | None = None
+
+    def remember(self, doc: StateDoc, raw: str) -> None:
+        """Before this call's put of `raw`: what to restore if the call fails."""
+        if self._undo is None:
+            self._undo = {}
+        before = self._undo.get(id(doc))
+        self._undo[id(doc)] = (doc, doc.raw if before is None else before[1], raw)
+
+    def roll_back(self) -> None:
+        """The call failed (raised, timed out): none of its puts persists. A document another
+        call has written since is left as that call wrote it."""
+        if not self._undo:
+            return
+        batch = self.dispatcher.batch
+        for doc, previous, mine in self._undo.values():
+            if doc.raw != mine:
+                continue
+            doc.raw = previous
+            if isinstance(doc.key, tuple):
+                batch.vm_state[doc.key] = previous
+            else:
+                batch.shared_state[doc.key] = previous
+        self._undo = None
+        self.durable = False
 
     # handlers.api.CallContext
     @property

@@ -233,7 +233,7 @@ class Dispatcher:
             handler = policy.handlers[entry.handler]
             function = policy.function_name(fid)
             info = DispatchInfo(handler, entry.handler, function, entry.rule.fallback,
-                                entry.rule.deadline_us / 1e6 * 4 + 1.0,
+                                entry.rule.deadline_us / 1e6,
                                 *self._bind(entry.handler, function))
         if len(vm.cache) < DISPATCH_CACHE_LIMIT:
             vm.cache[fid] = info
@@ -358,7 +358,8 @@ class Dispatcher:
             fb = info.fallback
             result = Result(fb.x, fb.mask, Outcome.INTERNAL_ERROR)
             if ctx is not None:
-                ctx.writes.clear()  # a failed call changes no guest memory
+                ctx.writes.clear()  # a failed call changes no guest memory, and no state
+                ctx.roll_back()
         t_end = time.monotonic_ns()
         writes = None
         if ctx is not None and ctx.writes:

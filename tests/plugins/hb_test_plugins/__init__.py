@@ -22,6 +22,7 @@ FAIL = 0x8200_0005  # raises: the broker must answer with the rule's fallback
 POWER_OFF = 0x8200_0006  # returns a SYSTEM_OFF action
 WIDE = 0xC200_0007  # SMCCC 1.2 style: x0..x17 = 0..17
 RESET = 0x8200_0008  # returns a SYSTEM_RESET action: the broker then calls vm_reset
+INCREMENT_THEN_FAIL = 0x8200_0009  # counter += 1 is put, then the handler raises
 
 
 class CounterHandler(Handler):
@@ -31,7 +32,8 @@ class CounterHandler(Handler):
     # A third-party plugin declares its ABI; this one serves SMCCC's SiP service owner whole.
     abi = Abi("sip", OWNER_SERVICES["sip"], {
         INCREMENT: "INCREMENT", SLOW_INCREMENT: "SLOW_INCREMENT", READ_MEMORY: "READ_MEMORY",
-        WRITE_MEMORY: "WRITE_MEMORY", FAIL: "FAIL", POWER_OFF: "POWER_OFF", WIDE: "WIDE"})
+        WRITE_MEMORY: "WRITE_MEMORY", FAIL: "FAIL", POWER_OFF: "POWER_OFF", WIDE: "WIDE",
+        INCREMENT_THEN_FAIL: "INCREMENT_THEN_FAIL"})
     eager = False
 
     def __init__(self, config: object) -> None:
@@ -69,6 +71,10 @@ class CounterHandler(Handler):
             return Result.regs(0, call.arg(2))
         if fid == FAIL:
             raise RuntimeError("this handler fails on purpose")
+        if fid == INCREMENT_THEN_FAIL:
+            doc = ctx.state.get() or {"counter": 0}
+            ctx.state.put({"counter": doc["counter"] + 1})
+            raise RuntimeError("this handler fails after changing its state")
         if fid == POWER_OFF:
             return Result.regs(0, actions=(VmmAction(ActionKind.SYSTEM_OFF),))
         if fid == WIDE:
