@@ -24,6 +24,7 @@ from hyperbroker.agent import metrics
 from hyperbroker.agent.compiled_policy import AgentPolicy
 from hyperbroker.agent.link import BrokerLink
 from hyperbroker.agent.memory import MappedRam, MemoryAccessError, RegionMap, close_fds
+from hyperbroker.agent.resets import Resets
 from hyperbroker.agent.vmm import VmmConnection, VmmListener
 from hyperbroker.agent.vms import AgentVm, Pending, registration_error
 from hyperbroker.calls import Outcome
@@ -50,7 +51,6 @@ CALL_PREFIX = proto.HEADER.pack(proto.MAGIC, proto.VERSION, proto.MsgType.CALL,
                                 proto.CALL.size, 0)[:12]
 LINK_DOWN_GRACE_S = 0.5  # a stream down longer than this is an outage, not a reconnect
 REGISTER_WAIT_S = 10.0
-RESET_TIMEOUT_S = 2.0  # a VMM waits at most this long for the handlers to forget a boot
 OUTCOME_LABELS = metrics.OUTCOMES
 
 
@@ -78,13 +78,12 @@ class Agent:
         self.listeners: list[VmmListener] = []
         self.connections: set[VmmConnection] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._resets: dict[int, tuple[VmmConnection, int, asyncio.TimerHandle]] = {}
-        self._next_reset = 1
         metrics.IN_FLIGHT.set_function(lambda: sum(
             p is not None for vm in self.vms.values() for p in vm.pending))
         self._loop = asyncio.get_running_loop()
         # After each call from a VMM and each frame from the broker: docs/performance.md.
         self.poll = BusyPoll(self._loop, config.busy_poll_us)
+        self.resets = Resets(self._loop, self.link)
 
     # ---- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
@@ -173,7 +172,7 @@ class Agent:
         for req in frame.memory_requests:
             self.on_memory_request(req)
         for request_id in frame.resets_done:
-            self._reset_done(request_id, 0)
+            self.resets.done(request_id, 0)
         if frame.HasField("policy"):
             self._install_policy(frame.policy)
         self.link.flush_soon()
@@ -315,29 +314,8 @@ class Agent:
                             f"vm_id {vm_id} is not registered on this connection")
             return
         vm.drop_pending()  # the reset vCPUs no longer wait for these
-        if not self.link.up:
-            conn.send(proto.encode(proto.VmResetReply(-errno.ENOTCONN), tag))
-            return
-        request_id = self._next_reset
-        self._next_reset += 1
-        timer = self._loop.call_later(RESET_TIMEOUT_S, self._reset_done, request_id,
-                                      -errno.ETIMEDOUT)
-        self._resets[request_id] = (conn, tag, timer)
-        self.link.frame.vms_reset.add(vm_id=vm_id, request_id=request_id)
-        self.link.mark()
-        self.link.flush_soon()
+        self.resets.ask(conn, tag, vm_id)
         log.info("vm %s reset by its VMM", vm.name)
-
-    def _reset_done(self, request_id: int, status: int) -> None:
-        entry = self._resets.pop(request_id, None)
-        if entry is None:
-            return
-        conn, tag, timer = entry
-        timer.cancel()
-        if status:
-            log.warning("reset %d not confirmed by the broker: %s", request_id,
-                        errno.errorcode.get(-status, status))
-        conn.send(proto.encode(proto.VmResetReply(status), tag))
 
     def destroy_vm(self, vm_id: int, why: str) -> None:
         vm = self.vms.pop(vm_id, None)
@@ -424,8 +402,18 @@ class Agent:
             metrics.FALLBACK_REJECTED.inc()
             self._fallback(p, Outcome.FALLBACK)
 
+    def _divergent(self, vm: AgentVm, vcpu: int, seq: int) -> None:
+        """Tell the broker the guest got the fallback, not its result: the handler undoes it."""
+        metrics.DIVERGENT.inc()
+        if self.link.up:
+            self.link.frame.divergent.add(vm_id=vm.vm_id, vcpu=vcpu, seq=seq)
+            self.link.mark()
+            self.link.flush_soon()
+
     def _fallback(self, p: Pending, outcome: Outcome) -> None:
         rule = p.rule
+        if p.t_sent:
+            p.vm.fell_back[p.vcpu] = p.seq
         self._reply(p.conn, p.tag, p.vm.vm_id, p.vcpu, p.seq, outcome, rule.fallback_mask,
                     rule.fallback,
                     proto.Timing(agent_ns=time.monotonic_ns() - p.t_recv,
@@ -438,6 +426,9 @@ class Agent:
         if vm is None or p is None or p.seq != seq:
             # Answered by its fallback already, or a duplicate after a reconnect.
             log.debug("late result for vm %d vcpu %d seq %d dropped", vm_id, vcpu, seq)
+            if vm is not None and vcpu < vm.nr_vcpus and vm.fell_back[vcpu] == seq:
+                vm.fell_back[vcpu] = -1
+                self._divergent(vm, vcpu, seq)
             return
         if p.timer is not None:
             p.timer.cancel()
@@ -449,6 +440,7 @@ class Agent:
                 log.error("vm %s: broker result for fid %#x carries a bad write (%s); fallback",
                           vm.name, p.fid, e)
                 self._fallback(p, Outcome.INTERNAL_ERROR)
+                self._divergent(vm, vcpu, seq)
                 return
         queued_ns, handler_ns = BROKER_TIMES.unpack_from(record, BROKER_TIMES_OFFSET)
         link_ns = max(0, now - p.t_sent - queued_ns - handler_ns)

@@ -27,6 +27,8 @@ _REJECTED = Counter("hyperbroker_agent_vms_rejected_total",
                     "rejected the registration (broker) or KVM refused filter records (filter)",
                     ["reason"])
 VMS_REJECTED = {reason: _REJECTED.labels(reason) for reason in ("broker", "filter")}
+DIVERGENT = Counter("hyperbroker_agent_divergent_results_total",
+                    "Broker results that arrived after the call was answered with its fallback")
 STREAM_UP = Gauge("hyperbroker_agent_broker_stream_up", "1 while the broker stream is open")
 RECONNECTS = Counter("hyperbroker_agent_reconnects_total", "Broker streams re-opened")
 VMS = Gauge("hyperbroker_agent_vms", "VMs registered on this host")

@@ -73,6 +73,9 @@ class AgentVm:
         self.regions = regions
         self.ram = ram
         self.pending: list[Pending | None] = [None] * reg.nr_vcpus
+        # Per vCPU, the seq of the last forwarded call answered with its fallback: a result for
+        # it arriving later is one the guest never saw (AgentFrame.divergent).
+        self.fell_back: list[int] = [-1] * reg.nr_vcpus
         # This registration's identity at the broker: a new REGISTER_VM is a new boot.
         self.incarnation = secrets.token_hex(16)
         self.rejected: str | None = None  # why its forwarded calls get fallbacks, if they do

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from hyperbroker.broker import metrics
 from hyperbroker.broker.sessions import HostSession, VmSession
+from hyperbroker.calls import Call
 from hyperbroker.handlers.api import GuestMemoryError, JsonValue, VmInfo
 from hyperbroker.wire.v1 import broker_pb2
 
@@ -67,6 +68,7 @@ class CallCtx:
     __slots__ = (
         "_log",
         "_undo",
+        "call",
         "dispatcher",
         "durable",
         "handler_name",
@@ -91,6 +93,7 @@ class CallCtx:
         self.memory_bytes = 0
         self._log: logging.Logger | None = None
         self._undo: dict[int, tuple[StateDoc, str | None, str]] | None = None
+        self.call: Call | None = None  # the call being handled; None in lifecycle hooks
 
     def remember(self, doc: StateDoc, raw: str) -> None:
         """Before this call's put of `raw`: what to restore if the call fails."""

@@ -167,6 +167,39 @@ class Dispatcher:
                 log.info("vm %s is no longer on host %s: destroying it", vm.info.key, host.host)
                 self.destroy_vm(host, vm_id)
 
+    def divergent(self, host: HostSession, vm_id: int, vcpu: int, seq: int) -> None:
+        """The agent answered (vm, vcpu, seq) with its fallback before this broker's result
+        arrived: if that result changed state, its handler undoes it."""
+        metrics.DIVERGENT_RESULTS.inc()
+        vm = host.vms.get(vm_id)
+        if vm is None or vcpu >= vm.nr_vcpus:
+            return
+        rec = vm.vcpus[vcpu]
+        if rec.last_seq != seq or rec.last_call is None:
+            log.info("vm %s vcpu %d seq %d: the guest got the fallback; nothing to undo",
+                     vm.info.key, vcpu, seq)
+            return
+        name, call, result = rec.last_call
+        rec.last_call = None
+        # Stepped at once: the guest's retry may be in this same frame, right behind the report.
+        task = run_eagerly(self._undo(host, vm, name, call, result), lambda r, e: None)
+        if task is not None:
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _undo(self, host: HostSession, vm: VmSession, name: str, call: Call,
+                    result: Result) -> None:
+        ctx = CallCtx(self, host, vm, name)
+        try:
+            await vm.pv.policy.handlers[name].undo(call, result, ctx)
+        except Exception:
+            log.exception("handler %s failed to undo %#x seq %d of vm %s", name,
+                          call.function_id, call.seq, vm.info.key)
+            return
+        log.warning("vm %s vcpu %d: %s undid fid %#x seq %d, whose result the guest never saw",
+                    vm.info.key, call.vcpu, name, call.function_id, call.seq)
+        self.flush_store()
+
     def destroy_vm(self, host: HostSession, vm_id: int) -> None:
         vm = host.vms.pop(vm_id, None)
         if vm is None:
@@ -307,6 +340,7 @@ class Dispatcher:
             return
         call = Call(vcpu, seq, fid, x, flags)
         ctx = CallCtx(self, host, vm, info.handler_name)
+        ctx.call = call
         rec.in_flight_seq = seq
         self.in_flight += 1
         t_start = time.monotonic_ns()
@@ -378,6 +412,8 @@ class Dispatcher:
         rec.last_seq = seq
         rec.last_result = record
         rec.last_writes = writes
+        rec.last_call = ((info.handler_name, ctx.call, result)
+                         if ctx is not None and ctx.durable and ctx.call is not None else None)
         rec.in_flight_seq = NO_SEQ
         seconds = (t_end - t_frame) / 1e9
         info.observe[result.outcome](seconds)

@@ -24,6 +24,11 @@ DUPLICATE_CALLS = Counter(
     "hyperbroker_broker_duplicate_calls_total",
     "Re-sent calls answered from the vCPU's last-result record or joined to the running one",
 )
+DIVERGENT_RESULTS = Counter(
+    "hyperbroker_broker_divergent_results_total",
+    "Results the guest never saw (its agent had answered with the fallback), handed to the "
+    "handler to undo",
+)
 AGENTS_CONNECTED = Gauge("hyperbroker_broker_agents_connected", "Agent streams open")
 VMS = Gauge("hyperbroker_broker_vms", "VMs registered with this broker")
 FRAMES = Counter("hyperbroker_broker_frames_total", "Stream frames", ["direction"])

@@ -140,6 +140,8 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
             dispatcher.destroy_vm(session, gone.vm_id)
         for reply in frame.memory_replies:
             session.memory_reply(reply)
+        for ref in frame.divergent:
+            dispatcher.divergent(session, ref.vm_id, ref.vcpu, ref.seq)
         for reset in frame.vms_reset:
             dispatcher.reset_vm(session, reset.vm_id, reset.request_id)
         for report in frame.filter_reports:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from hyperbroker.broker import metrics
 from hyperbroker.broker.policy_versions import PolicyVersion
+from hyperbroker.calls import Call, Result
 from hyperbroker.handlers.api import GuestMemoryError, VmInfo
 from hyperbroker.wire.v1 import broker_pb2
 
@@ -34,12 +35,15 @@ class FrameWriter(Protocol):
 
 
 class VcpuRecord:
-    __slots__ = ("calls", "in_flight_seq", "last_result", "last_seq", "last_writes")
+    __slots__ = ("calls", "in_flight_seq", "last_call", "last_result", "last_seq", "last_writes")
 
     def __init__(self) -> None:
         self.last_seq = NO_SEQ
         self.last_result: bytes | None = None  # the hb_result record (with its actions)
         self.last_writes: broker_pb2.ResultWrites | None = None
+        # The last call whose state changes were committed, with its handler and Result: what
+        # an undo needs if the agent reports that the guest got the fallback instead.
+        self.last_call: tuple[str, Call, Result] | None = None
         self.in_flight_seq = NO_SEQ
         self.calls = 0
 

@@ -171,6 +171,13 @@ class Handler(abc.ABC):
     async def vm_destroyed(self, ctx: CallContext) -> None:  # noqa: B027 - optional hook
         """The VM is gone for good: release what it held (sessions, shares, records)."""
 
+    async def undo(self, call: Call, result: Result, ctx: CallContext) -> None:  # noqa: B027
+        """Undo `call`, which returned `result` and whose state changes were committed, but
+        whose result the guest never saw: its agent had already answered with the rule's
+        fallback (the result arrived after the deadline). The guest will retry, so leave the
+        state as if the call had never run (e.g. PSCI: the CPU_ON target is off again). Runs
+        at most once per call, in the order results were committed; default: nothing."""
+
     async def vm_reset(self, ctx: CallContext) -> None:  # noqa: B027 - optional hook
         """The VM was reset (a SYSTEM_RESET action was carried out): forget per-boot state."""
 

@@ -1,8 +1,10 @@
 """FF-A vocabulary: function IDs, versions, error codes, and the typed answers folded to registers.
 
-Everything here mirrors Arm DEN0077 (FF-A v1.0/v1.1/v1.2) as include/linux/arm_ffa.h; FF-A memory
-sharing records it from Linux (include/linux/arm_ffa.h), Hafnium, TF-A and Xen. It is pure data and
-pure functions: it knows nothing of handler state, guest memory, partitions or the broker."""
+Everything here mirrors Arm DEN0077A (FF-A v1.0/v1.1/v1.2) as Linux (include/linux/arm_ffa.h),
+Hafnium (inc/vmapi/hf/ffa.h), TF-A (include/services/ffa_svc.h) and Xen (xen/arch/arm/tee/ffa*)
+encode it. It is pure data and pure functions: it knows nothing of handler state, guest memory,
+partitions or the broker.
+"""
 
 from __future__ import annotations
 
@@ -12,12 +14,13 @@ from dataclasses import dataclass
 
 from hyperbroker.smccc import U64_MASK, FunctionRange
 
-W_MASK = 0xFFFF_FFFF  # wN is the low 32 bits of xN
+W_MASK = 0xFFFF_FFFF  # wN is the low 32 bits of xN (Arm DEN0028, SMC32 calls)
 
-# Function IDs: SMC32 = 0x84000000 | fn, SMC64 = 0xC4000000 | fn.
+# Function IDs (include/linux/arm_ffa.h FFA_SMC_32/FFA_SMC_64): SMC32 = 0x84000000 | fn,
+# SMC64 = 0xC4000000 | fn.
 # FF-A is the fast functions 0x60..0xFF of the standard secure service, SMC32 and SMC64: what
 # pKVM treats as FF-A (Linux arch/arm64/kvm/hyp/include/nvhe/ffa.h FFA_MIN_FUNC_NUM 0x60,
-# FFA_MAX_FUNC_NUM 0xFF; 0x7F in older kernels). DEN0077 allocates 0x60..0x90 so far. The ABI
+# FFA_MAX_FUNC_NUM 0xFF; 0x7F in older kernels). DEN0077A allocates 0x60..0x90 so far. The ABI
 # is this range, whole.
 RANGES = (FunctionRange(0x8400_0060, 0xA0), FunctionRange(0xC400_0060, 0xA0))
 FFA_ERROR = 0x8400_0060
@@ -81,20 +84,22 @@ FFA_EL3_INTR_HANDLE = 0x8400_008C
 FFA_MSG_SEND_DIRECT_REQ2 = 0xC400_008D  # SMC64 only
 FFA_MSG_SEND_DIRECT_RESP2 = 0xC400_008E  # SMC64 only
 
-# A bounded set of names (metrics labels, the CLI): every ID FF-A v1.0-v1.2 defines.
+# A bounded set of names (metrics labels, the CLI): every ID above, as Linux, TF-A and Hafnium
+# name them.
 FUNCTION_NAMES: Mapping[int, str] = {
     value: name
     for name, value in sorted(globals().items())
     if name.startswith("FFA_") and isinstance(value, int) and value > 0xFFFF
 }
-OTHER_FUNCTION = "FFA_OTHER"  # an ID in the FF-A ranges that FF-A does not define
+OTHER_FUNCTION = "FFA_OTHER"  # an ID in the FF-A ranges that none of the above names
 
 
 def function_name(fid: int) -> str:
     return FUNCTION_NAMES.get(fid, OTHER_FUNCTION)
 
 
-# Version encoding: major bits[30:16], minor bits[15:0], bit 31 must be zero.
+# Version encoding (DEN0077A §13.2 FFA_VERSION; Linux FFA_MAJOR_VERSION_MASK, Hafnium
+# FFA_VERSION_MBZ_BIT): major bits[30:16], minor bits[15:0], bit 31 must be zero.
 VERSION_MBZ = 1 << 31
 VERSION_MAJOR_SHIFT = 16
 VERSION_MAJOR_MASK = 0x7FFF
@@ -119,7 +124,7 @@ def version_minor(version: int) -> int:
 
 
 class FfaError(enum.IntEnum):
-    """Error codes, carried in w2 of FFA_ERROR."""
+    """Error codes, carried in w2 of FFA_ERROR (Linux FFA_RET_*; Hafnium adds NOT_READY)."""
 
     NOT_SUPPORTED = -1
     INVALID_PARAMETERS = -2
@@ -134,14 +139,15 @@ class FfaError(enum.IntEnum):
 
 
 class FeatureId(enum.IntEnum):
-    """FFA_FEATURES feature IDs (w1 bit 31 clear, ID in bits[7:0])."""
+    """FFA_FEATURES feature IDs (DEN0077A v1.2 §13.3; w1 bit 31 clear, ID in bits[7:0])."""
 
     NPI = 1  # notification pending interrupt
     SRI = 2  # schedule receiver interrupt
     MEI = 3  # managed exit interrupt
 
 
-# Bit 15 set marks a secure endpoint (SP); 0 is the hypervisor; 0xFFFF is TF-A's SPMD.
+# Bit 15 set marks a secure endpoint (SP), a convention DEN0077A suggests (v1.2 §6.1; Xen
+# FFA_ID_IS_SECURE); 0 is the hypervisor; 0xFFFF is TF-A's SPMD (SPMD_DIRECT_MSG_ENDPOINT_ID).
 ENDPOINT_SECURE_BIT = 0x8000
 ENDPOINT_ID_MASK = 0xFFFF
 HYPERVISOR_ID = 0
@@ -154,7 +160,8 @@ def is_secure(endpoint_id: int) -> bool:
 
 
 def pack_target(source: int, destination: int) -> int:
-    """w1 of direct messages: source in bits[31:16], destination in [15:0] (PACK_TARGET_INFO)."""
+    """w1 of direct messages: source in bits[31:16], destination in [15:0] (Linux
+    PACK_TARGET_INFO)."""
     return ((source & ENDPOINT_ID_MASK) << 16) | (destination & ENDPOINT_ID_MASK)
 
 
@@ -162,7 +169,8 @@ def unpack_target(w1: int) -> tuple[int, int]:
     return (w1 >> 16) & ENDPOINT_ID_MASK, w1 & ENDPOINT_ID_MASK
 
 
-# Memory handles; bit 63 says who allocated it (1 = hypervisor, 0 = SPMC).
+# Memory handles (DEN0077A v1.1 §10.9.2): bit 63 says who allocated it (1 = hypervisor,
+# 0 = SPMC; Xen FFA_HANDLE_HYP_FLAG, Hafnium FFA_MEMORY_HANDLE_ALLOCATOR_BIT).
 HANDLE_HYPERVISOR_BIT = 1 << 63
 INVALID_HANDLE = U64_MASK
 
@@ -176,7 +184,7 @@ def split_handle(handle: int) -> tuple[int, int]:
     return handle & W_MASK, (handle >> 32) & W_MASK
 
 
-# Partition property bits.
+# Partition property bits (DEN0077A v1.2 Table 6.2; Hafnium FFA_PARTITION_*).
 PROP_DIRECT_REQ_RECV = 1 << 0
 PROP_DIRECT_REQ_SEND = 1 << 1
 PROP_INDIRECT_MSG = 1 << 2
@@ -188,13 +196,15 @@ PROP_DIRECT_REQ2_RECV = 1 << 9  # v1.2
 PROP_DIRECT_REQ2_SEND = 1 << 10  # v1.2
 PROPS_V1_2_ONLY = PROP_DIRECT_REQ2_RECV | PROP_DIRECT_REQ2_SEND
 
-# W2 bit 31 of a direct message marks a framework message.
+# w2 bit 31 of a direct message marks a framework message (Linux FFA_MSG_FLAG_FRAMEWORK).
 DIRECT_MSG_FRAMEWORK = 1 << 31
 
-# FFA_PARTITION_INFO_GET flags (w5); bit 0 "return count only" exists from v1.1.
+# FFA_PARTITION_INFO_GET flags (w5); bit 0 "return count only" exists from v1.1 (DEN0077A v1.1
+# Table 13.34; Hafnium FFA_PARTITION_COUNT_FLAG).
 PARTITION_INFO_COUNT_ONLY = 1 << 0
 
-# Result widths: FF-A results live in w0..w7; SMCCC 1.2 calls (v1.2) may use x0..x17.
+# Result widths: FF-A results live in w0..w7; SMCCC 1.2 calls (v1.2) may use x0..x17 (Linux
+# struct arm_smccc_1_2_regs; Xen zeroes x8..x17 for v1.2 guests).
 NARROW_WIDTH = 8
 WIDE_WIDTH = 18
 
@@ -234,7 +244,7 @@ class VersionAnswer:
 
 @dataclass(frozen=True, slots=True)
 class FragRx:
-    """FFA_MEM_FRAG_RX: w1/w2 = handle, w3 = bytes received so far, w4 = 0."""
+    """FFA_MEM_FRAG_RX: w1/w2 = handle, w3 = bytes received so far, w4 = 0 (Hafnium, pKVM)."""
 
     handle: int
     received: int

@@ -3,11 +3,12 @@
 `parse_mem_transaction` turns the bytes a sender put in its TX buffer into a typed `MemTransaction`,
 or answers `FfaError.INVALID_PARAMETERS`. Every offset, count and length is checked against the data
 before it is used, every reserved field must be zero, and the permission and attribute encodings
-must be ones the spec defines (the memory transaction descriptor, include/linux/arm_ffa.h;
-descriptor sizes, include/linux/arm_ffa.h). It never raises for any input. Whether a well-formed
-transaction is *allowed* (who the sender is, which receivers exist, limits, memory ownership) is
-decided in handlers.ffa.memshare; this module knows nothing of handler state, partitions or guest
-memory."""
+must be ones the spec defines (Arm DEN0077A v1.1 §10.9-§10.11, Tables 10.13-10.20; the same
+structures in include/linux/arm_ffa.h and Hafnium's inc/vmapi/hf/ffa.h). It never raises for any
+input. Whether a well-formed transaction is *allowed* (who the sender is, which receivers exist,
+limits, memory ownership) is decided in handlers.ffa.memshare; this module knows nothing of handler
+state, partitions or guest memory.
+"""
 
 from __future__ import annotations
 
@@ -18,17 +19,18 @@ from dataclasses import dataclass
 
 from hyperbroker.handlers.ffa.abi import VERSION_1_0, VERSION_1_2, FfaError
 
-PAGE_SIZE = 4096  # the FF-A granule: Linux FFA_PAGE_SIZE SZ_4K (constituents)
+PAGE_SIZE = 4096  # the FF-A granule of RX/TX pages and constituents: Linux FFA_PAGE_SIZE SZ_4K
 ADDRESS_LIMIT = 1 << 64
 
-# Sizes.
+# Sizes: v1.0 header 32 bytes, v1.1+ 48; EMAD 16 bytes, 32 from v1.2 (Linux ffa_mem_desc_offset,
+# FFA_EMAD_HAS_IMPDEF_FIELD); composite header and constituent 16 each.
 HEADER_SIZE_V1_0 = 32
 HEADER_SIZE_V1_1 = 48
 EMAD_SIZE_V1_0 = 16  # also v1.1
 EMAD_SIZE_V1_2 = 32
 COMPOSITE_HEADER_SIZE = 16
 CONSTITUENT_SIZE = 16
-EMAD_OFFSET_ALIGN = 16  # Xen rejects `offs & 0xF`; L-H: "16-byte aligned offset"
+EMAD_OFFSET_ALIGN = 16  # Xen rejects `offs & 0xF`; arm_ffa.h: "16-byte aligned offset"
 
 _HEADER_V1_0 = struct.Struct("<HBBIQQII")  # sender, attrs, rsvd, flags, handle, tag, rsvd, count
 _HEADER_V1_1 = struct.Struct("<HHIQQIII12s")  # ... emad size, count, emad offset, reserved
@@ -36,7 +38,8 @@ _EMAD = struct.Struct("<HBBI")  # receiver, permissions, flags, composite offset
 _COMPOSITE = struct.Struct("<IIQ")  # total pages, constituent count, reserved
 _CONSTITUENT = struct.Struct("<QII")  # address, page count, reserved
 
-# Access permissions byte: data access bits[1:0], instruction access bits[3:2].
+# Access permissions byte (DEN0077A v1.1 Table 10.15): data access bits[1:0], instruction access
+# bits[3:2].
 DATA_ACCESS_MASK = 0x3
 INSTRUCTION_ACCESS_SHIFT = 2
 INSTRUCTION_ACCESS_MASK = 0x3
@@ -55,11 +58,12 @@ class InstructionAccess(enum.IntEnum):
     X = 2
 
 
-# Memory region attributes: shareability bits[1:0], cacheability [3:2], type [5:4].
+# Memory region attributes (DEN0077A v1.1 Table 10.18): shareability bits[1:0], cacheability
+# [3:2], type [5:4].
 ATTR_SHAREABILITY_MASK = 0x3
 ATTR_CACHEABILITY_SHIFT = 2
 ATTR_TYPE_SHIFT = 4
-ATTR_NS_BIT = 1 << 6  # v1.1; reserved for DONATE/LEND/SHARE (Xen: INVALID_PARAMETERS)
+ATTR_NS_BIT = 1 << 6  # v1.1; reserved for DONATE/LEND/SHARE (§10.10.4.1; Xen: INVALID_PARAMETERS)
 ATTR_MBZ_V1_0 = 0xC0  # bits[7:6] of the v1.0 attribute byte
 ATTR_MBZ_V1_1 = 0xFFC0  # bits[15:7] reserved, plus the NS bit for a send
 SHAREABILITY_RESERVED = 1
@@ -68,7 +72,7 @@ TYPE_DEVICE = 1
 TYPE_NORMAL = 2
 NORMAL_NON_CACHEABLE = 1
 NORMAL_WRITE_BACK = 3
-NORMAL_WB_INNER_SHAREABLE = 0x2F  # OF FFA_NORMAL_MEM_REG_ATTR; what Linux sends for SHARE
+NORMAL_WB_INNER_SHAREABLE = 0x2F  # OP-TEE/Xen FFA_NORMAL_MEM_REG_ATTR; what Linux sends for SHARE
 
 EMAD_FLAGS_MBZ = 0xFF  # bit0 (retrieve-self-borrower) is for retrieve requests only
 
@@ -120,7 +124,7 @@ class EndpointAccess:
 
 @dataclass(frozen=True, slots=True)
 class MemTransaction:
-    """A lend/share transaction descriptor as the sender wrote it."""
+    """A lend/share transaction descriptor as the sender wrote it (DEN0077A v1.1 Table 10.20)."""
 
     layout: Layout
     sender: int
@@ -153,14 +157,17 @@ def layout_for(version: int, emad_size: int | None = None) -> Layout | None:
 
 
 def minimum_first_fragment(version: int) -> int:
-    """Header plus one EMAD: the smallest first fragment pKVM (PK2) accepts."""
+    """Header plus one 16-byte EMAD: the smallest first fragment that can hold a descriptor, the
+    bound pKVM checks too (__do_ffa_mem_xfer in arch/arm64/kvm/hyp/nvhe/ffa.c). A 32-byte v1.2
+    EMAD is checked when the whole descriptor is parsed."""
     if version <= VERSION_1_0:
         return HEADER_SIZE_V1_0 + EMAD_SIZE_V1_0
     return HEADER_SIZE_V1_1 + EMAD_SIZE_V1_0
 
 
 def attributes_valid(attributes: int) -> bool:
-    """A defined encoding of the memory region attributes, reserved bits already zero."""
+    """A defined encoding of the memory region attributes (Table 10.18), reserved bits already
+    zero."""
     kind = (attributes >> ATTR_TYPE_SHIFT) & 0x3
     cacheability = (attributes >> ATTR_CACHEABILITY_SHIFT) & 0x3
     shareability = attributes & ATTR_SHAREABILITY_MASK
@@ -177,7 +184,7 @@ def attributes_valid(attributes: int) -> bool:
 
 
 def permissions_valid(permissions: int) -> bool:
-    """Neither access field uses its reserved value 3 and bits[7:4] are zero."""
+    """Neither access field uses its reserved value 3 and bits[7:4] are zero (Table 10.15)."""
     if permissions & PERMISSIONS_MBZ:
         return False
     data = permissions & DATA_ACCESS_MASK
@@ -316,7 +323,8 @@ def build_mem_transaction(
     flags: int = 0,
     tag: int = 0,
 ) -> MemTransaction:
-    """A descriptor laid out as Linux lays it out: EMADs right after the header."""
+    """A descriptor laid out as Linux lays it out (ffa_setup_and_transmit in
+    drivers/firmware/arm_ffa/driver.c): EMADs right after the header."""
     layout = Layout.V1_2 if version >= VERSION_1_2 else layout_for(version)
     assert layout is not None
     emad_offset = layout.header_size
@@ -335,7 +343,8 @@ def build_mem_transaction(
     )
 
 
-# Partition information descriptor: id, execution contexts, properties, UUID (v1.1+).
+# Partition information descriptor: id, execution contexts, properties, UUID (v1.1+); DEN0077A
+# v1.0 Table 8.25 (8 bytes), v1.1 Table 13.37 (24 bytes).
 PARTITION_INFO_SIZE_V1_0 = 8
 PARTITION_INFO_SIZE_V1_1 = 24
 _PARTITION_INFO = struct.Struct("<HHI")

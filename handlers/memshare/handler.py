@@ -156,6 +156,18 @@ class MemshareHandler(Handler):
             GUARDED.labels(ctx.vm.host, ctx.vm.name).set(after.guarded.size // self.policy.granule)
         return Result.regs(0)
 
+    async def undo(self, call: Call, result: Result, ctx: CallContext) -> None:
+        """A share or unshare the guest never saw succeed is reversed, so its retry succeeds."""
+        inverse = {abi.MEM_SHARE: record.unshare, abi.MEM_UNSHARE: record.share}.get(
+            call.function_id)
+        if inverse is None or result.x[0] != 0:
+            return
+        before = self.load(ctx)
+        after = inverse(self.policy, before, call.arg(1), (0, 0))
+        if not isinstance(after, Refusal) and after != before:
+            ctx.state.put({"v": STATE_VERSION, "record": after.to_json()})
+            SHARED_BYTES.labels(ctx.vm.host, ctx.vm.name).set(after.shared.size)
+
     async def vm_destroyed(self, ctx: CallContext) -> None:
         """The VM is gone: its shares go with it (a destroyed VM's share records are dropped)."""
         self._forget(ctx)

@@ -9,10 +9,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from hyperbroker.calls import Call, Outcome, Result
+from hyperbroker.calls import ActionKind, Call, Outcome, Result
 from hyperbroker.handlers.api import Abi, CallContext, Handler, HandlerConfigError
 from hyperbroker.handlers.psci import abi, service
-from hyperbroker.handlers.psci.power import VmPower
+from hyperbroker.handlers.psci.power import Power, VmPower
 from hyperbroker.handlers.psci.service import AddressRange, PsciConfig
 from hyperbroker.smccc import FunctionRange
 
@@ -134,6 +134,20 @@ class PsciHandler(Handler):
             ctx.state.put({"v": STATE_VERSION, "power": new.to_json()})
         return Result.regs(answer.x0, actions=answer.actions,
                            outcome=Outcome.GUEST_ERROR if answer.error else Outcome.OK)
+
+    async def undo(self, call: Call, result: Result, ctx: CallContext) -> None:
+        """A CPU_ON the guest never saw succeed: the VMM never got the action, so the target is
+        OFF again (not ON_PENDING) and the guest's retry powers it on."""
+        targets = [a.vcpu for a in result.actions if a.kind == ActionKind.CPU_ON]
+        if not targets:
+            return
+        stored = self.power(ctx)
+        power = stored
+        for t in targets:
+            if 0 <= t < len(power.vcpus) and power.state(t) is Power.ON_PENDING:
+                power = power.stop(t)
+        if power != stored:
+            ctx.state.put({"v": STATE_VERSION, "power": power.to_json()})
 
     async def vm_destroyed(self, ctx: CallContext) -> None:
         ctx.state.put(None)

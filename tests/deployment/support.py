@@ -51,6 +51,7 @@ METRICS: Mapping[str, Metric] = {
     "hyperbroker_broker_calls_in_flight": _m("gauge"),
     "hyperbroker_broker_handler_errors_total": _m("counter", "handler"),
     "hyperbroker_broker_duplicate_calls_total": _m("counter"),
+    "hyperbroker_broker_divergent_results_total": _m("counter"),
     "hyperbroker_broker_agents_connected": _m("gauge"),
     "hyperbroker_broker_vms": _m("gauge"),
     "hyperbroker_broker_frames_total": _m("counter", "direction"),
@@ -69,6 +70,7 @@ METRICS: Mapping[str, Metric] = {
     "hyperbroker_agent_vmm_connections": _m("gauge"),
     "hyperbroker_agent_protocol_errors_total": _m("counter", "code"),
     "hyperbroker_agent_vms_rejected_total": _m("counter", "reason"),
+    "hyperbroker_agent_divergent_results_total": _m("counter"),
     "hyperbroker_agent_memory_bytes_total": _m("counter", "direction"),
     "hyperbroker_agent_link_rtt_seconds": _m("histogram"),
     # handlers: every metric the shipped handler packages export (docs/operations.md "Handlers")

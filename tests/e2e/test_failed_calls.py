@@ -4,17 +4,24 @@ Measured before: state a handler put before it raised was committed, and the bro
 handler run for four times the rule's deadline plus a second, committing a result (and its
 state) the agent had already replaced with the fallback. Now a failed call's puts are rolled
 back and the broker gives a handler the rule's deadline, so a call that times out changes
-nothing either. Real broker and agent processes; the test plays the VMM.
+nothing either. And a result the broker did commit, but that reached the agent after its
+fallback (AgentFrame.divergent), is undone by its handler and counted. Real broker and agent
+processes; the test plays the VMM, or the agent itself where it must report a divergence.
 """
 
 from __future__ import annotations
 
 import asyncio
+import urllib.request
+
+import grpc
 
 from hyperbroker.calls import Outcome
 from hyperbroker.smccc import to_s64
 from hyperbroker.testing.procs import AgentProcess, Broker
 from hyperbroker.testing.vmm import VmmClient
+from hyperbroker.wire import vmm as proto
+from hyperbroker.wire.v1 import broker_pb2, broker_pb2_grpc
 from hyperbroker.wire.vmm import ResultSource
 
 INCREMENT, SLOW_INCREMENT, INCREMENT_THEN_FAIL = 0x8200_0001, 0x8200_0002, 0x8200_0009
@@ -43,3 +50,45 @@ async def test_a_call_that_outlives_its_deadline_changes_nothing(broker: Broker,
                             60)
     assert (await client.call(reg.vm_id, 0, INCREMENT)).x[1] == 2  # the slow one left nothing
     client.close()
+
+
+async def test_a_divergent_result_is_undone_and_counted(broker: Broker) -> None:
+    channel = grpc.aio.insecure_channel(broker.address)
+    stream = broker_pb2_grpc.BrokerStub(channel).Connect()
+    await stream.write(broker_pb2.AgentFrame(hello=broker_pb2.AgentHello(host="host-d",
+                                                                         protocol=1)))
+    await stream.read()
+    await stream.write(broker_pb2.AgentFrame(vms_registered=[broker_pb2.VmRegistered(
+        vm_id=1, name="vm-d", profile="default", policy_version=1, nr_vcpus=1,
+        incarnation="d1")]))
+
+    async def increment(seq: int, divergent: int | None = None) -> int:
+        frame = broker_pb2.AgentFrame(calls=proto.CALL.pack(
+            1, 0, seq, INCREMENT, 0, 0, INCREMENT, *[0] * 17))
+        if divergent is not None:  # reported in the same frame as the guest's retry
+            frame.divergent.add(vm_id=1, vcpu=0, seq=divergent)
+        await stream.write(frame)
+        while True:
+            reply = await asyncio.wait_for(stream.read(), 30)
+            if reply.results:
+                msg = proto.decode(proto.header(proto.MsgType.RESULT, 0, len(reply.results))
+                                   + reply.results).message
+                assert isinstance(msg, proto.ResultMsg)
+                return msg.x[1]
+
+    before = scrape_value(broker, "hyperbroker_broker_divergent_results_total")
+    assert await increment(1) == 1
+    assert await increment(2) == 2  # the guest got the fallback for this one instead
+    assert await increment(3, divergent=2) == 2  # undone before the retry ran
+    assert scrape_value(broker, "hyperbroker_broker_divergent_results_total") == before + 1
+    await channel.close()
+
+
+def scrape_value(broker: Broker, name: str) -> float:
+    assert broker.metrics_port is not None
+    with urllib.request.urlopen(f"http://127.0.0.1:{broker.metrics_port}/metrics",
+                                timeout=30) as r:
+        text = r.read().decode()
+    values = [float(line.split()[-1]) for line in text.splitlines()
+              if line.startswith(name + " ")]
+    return values[0] if values else 0.0

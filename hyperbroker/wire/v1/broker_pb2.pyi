@@ -17,7 +17,7 @@ FILTER_ACTION_DENY: FilterAction
 FILTER_ACTION_FWD_TO_USER: FilterAction
 
 class AgentFrame(_message.Message):
-    __slots__ = ("hello", "vms_registered", "vms_destroyed", "calls", "memory_replies", "filter_reports", "keepalive", "vms_reset")
+    __slots__ = ("hello", "vms_registered", "vms_destroyed", "calls", "memory_replies", "filter_reports", "keepalive", "vms_reset", "divergent")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     VMS_REGISTERED_FIELD_NUMBER: _ClassVar[int]
     VMS_DESTROYED_FIELD_NUMBER: _ClassVar[int]
@@ -26,6 +26,7 @@ class AgentFrame(_message.Message):
     FILTER_REPORTS_FIELD_NUMBER: _ClassVar[int]
     KEEPALIVE_FIELD_NUMBER: _ClassVar[int]
     VMS_RESET_FIELD_NUMBER: _ClassVar[int]
+    DIVERGENT_FIELD_NUMBER: _ClassVar[int]
     hello: AgentHello
     vms_registered: _containers.RepeatedCompositeFieldContainer[VmRegistered]
     vms_destroyed: _containers.RepeatedCompositeFieldContainer[VmDestroyed]
@@ -34,7 +35,18 @@ class AgentFrame(_message.Message):
     filter_reports: _containers.RepeatedCompositeFieldContainer[FilterReport]
     keepalive: Keepalive
     vms_reset: _containers.RepeatedCompositeFieldContainer[VmReset]
-    def __init__(self, hello: _Optional[_Union[AgentHello, _Mapping]] = ..., vms_registered: _Optional[_Iterable[_Union[VmRegistered, _Mapping]]] = ..., vms_destroyed: _Optional[_Iterable[_Union[VmDestroyed, _Mapping]]] = ..., calls: _Optional[bytes] = ..., memory_replies: _Optional[_Iterable[_Union[MemoryReply, _Mapping]]] = ..., filter_reports: _Optional[_Iterable[_Union[FilterReport, _Mapping]]] = ..., keepalive: _Optional[_Union[Keepalive, _Mapping]] = ..., vms_reset: _Optional[_Iterable[_Union[VmReset, _Mapping]]] = ...) -> None: ...
+    divergent: _containers.RepeatedCompositeFieldContainer[CallRef]
+    def __init__(self, hello: _Optional[_Union[AgentHello, _Mapping]] = ..., vms_registered: _Optional[_Iterable[_Union[VmRegistered, _Mapping]]] = ..., vms_destroyed: _Optional[_Iterable[_Union[VmDestroyed, _Mapping]]] = ..., calls: _Optional[bytes] = ..., memory_replies: _Optional[_Iterable[_Union[MemoryReply, _Mapping]]] = ..., filter_reports: _Optional[_Iterable[_Union[FilterReport, _Mapping]]] = ..., keepalive: _Optional[_Union[Keepalive, _Mapping]] = ..., vms_reset: _Optional[_Iterable[_Union[VmReset, _Mapping]]] = ..., divergent: _Optional[_Iterable[_Union[CallRef, _Mapping]]] = ...) -> None: ...
+
+class CallRef(_message.Message):
+    __slots__ = ("vm_id", "vcpu", "seq")
+    VM_ID_FIELD_NUMBER: _ClassVar[int]
+    VCPU_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    vm_id: int
+    vcpu: int
+    seq: int
+    def __init__(self, vm_id: _Optional[int] = ..., vcpu: _Optional[int] = ..., seq: _Optional[int] = ...) -> None: ...
 
 class VmReset(_message.Message):
     __slots__ = ("vm_id", "request_id")

@@ -43,6 +43,11 @@ class CounterHandler(Handler):
     async def vm_reset(self, ctx: CallContext) -> None:
         ctx.state.put({"counter": 0})
 
+    async def undo(self, call: Call, result: Result, ctx: CallContext) -> None:
+        if call.function_id in (INCREMENT, SLOW_INCREMENT):
+            doc = ctx.state.get() or {"counter": 0}
+            ctx.state.put({"counter": doc["counter"] - 1})
+
     def admin_view(self, ctx: CallContext) -> object:
         return {"vm": ctx.vm.key, "state": ctx.state.get()}
 
