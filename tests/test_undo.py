@@ -3,24 +3,28 @@
 The agent answers a call with its rule's fallback when the broker's result is late; when that
 result had changed handler state, the agent reports it (AgentFrame.divergent) and the broker
 hands the call to `Handler.undo`, so the guest's retry succeeds. Measured before: PSCI CPU_ON
-left the target ON_PENDING and the retry got ALREADY_ON; memshare kept the share and the
-retry got -3.
+left the target ON_PENDING and the retry got ALREADY_ON; memshare kept the share and the retry
+got -3; FF-A kept the share and the retry was DENIED.
 """
 
 from __future__ import annotations
 
 from hyperbroker.calls import Call, Result
 from hyperbroker.handlers.api import Handler, VmInfo
+from hyperbroker.handlers.ffa import FfaHandler
+from hyperbroker.handlers.ffa import abi as ffa_abi
 from hyperbroker.handlers.memshare import MemshareHandler
 from hyperbroker.handlers.memshare import abi as ms_abi
 from hyperbroker.handlers.psci import PsciHandler
 from hyperbroker.handlers.psci import abi as psci_abi
 from hyperbroker.smccc import NR_ARGS, to_s64
 from hyperbroker.testing.context import FakeContext
+from hyperbroker.testing.ffa import BUFFER_ADDRESS, FfaGuest, error_of, handle_of
 
 VM = VmInfo(host="host-u", name="vm-undo", nr_vcpus=2, profile="default", policy_version=1)
 GRANULE = 0x4000_2000
 ALREADY_ON = -4
+SHA_PARTITION = 0x8002  # the built-in SHA-256 partition's endpoint ID
 
 
 def call_of(fid: int, *args: int, vcpu: int = 0) -> Call:
@@ -74,3 +78,18 @@ async def test_a_refused_call_is_not_undone() -> None:
     refused = await run(h, ctx, share)  # already shared: -3, nothing changed
     await h.undo(share, refused, ctx)
     assert h.admin_view(ctx)["shared_granules"] == 1
+
+
+async def test_ffa_an_undone_share_is_reclaimed_so_the_retry_is_not_denied() -> None:
+    guest = FfaGuest(FfaHandler({}))
+    await guest.setup(ffa_abi.VERSION_1_2)
+    first = await guest.share((SHA_PARTITION,), ((BUFFER_ADDRESS, 1),))
+    assert first.x[0] == ffa_abi.FFA_SUCCESS_32
+    again = await guest.share((SHA_PARTITION,), ((BUFFER_ADDRESS, 1),))
+    assert error_of(again) is ffa_abi.FfaError.DENIED  # the page is shared already
+    share_call = Call(vcpu=0, seq=guest.seq - 1, function_id=ffa_abi.FFA_MEM_SHARE_64,
+                      x=(ffa_abi.FFA_MEM_SHARE_64,) + (0,) * (NR_ARGS - 1))
+    await guest.handler.undo(share_call, first, guest.ctx)
+    retry = await guest.share((SHA_PARTITION,), ((BUFFER_ADDRESS, 1),))
+    assert retry.x[0] == ffa_abi.FFA_SUCCESS_32
+    assert handle_of(retry) != handle_of(first)  # handles are never given out twice

@@ -65,6 +65,11 @@ async def _probe(ctx: CallContext, addresses: Sequence[int]) -> bool:
     return True
 
 
+# Calls that hand pages to a partition and answer with a handle once the descriptor is whole.
+SENDS = frozenset({abi.FFA_MEM_SHARE_32, abi.FFA_MEM_SHARE_64, abi.FFA_MEM_LEND_32,
+                   abi.FFA_MEM_LEND_64, abi.FFA_MEM_FRAG_TX})
+
+
 class FfaHandler(Handler):
     """The FF-A endpoint with the built-in partition kinds; the installed plugin
     (handlers.ffa.remote.FfaPlugin) adds remote partitions."""
@@ -160,6 +165,22 @@ class FfaHandler(Handler):
             if ctx.state.get() is not None:
                 ctx.state.put(None)
         self._locks.pop(ctx.vm.key, None)
+
+    async def undo(self, call: Call, result: Result, ctx: CallContext) -> None:
+        """A share or lend the guest never saw complete is reclaimed, so its retry, which
+        offers the same pages again, is not DENIED as a second share of them."""
+        if call.function_id not in SENDS or result.x[0] not in (abi.FFA_SUCCESS_32,
+                                                                abi.FFA_SUCCESS_64):
+            return
+        handle = abi.join_handle(result.x[2], result.x[3])
+        async with self._locks.setdefault(ctx.vm.key, asyncio.Lock()):
+            before = VmState.from_json(ctx.state.get())
+            share = before.share(handle)
+            if share is None:
+                return
+            metrics.count(metrics.RECLAIMS, "undo")
+            metrics.count(metrics.PAGES_RECLAIMED, "undo", amount=share.pages)
+            self._save(ctx, before, before.without_share(handle))
 
     async def vm_reset(self, ctx: CallContext) -> None:
         """A reboot: shares reclaimed, buffers unmapped, version free to negotiate again. The
