@@ -29,7 +29,7 @@ def registration_error(reg: proto.RegisterVm, seqpacket: bool,
         return errno.EINVAL, "the VM name is empty"
     if not 0 < reg.nr_vcpus <= proto.MAX_VCPUS:
         return errno.EINVAL, f"nr_vcpus {reg.nr_vcpus} outside 1..{proto.MAX_VCPUS}"
-    if reg.flags & ~proto.REGISTER_MEM_FDS:
+    if reg.flags & ~(proto.REGISTER_MEM_FDS | proto.REGISTER_BOOT_ID):
         return errno.EINVAL, f"unknown flags {reg.flags:#x}"
     wants_fds = bool(reg.flags & proto.REGISTER_MEM_FDS)
     if wants_fds and not seqpacket:
@@ -76,8 +76,9 @@ class AgentVm:
         # Per vCPU, the seq of the last forwarded call answered with its fallback: a result for
         # it arriving later is one the guest never saw (AgentFrame.divergent).
         self.fell_back: list[int] = [-1] * reg.nr_vcpus
-        # This registration's identity at the broker: a new REGISTER_VM is a new boot.
-        self.incarnation = secrets.token_hex(16)
+        # This boot's identity at the broker: the VMM's boot ID, so that registering again after
+        # an agent restart resumes it; without one every REGISTER_VM is a new boot.
+        self.incarnation = reg.boot_id.hex() if reg.boot_id else secrets.token_hex(16)
         self.rejected: str | None = None  # why its forwarded calls get fallbacks, if they do
         self.rejected_by: str | None = None  # "broker" (until the next broker) or "filter"
 

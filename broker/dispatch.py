@@ -28,6 +28,7 @@ from hyperbroker.broker.sessions import (
     VcpuRecord,
     VmSession,
     load_stored_result,
+    regions_of,
     stored_result,
 )
 from hyperbroker.broker.store import Store, StoreBatch
@@ -63,7 +64,8 @@ class DispatchInfo:
 
 class Dispatcher:
     def __init__(self, store: Store, policies: PolicyRegistry, *, vm_rate: float = 0.0,
-                 vm_burst: float = 0.0) -> None:
+                 vm_burst: float = 0.0, reregister_grace_s: float = 60.0) -> None:
+        self.reregister_grace_s = reregister_grace_s
         self.store = store
         # Calls per second one VM may have handled, with bursts up to vm_burst; 0: no limit.
         self.vm_rate = vm_rate
@@ -137,12 +139,30 @@ class Dispatcher:
         old = host.vms.get(reg.vm_id)
         if old is not None:
             if old.name == reg.name and old.incarnation == reg.incarnation:
+                old.generation = host.generation
                 return  # a re-registration after reconnecting: the session lives on
             # The agent reused the handle for another registration: the old boot is over.
             log.info("vm %s (id %d) replaced by a new registration %s", old.info.key, old.vm_id,
                      reg.name)
             self.destroy_vm(host, reg.vm_id)
+        for vm_id, held in list(host.vms.items()):
+            if (held.name == reg.name and held.incarnation == reg.incarnation
+                    and held.nr_vcpus == reg.nr_vcpus and held.regions == regions_of(reg)):
+                # The same boot under a new handle (a restarted agent numbers VMs afresh).
+                del host.vms[vm_id]
+                held.vm_id, held.generation = reg.vm_id, host.generation
+                for rec in held.vcpus:  # the recorded results name the VM by its handle
+                    if rec.last_result is not None:
+                        rec.last_result = VM_ID.pack(reg.vm_id) + rec.last_result[VM_ID.size:]
+                    if rec.last_writes is not None:
+                        rec.last_writes.vm_id = reg.vm_id
+                host.vms[reg.vm_id] = held
+                log.info("vm %s resumed as id %d", held.info.key, reg.vm_id)
+                return
+            if held.name == reg.name:
+                self.destroy_vm(host, vm_id)  # the same name, another boot: that one is over
         vm = VmSession(host.host, reg, pv)
+        vm.generation = host.generation
         vm.tokens = self.vm_burst
         for vcpu, (seq, blob) in self.store.load_last_results(vm.key).items():
             if vcpu < vm.nr_vcpus:
@@ -199,6 +219,22 @@ class Dispatcher:
         log.warning("vm %s vcpu %d: %s undid fid %#x seq %d, whose result the guest never saw",
                     vm.info.key, call.vcpu, name, call.function_id, call.seq)
         self.flush_store()
+
+    def adopt(self, host: HostSession) -> None:
+        """A new agent process says hello for the host: its VMMs register again the VMs that
+        still run (the same boot IDs resume them); after the grace, the others are gone."""
+        host.generation += 1
+        asyncio.get_running_loop().call_later(self.reregister_grace_s, self._sweep, host,
+                                              host.generation)
+
+    def _sweep(self, host: HostSession, generation: int) -> None:
+        if host.generation != generation:
+            return  # yet another agent process came since: its own sweep decides
+        for vm_id, vm in list(host.vms.items()):
+            if vm.generation < generation:
+                log.info("vm %s was not registered again after its agent restarted: destroying "
+                         "it", vm.info.key)
+                self.destroy_vm(host, vm_id)
 
     def destroy_vm(self, host: HostSession, vm_id: int) -> None:
         vm = host.vms.pop(vm_id, None)

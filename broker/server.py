@@ -53,6 +53,9 @@ class BrokerConfig:
     vm_rate: float = 0.0  # calls per second per VM handed to handlers; 0: no limit
     vm_burst: float = 0.0  # bucket size; 0: one second's worth
     host_expiry_s: float = 600.0  # a host away this long is gone: its VMs are cleaned up
+    # After a new agent process for a host says hello, its VMMs have this long to register
+    # again what still runs; the host's other VMs are then cleaned up.
+    reregister_grace_s: float = 60.0
     housekeeping_s: float = 2.0  # how often to look for newer policies and expired hosts
 
 
@@ -67,7 +70,8 @@ class BrokerServer:
             raise PolicyInvalid([PolicyError(
                 "no policy: give --policy FILE (the state directory holds none yet)", "", ())])
         self.dispatcher = Dispatcher(self.store, self.policies, vm_rate=config.vm_rate,
-                                     vm_burst=config.vm_burst)
+                                     vm_burst=config.vm_burst,
+                                     reregister_grace_s=config.reregister_grace_s)
         self.broker_service = BrokerService(
             self.dispatcher, f"{socket.gethostname()}:{os.getpid()}",
             require_identity=config.tls is not None)

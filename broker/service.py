@@ -96,8 +96,11 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
         if session.writer is not None:
             log.warning("host %s reconnected while its previous stream was still open; "
                         "the new stream takes over", hello.host)
-        if hello.reconcile:
+        if hello.reconcile and hello.resumed:
+            # The same agent process: it knows exactly which of its VMs still run.
             self.dispatcher.reconcile(session, {v.vm_id: v.incarnation for v in hello.live_vms})
+        elif hello.reconcile:
+            self.dispatcher.adopt(session)  # a new agent process: its VMMs register again
         writer = StreamWriter(context)
         session.attach(writer, context.peer())
         metrics.AGENTS_CONNECTED.inc()

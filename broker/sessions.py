@@ -60,18 +60,24 @@ def load_stored_result(blob: bytes) -> tuple[bytes, broker_pb2.ResultWrites | No
     return record, broker_pb2.ResultWrites.FromString(rest) if rest else None
 
 
+def regions_of(reg: broker_pb2.VmRegistered) -> tuple[tuple[int, int, bool], ...]:
+    """(start, end, read-only) of each guest-RAM region a registration declares."""
+    return tuple((r.gpa, r.gpa + r.size, r.readonly) for r in reg.regions)
+
+
 class VmSession:
     def __init__(self, host: str, reg: broker_pb2.VmRegistered, pv: PolicyVersion) -> None:
         self.vm_id = reg.vm_id
         self.name = reg.name
         self.incarnation = reg.incarnation
+        self.generation = 0  # the host's agent process it was last registered under
         # The store key: one boot of one VM. Agents that name no incarnation (older ones) key by
         # host and name alone, as before.
         self.key = f"{host}/{reg.name}" + (f"#{reg.incarnation}" if reg.incarnation else "")
         self.profile = reg.profile or "default"
         self.pv = pv
         self.nr_vcpus = reg.nr_vcpus
-        self.regions = tuple((r.gpa, r.gpa + r.size, r.readonly) for r in reg.regions)
+        self.regions = regions_of(reg)
         self.vcpus = [VcpuRecord() for _ in range(reg.nr_vcpus)]
         self.info = VmInfo(host, reg.name, reg.nr_vcpus, self.profile, pv.version,
                            tuple((r.gpa, r.size) for r in reg.regions))
@@ -98,6 +104,7 @@ class HostSession:
     def __init__(self, host: str) -> None:
         self.host = host
         self.vms: dict[int, VmSession] = {}
+        self.generation = 0  # counts the agent processes that said hello for this host
         self.writer: FrameWriter | None = None
         self.peer = ""
         self.connected_since_ns = 0

@@ -79,6 +79,8 @@ SCALARS: dict[str, int] = {
     "HB_NAME_LEN": proto.NAME_LEN,
     "HB_PROFILE_LEN": proto.PROFILE_LEN,
     "HB_REGISTER_MEM_FDS": proto.REGISTER_MEM_FDS,
+    "HB_REGISTER_BOOT_ID": proto.REGISTER_BOOT_ID,
+    "HB_BOOT_ID_LEN": proto.BOOT_ID_LEN,
     "HB_REGION_READONLY": proto.REGION_READONLY,
 }
 

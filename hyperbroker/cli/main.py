@@ -45,6 +45,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         drain_grace_s=args.drain_grace,
         reuse_port=args.reuse_port or args.workers > 1,
         host_expiry_s=args.host_expiry,
+        reregister_grace_s=args.reregister_grace,
         health_listen=args.health_listen,
         vm_rate=args.vm_rate_limit,
         vm_burst=args.vm_burst,
@@ -148,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calls a VM may make at once above its rate (default: one second's)")
     p.add_argument("--host-expiry", type=float, default=600.0,
                    help="seconds a host's agent may be away before its VMs are cleaned up")
+    p.add_argument("--reregister-grace", type=non_negative, default=60.0, metavar="S",
+                   help="after an agent restarts, seconds its VMMs have to register again the "
+                        "VMs that still run; the host's others are then cleaned up")
     _tls_args(p)
     p.set_defaults(func=cmd_serve)
 

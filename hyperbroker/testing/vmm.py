@@ -189,12 +189,15 @@ class VmmClient:
 
     # ---- the protocol -----------------------------------------------------------------------
     async def register(self, name: str, nr_vcpus: int, profile: str = "",
-                       ram: GuestRam | None = None) -> Registration:
+                       ram: GuestRam | None = None, boot_id: bytes = b"") -> Registration:
+        """REGISTER_VM; `boot_id` (BOOT_ID_LEN bytes) names this boot, so registering again
+        with it (after the agent restarted) resumes the VM's state at the broker."""
         share = ram is not None and self.seqpacket
         regions = (ram.region(),) if ram is not None else ()
         tag = self._tag()
-        msg = proto.RegisterVm(name, profile, nr_vcpus, regions,
-                               proto.REGISTER_MEM_FDS if share else 0)
+        flags = (proto.REGISTER_MEM_FDS if share else 0) | (
+            proto.REGISTER_BOOT_ID if boot_id else 0)
+        msg = proto.RegisterVm(name, profile, nr_vcpus, regions, flags, boot_id)
         assert ram is not None or not share
         reply = await self.request(proto.encode(msg, tag), tag, [ram.fd] if share and ram else [])
         r = reply.message

@@ -33,6 +33,8 @@ MAX_VCPUS = 512
 NAME_LEN = 64
 PROFILE_LEN = 32
 REGISTER_MEM_FDS = 1 << 0
+REGISTER_BOOT_ID = 1 << 1
+BOOT_ID_LEN = 16
 REGION_READONLY = 1 << 0
 
 
@@ -120,6 +122,7 @@ class RegisterVm:
     nr_vcpus: int
     regions: tuple[MemRegion, ...]
     flags: int = 0
+    boot_id: bytes = b""  # BOOT_ID_LEN bytes with REGISTER_BOOT_ID, else empty
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,7 +300,10 @@ def _encode_payload(msg: Message) -> tuple[MsgType, bytes]:
             regions = b"".join(
                 REGION.pack(r.gpa, r.size, r.mmap_offset, r.flags, 0) for r in msg.regions
             )
-            return MsgType.REGISTER_VM, body + regions
+            if bool(msg.boot_id) != bool(msg.flags & REGISTER_BOOT_ID) or (
+                    msg.boot_id and len(msg.boot_id) != BOOT_ID_LEN):
+                raise ValueError(f"a boot ID is {BOOT_ID_LEN} bytes, sent with REGISTER_BOOT_ID")
+            return MsgType.REGISTER_VM, body + regions + msg.boot_id
         case RegisterVmReply():
             body = REGISTER_VM_REPLY.pack(
                 msg.status, msg.vm_id, msg.policy_version, len(msg.filters), 0
@@ -450,13 +456,19 @@ def _decode_payload(kind: MsgType, p: bytes) -> Message:
         name_raw, profile_raw, nr_vcpus, flags, nr_regions, _ = REGISTER_VM.unpack_from(p)
         if nr_regions > MAX_REGIONS:
             raise ProtocolError(errno.EINVAL, f"{nr_regions} regions exceed {MAX_REGIONS}")
-        _need(p, REGISTER_VM.size + nr_regions * REGION.size, "REGISTER_VM", exact=True)
+        end = REGISTER_VM.size + nr_regions * REGION.size
+        boot_len = BOOT_ID_LEN if flags & REGISTER_BOOT_ID else 0
+        _need(p, end + boot_len, "REGISTER_VM", exact=True)
         regions = tuple(
             MemRegion(gpa, size, off, fl)
-            for gpa, size, off, fl, _ in REGION.iter_unpack(p[REGISTER_VM.size :])
+            for gpa, size, off, fl, _ in REGION.iter_unpack(p[REGISTER_VM.size : end])
         )
+        boot_id = bytes(p[end : end + boot_len])
+        if boot_len and not any(boot_id):
+            raise ProtocolError(errno.EINVAL, "the boot ID is all zero")
         return RegisterVm(
-            _cstr(name_raw, "name"), _cstr(profile_raw, "profile"), nr_vcpus, regions, flags
+            _cstr(name_raw, "name"), _cstr(profile_raw, "profile"), nr_vcpus, regions, flags,
+            boot_id,
         )
     if kind is MsgType.REGISTER_VM_REPLY:
         _need(p, REGISTER_VM_REPLY.size, "REGISTER_VM_REPLY")

@@ -63,8 +63,14 @@ struct hb_header {
 	uint32_t tag;      /* chosen by the requester, echoed in the reply or error */
 };
 
-/* HB_MSG_REGISTER_VM: payload = struct hb_register_vm + nr_regions * struct hb_mem_region. */
+/* HB_MSG_REGISTER_VM: payload = struct hb_register_vm + nr_regions * struct hb_mem_region,
+ * then, with HB_REGISTER_BOOT_ID, HB_BOOT_ID_LEN bytes naming this boot of the VM. */
 #define HB_REGISTER_MEM_FDS (1u << 0) /* SEQPACKET only: one fd per region in SCM_RIGHTS */
+/* The VMM's own random ID for this boot (not all zero). Registering again with the same ID, after
+ * the agent restarted or the connection dropped, resumes the VM's handler state; without it (or
+ * with a new one) every registration is a new boot. */
+#define HB_REGISTER_BOOT_ID (1u << 1)
+#define HB_BOOT_ID_LEN 16
 
 struct hb_mem_region {
 	uint64_t gpa;          /* guest-physical base */

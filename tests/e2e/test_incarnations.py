@@ -11,6 +11,7 @@ the agent is either a real process or the test speaking the broker protocol itse
 
 from __future__ import annotations
 
+import asyncio
 import signal
 from pathlib import Path
 
@@ -26,13 +27,14 @@ from .conftest import plugin_env
 INCREMENT = 0x8200_0001  # the test counter handler: per-VM counter += 1, x1 = counter
 
 
-async def connect(broker: Broker, host: str,
-                  live: dict[int, str]) -> tuple[grpc.aio.Channel, object]:
-    """A stream as an agent opens it: the hello lists the host's live VMs."""
+async def connect(broker: Broker, host: str, live: dict[int, str],
+                  resumed: bool = True) -> tuple[grpc.aio.Channel, object]:
+    """A stream as an agent opens it: the hello lists the host's live VMs; `resumed` says the
+    agent process is the one that opened the host's previous stream."""
     channel = grpc.aio.insecure_channel(broker.address)
     stream = broker_pb2_grpc.BrokerStub(channel).Connect()
     await stream.write(broker_pb2.AgentFrame(hello=broker_pb2.AgentHello(
-        host=host, protocol=1, reconcile=True,
+        host=host, protocol=1, reconcile=True, resumed=resumed,
         live_vms=[broker_pb2.VmRef(vm_id=i, incarnation=inc) for i, inc in live.items()])))
     welcome = await stream.read()
     assert welcome.HasField("welcome")
@@ -61,7 +63,7 @@ async def test_the_same_incarnation_resumes_and_a_new_one_starts_afresh(
         tmp_path: Path, policy_file: Path) -> None:
     broker = start_broker(policy_file, tmp_path / "state", env=plugin_env(), log_level="info")
     try:
-        channel, stream = await connect(broker, "host-i", {})
+        channel, stream = await connect(broker, "host-i", {}, resumed=False)
         await register(stream, 1, "vm-i", "boot-a")
         assert [await increment(stream, 1, seq) for seq in (1, 2)] == [1, 2]
         await channel.close()
@@ -85,7 +87,7 @@ async def test_a_vm_that_ended_while_the_stream_was_down_is_cleaned_up(
         tmp_path: Path, policy_file: Path) -> None:
     broker = start_broker(policy_file, tmp_path / "state", env=plugin_env(), log_level="info")
     try:
-        channel, stream = await connect(broker, "host-j", {})
+        channel, stream = await connect(broker, "host-j", {}, resumed=False)
         await register(stream, 1, "vm-stays", "s")
         await register(stream, 2, "vm-ends", "e")
         assert await increment(stream, 1, 1) == 1
@@ -118,6 +120,36 @@ async def test_a_restarted_agent_does_not_inherit_the_old_boot(
         client = await VmmClient.connect(str(agent.socket), "seqpacket")
         reg = await client.register("vm-k", 1)  # the same name, handle 1 again
         assert (await client.call(reg.vm_id, 0, INCREMENT)).x[1] == 1
+        client.close()
+    finally:
+        agent.process.stop()
+        broker.process.stop()
+
+
+async def test_a_restarted_agent_resumes_the_boots_its_vmms_register_again(
+        tmp_path: Path, policy_file: Path) -> None:
+    """An agent upgrade must not reset running guests: a VMM that registers again with its boot
+    ID resumes the VM, and a VM none registers again within the grace is cleaned up."""
+    broker = start_broker(policy_file, tmp_path / "state", env=plugin_env(), log_level="info",
+                          extra=["--reregister-grace", "1"])
+    agent = start_agent(broker.address, "host-m", tmp_path / "a1")
+    try:
+        client = await VmmClient.connect(str(agent.socket), "seqpacket")
+        kept = await client.register("vm-kept", 1, boot_id=b"k" * 16)
+        gone = await client.register("vm-gone", 1, boot_id=b"g" * 16)
+        assert [(await client.call(kept.vm_id, 0, INCREMENT)).x[1] for _ in range(2)] == [1, 2]
+        assert (await client.call(gone.vm_id, 0, INCREMENT)).x[1] == 1
+        client.close()
+        agent.process.signal(signal.SIGKILL)
+        agent.process.stop()
+        agent = start_agent(broker.address, "host-m", tmp_path / "a2")
+        client = await VmmClient.connect(str(agent.socket), "seqpacket")
+        kept = await client.register("vm-kept", 1, boot_id=b"k" * 16)  # its VMM came back
+        assert (await client.call(kept.vm_id, 0, INCREMENT)).x[1] == 3  # the same boot goes on
+        await asyncio.to_thread(broker.process.wait_for,
+                                r"vm host-m/vm-gone was not registered again", 60)
+        await asyncio.to_thread(broker.process.wait_for, r"vm host-m/vm-gone destroyed", 60)
+        assert not any("vm-kept destroyed" in line for line in broker.process.lines)
         client.close()
     finally:
         agent.process.stop()

@@ -46,9 +46,20 @@ results = st.builds(
     st.lists(actions, max_size=6).map(tuple),
 )
 regions = st.builds(proto.MemRegion, u64, u64, u64, u32)
+
+
+def _register_vm(name: str, profile: str, nr_vcpus: int, regs: tuple[proto.MemRegion, ...],
+                 flags: int, boot_id: bytes | None) -> proto.RegisterVm:
+    flags &= ~proto.REGISTER_BOOT_ID
+    if boot_id is None:
+        return proto.RegisterVm(name, profile, nr_vcpus, regs, flags)
+    return proto.RegisterVm(name, profile, nr_vcpus, regs, flags | proto.REGISTER_BOOT_ID, boot_id)
+
+
 register_vms = st.builds(
-    proto.RegisterVm, c_string(proto.NAME_LEN), c_string(proto.PROFILE_LEN), u32,
+    _register_vm, c_string(proto.NAME_LEN), c_string(proto.PROFILE_LEN), u32,
     st.lists(regions, max_size=8).map(tuple), u32,
+    st.none() | st.binary(min_size=proto.BOOT_ID_LEN, max_size=proto.BOOT_ID_LEN).filter(any),
 )
 filters = st.builds(SmcccFilter, u32, u32, u8, st.binary(min_size=15, max_size=15))
 texts = st.text(st.characters(blacklist_categories=("Cs",)), max_size=80)
