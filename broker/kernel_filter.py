@@ -3,8 +3,7 @@
 It mirrors arch/arm64/kvm/hypercalls.c (Linux 6.4+; Documentation/virt/kvm/devices/vm.rst;
 arch/arm64/kvm/hypercalls.c) check for check and in the same order, so that the policy engine can
 prove its compiled records are ones KVM accepts, and so that the real-KVM test bed can run the same
-records against both and compare (measured on the KVM bed, docs/kvm-bed.md, "What
-real KVM did"). It knows the uapi record and errno values, and nothing of policies, handlers or
+records against both and compare (tests/kvm_bed/conftest.py FILTER_TABLE). It knows the uapi record and errno values, and nothing of policies, handlers or
 VMMs."""
 
 from __future__ import annotations

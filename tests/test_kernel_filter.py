@@ -2,7 +2,7 @@
 
 Every case of the kernel selftest tools/testing/selftests/kvm/arm64/smccc_filter.c
 (tools/testing/selftests/kvm/arm64/smccc_filter.c, rows 1-8), plus what the selftest leaves out but
-the code and the lab run show (measured on the KVM bed, docs/kvm-bed.md)."""
+the code and the real-KVM bed show (tests/kvm_bed/conftest.py FILTER_TABLE)."""
 
 from __future__ import annotations
 

@@ -79,8 +79,8 @@ async def test_get_shm_config_is_not_available(harness: Harness) -> None:
 
 async def test_disable_shm_cache_ends_with_enotavail_and_enable_with_ok(
         harness: Harness) -> None:
-    # measured on the KVM bed, docs/kvm-bed.md real guest item 4: any other answer
-    # hangs the probe.
+    # Linux's optee_disable_shm_cache loops until it gets these (drivers/tee/optee/smc_abi.c):
+    # any other answer hangs the probe.
     assert (await ask(harness, abi.DISABLE_SHM_CACHE)).x[0] == SmcReturn.ENOTAVAIL
     assert (await ask(harness, abi.ENABLE_SHM_CACHE)).x[0] == SmcReturn.OK
 

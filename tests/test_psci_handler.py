@@ -1,8 +1,7 @@
 """Userspace PSCI 1.3 through PsciHandler, one behaviour per test.
 
 References: include/uapi/linux/psci.h, arch/arm64/kvm/psci.c (IDs, return codes, KVM's behaviour
-that this handler mirrors), measured on the KVM bed, docs/kvm-bed.md (the calls
-Linux makes at boot)."""
+that this handler mirrors); drivers/firmware/psci/psci.c (the calls Linux makes at boot)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The PSCI calls a Linux 6.12/7.2 guest makes, in order, replayed against PsciHandler on a
-two-vCPU VM (measured on the KVM bed, docs/kvm-bed.md: PSCI_VERSION,
+two-vCPU VM (as observed booting a Debian arm64 kernel under real KVM: PSCI_VERSION,
 MIGRATE_INFO_TYPE, PSCI_FEATURES probes, CPU_ON of the secondary, SYSTEM_OFF)."""
 
 from __future__ import annotations

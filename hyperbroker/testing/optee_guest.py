@@ -4,7 +4,7 @@ A model of drivers/tee/optee/smc_abi.c, call.c and device.c for tests and tools:
 out in (simulated) guest RAM one per page, registers client buffers with REGISTER_SHM and page
 lists, issues CALL_WITH_ARG and handles ETHREAD_LIMIT and foreign-interrupt RPCs as
 optee_smc_do_call_with_arg does, and replays the driver's probe (Linux's drivers/tee/optee/smc_abi.c
-optee_probe; measured on the KVM bed, docs/kvm-bed.md item 4). It needs an `Smc`
+optee_probe, in the order a Debian arm64 kernel was seen to make them). It needs an `Smc`
 callable (registers in, registers out, guest memory updated) and the guest RAM to lay things out in;
 it knows nothing of how the call reaches the proxy (FakeContext in unit tests, the agent in
 end-to-end runs)."""
