@@ -1,10 +1,10 @@
 """A model of KVM's per-VM SMCCC filter: what kvm_smccc_set_filter() answers, record by record.
 
-It mirrors arch/arm64/kvm/hypercalls.c (Linux 6.4+; Documentation/virt/kvm/devices/vm.rst;
-arch/arm64/kvm/hypercalls.c) check for check and in the same order, so that the policy engine can
+It mirrors arch/arm64/kvm/hypercalls.c (Linux 6.4+; Documentation/virt/kvm/devices/vm.rst)
+check for check and in the same order, so that the policy engine can
 prove its compiled records are ones KVM accepts, and so that the real-KVM test bed can run the same
-records against both and compare (tests/kvm_bed/conftest.py FILTER_TABLE). It knows the uapi record and errno values, and nothing of policies, handlers or
-VMMs."""
+records against both and compare (tests/kvm_bed/conftest.py FILTER_TABLE). It knows the uapi record
+and errno values, and nothing of policies, handlers or VMMs."""
 
 from __future__ import annotations
 
