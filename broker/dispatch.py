@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import struct
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine
@@ -46,7 +45,6 @@ DISPATCH_CACHE_LIMIT = 4096
 OUTCOME_NAMES = [o.name.lower() for o in Outcome]
 RESET_ACTIONS = frozenset({ActionKind.SYSTEM_RESET, ActionKind.SYSTEM_RESET2})
 SOURCE_BROKER = int(ResultSource.BROKER)
-VM_ID = struct.Struct("<I")  # the head of struct hb_result
 
 
 @dataclass(slots=True)
@@ -151,11 +149,8 @@ class Dispatcher:
                 # The same boot under a new handle (a restarted agent numbers VMs afresh).
                 del host.vms[vm_id]
                 held.vm_id, held.generation = reg.vm_id, host.generation
-                for rec in held.vcpus:  # the recorded results name the VM by its handle
-                    if rec.last_result is not None:
-                        rec.last_result = VM_ID.pack(reg.vm_id) + rec.last_result[VM_ID.size:]
-                    if rec.last_writes is not None:
-                        rec.last_writes.vm_id = reg.vm_id
+                for rec in held.vcpus:
+                    rec.rename(reg.vm_id)
                 host.vms[reg.vm_id] = held
                 log.info("vm %s resumed as id %d", held.info.key, reg.vm_id)
                 return
@@ -167,13 +162,9 @@ class Dispatcher:
         for vcpu, (seq, blob) in self.store.load_last_results(vm.key).items():
             if vcpu < vm.nr_vcpus:
                 rec = vm.vcpus[vcpu]
-                record, writes = load_stored_result(blob)
-                # The agent may have given the VM a new handle since: rewrite it.
-                rec.last_result = VM_ID.pack(vm.vm_id) + record[VM_ID.size:]
-                if writes is not None:
-                    writes.vm_id = vm.vm_id
+                rec.last_result, rec.last_writes = load_stored_result(blob)
                 rec.last_seq = seq
-                rec.last_writes = writes
+                rec.rename(vm.vm_id)  # the agent may have given the VM a new handle since
         host.vms[reg.vm_id] = vm
         metrics.VMS.inc()
         log.info("vm %s registered (id %d, profile %s, policy v%d, %d vCPUs)", vm.info.key,

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 MEMORY_TIMEOUT_S = 2.0
 NO_SEQ = -1
 STORED_LEN = struct.Struct("<I")
+VM_ID = struct.Struct("<I")  # the head of struct hb_result
 
 
 class FrameWriter(Protocol):
@@ -46,6 +47,13 @@ class VcpuRecord:
         self.last_call: tuple[str, Call, Result] | None = None
         self.in_flight_seq = NO_SEQ
         self.calls = 0
+
+    def rename(self, vm_id: int) -> None:
+        """The recorded result names the VM by the agent's handle: give it the current one."""
+        if self.last_result is not None:
+            self.last_result = VM_ID.pack(vm_id) + self.last_result[VM_ID.size:]
+        if self.last_writes is not None:
+            self.last_writes.vm_id = vm_id
 
 
 def stored_result(record: bytes, writes: broker_pb2.ResultWrites | None) -> bytes:

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import grpc
 import pytest
 
 from hyperbroker.testing.procs import AgentProcess, Broker, start_agent, start_broker
+from hyperbroker.wire import vmm as proto
+from hyperbroker.wire.v1 import broker_pb2, broker_pb2_grpc
 
 PLUGINS = Path(__file__).resolve().parent.parent / "plugins"
 POLICY = """\
@@ -56,3 +61,32 @@ def agent(tmp_path: Path, broker: Broker) -> Iterator[AgentProcess]:
     a = start_agent(broker.address, "host-a", tmp_path, log_level="info")
     yield a
     a.process.stop()
+
+
+async def agent_stream(address: str, host: str, *, live: dict[int, str] | None = None,
+                       resumed: bool = False, policy_version: int = 0
+                       ) -> tuple[grpc.aio.Channel, Any]:
+    """A broker stream opened as an agent opens it (hello, then the welcome), for tests that
+    play the agent themselves. With `live`, the hello lists the host's live VMs (reconcile)."""
+    channel = grpc.aio.insecure_channel(address)
+    stream = broker_pb2_grpc.BrokerStub(channel).Connect()
+    hello = broker_pb2.AgentHello(host=host, protocol=1, resumed=resumed)
+    if live is not None:
+        hello.reconcile = True
+        hello.live_vms.extend(broker_pb2.VmRef(vm_id=i, incarnation=inc) for i, inc in live.items())
+    await stream.write(broker_pb2.AgentFrame(hello=hello))
+    welcome = await asyncio.wait_for(stream.read(), 30)
+    assert welcome.HasField("welcome")
+    assert welcome.welcome.policy.version >= policy_version
+    return channel, stream
+
+
+async def next_result(stream: Any) -> proto.ResultMsg:
+    """The first hb_result record of the next broker frame that carries results."""
+    while True:
+        frame = await asyncio.wait_for(stream.read(), 30)
+        if frame.results:
+            msg = proto.decode(proto.header(proto.MsgType.RESULT, 0, len(frame.results))
+                               + frame.results).message
+            assert isinstance(msg, proto.ResultMsg)
+            return msg

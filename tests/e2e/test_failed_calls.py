@@ -14,15 +14,15 @@ from __future__ import annotations
 import asyncio
 import urllib.request
 
-import grpc
-
 from hyperbroker.calls import Outcome
 from hyperbroker.smccc import to_s64
 from hyperbroker.testing.procs import AgentProcess, Broker
 from hyperbroker.testing.vmm import VmmClient
 from hyperbroker.wire import vmm as proto
-from hyperbroker.wire.v1 import broker_pb2, broker_pb2_grpc
+from hyperbroker.wire.v1 import broker_pb2
 from hyperbroker.wire.vmm import ResultSource
+
+from .conftest import agent_stream, next_result
 
 INCREMENT, SLOW_INCREMENT, INCREMENT_THEN_FAIL = 0x8200_0001, 0x8200_0002, 0x8200_0009
 DEADLINE_MS = 3000  # the counter rule's, tests/e2e/conftest.py
@@ -53,11 +53,7 @@ async def test_a_call_that_outlives_its_deadline_changes_nothing(broker: Broker,
 
 
 async def test_a_divergent_result_is_undone_and_counted(broker: Broker) -> None:
-    channel = grpc.aio.insecure_channel(broker.address)
-    stream = broker_pb2_grpc.BrokerStub(channel).Connect()
-    await stream.write(broker_pb2.AgentFrame(hello=broker_pb2.AgentHello(host="host-d",
-                                                                         protocol=1)))
-    await stream.read()
+    channel, stream = await agent_stream(broker.address, "host-d")
     await stream.write(broker_pb2.AgentFrame(vms_registered=[broker_pb2.VmRegistered(
         vm_id=1, name="vm-d", profile="default", policy_version=1, nr_vcpus=1,
         incarnation="d1")]))
@@ -68,13 +64,7 @@ async def test_a_divergent_result_is_undone_and_counted(broker: Broker) -> None:
         if divergent is not None:  # reported in the same frame as the guest's retry
             frame.divergent.add(vm_id=1, vcpu=0, seq=divergent)
         await stream.write(frame)
-        while True:
-            reply = await asyncio.wait_for(stream.read(), 30)
-            if reply.results:
-                msg = proto.decode(proto.header(proto.MsgType.RESULT, 0, len(reply.results))
-                                   + reply.results).message
-                assert isinstance(msg, proto.ResultMsg)
-                return msg.x[1]
+        return (await next_result(stream)).x[1]
 
     before = scrape_value(broker, "hyperbroker_broker_divergent_results_total")
     assert await increment(1) == 1

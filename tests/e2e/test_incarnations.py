@@ -20,9 +20,9 @@ import grpc
 from hyperbroker.testing.procs import Broker, start_agent, start_broker
 from hyperbroker.testing.vmm import VmmClient
 from hyperbroker.wire import vmm as proto
-from hyperbroker.wire.v1 import broker_pb2, broker_pb2_grpc
+from hyperbroker.wire.v1 import broker_pb2
 
-from .conftest import plugin_env
+from .conftest import agent_stream, next_result, plugin_env
 
 INCREMENT = 0x8200_0001  # the test counter handler: per-VM counter += 1, x1 = counter
 
@@ -31,14 +31,7 @@ async def connect(broker: Broker, host: str, live: dict[int, str],
                   resumed: bool = True) -> tuple[grpc.aio.Channel, object]:
     """A stream as an agent opens it: the hello lists the host's live VMs; `resumed` says the
     agent process is the one that opened the host's previous stream."""
-    channel = grpc.aio.insecure_channel(broker.address)
-    stream = broker_pb2_grpc.BrokerStub(channel).Connect()
-    await stream.write(broker_pb2.AgentFrame(hello=broker_pb2.AgentHello(
-        host=host, protocol=1, reconcile=True, resumed=resumed,
-        live_vms=[broker_pb2.VmRef(vm_id=i, incarnation=inc) for i, inc in live.items()])))
-    welcome = await stream.read()
-    assert welcome.HasField("welcome")
-    return channel, stream
+    return await agent_stream(broker.address, host, live=live, resumed=resumed)
 
 
 async def register(stream: object, vm_id: int, name: str, incarnation: str) -> None:
@@ -50,13 +43,7 @@ async def register(stream: object, vm_id: int, name: str, incarnation: str) -> N
 async def increment(stream: object, vm_id: int, seq: int) -> int:
     record = proto.CALL.pack(vm_id, 0, seq, INCREMENT, 0, 0, INCREMENT, *[0] * 17)
     await stream.write(broker_pb2.AgentFrame(calls=record))  # type: ignore[attr-defined]
-    while True:
-        frame = await stream.read()  # type: ignore[attr-defined]
-        if frame.results:
-            msg = proto.decode(proto.header(proto.MsgType.RESULT, 0, len(frame.results))
-                               + frame.results).message
-            assert isinstance(msg, proto.ResultMsg)
-            return msg.x[1]
+    return (await next_result(stream)).x[1]
 
 
 async def test_the_same_incarnation_resumes_and_a_new_one_starts_afresh(

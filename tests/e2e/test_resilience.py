@@ -19,10 +19,10 @@ from hyperbroker.smccc import to_s64
 from hyperbroker.testing.procs import start_agent, start_broker
 from hyperbroker.testing.vmm import VmmClient
 from hyperbroker.wire import vmm as proto
-from hyperbroker.wire.v1 import broker_pb2, broker_pb2_grpc
+from hyperbroker.wire.v1 import broker_pb2
 from hyperbroker.wire.vmm import ResultSource
 
-from .conftest import plugin_env
+from .conftest import agent_stream, next_result, plugin_env
 
 pytestmark = pytest.mark.slow
 
@@ -87,11 +87,7 @@ async def test_a_killed_broker_mid_calls_leaves_no_call_unanswered(
 
 async def fake_agent(address: str, host: str, vm_name: str, version: int = 1
                      ) -> tuple[grpc.aio.Channel, object]:
-    channel = grpc.aio.insecure_channel(address)
-    stream = broker_pb2_grpc.BrokerStub(channel).Connect()
-    await stream.write(broker_pb2.AgentFrame(hello=broker_pb2.AgentHello(host=host, protocol=1)))
-    welcome = await stream.read()
-    assert welcome.welcome.policy.version >= version
+    channel, stream = await agent_stream(address, host, policy_version=version)
     await stream.write(broker_pb2.AgentFrame(vms_registered=[broker_pb2.VmRegistered(
         vm_id=7, name=vm_name, profile="default", policy_version=version, nr_vcpus=1)]))
     return channel, stream
@@ -100,7 +96,7 @@ async def fake_agent(address: str, host: str, vm_name: str, version: int = 1
 async def call_once(stream: object, seq: int, fid: int = INCREMENT) -> proto.ResultMsg:
     record = proto.CALL.pack(7, 0, seq, fid, 0, 0, fid, *[0] * 17)
     await stream.write(broker_pb2.AgentFrame(calls=record))  # type: ignore[attr-defined]
-    return await call_result(stream)
+    return await next_result(stream)
 
 
 async def test_a_restarted_broker_answers_a_resent_call_from_its_record(
@@ -199,11 +195,7 @@ async def test_a_vm_whose_filter_came_from_another_policy_text_is_rejected(
     """Versions are numbered per store: the digest says whether v1 here is the VM's v1."""
     broker = start_broker(policy_file, tmp_path / "state", env=plugin_env())
     try:
-        channel = grpc.aio.insecure_channel(broker.address)
-        stream = broker_pb2_grpc.BrokerStub(channel).Connect()
-        await stream.write(broker_pb2.AgentFrame(hello=broker_pb2.AgentHello(host="h-d",
-                                                                             protocol=1)))
-        await stream.read()
+        channel, stream = await agent_stream(broker.address, "h-d")
         await stream.write(broker_pb2.AgentFrame(vms_registered=[broker_pb2.VmRegistered(
             vm_id=3, name="vm-d", profile="default", policy_version=1, nr_vcpus=1,
             policy_digest="0" * 64)]))
@@ -223,7 +215,7 @@ async def test_garbage_from_an_agent_is_dropped_and_its_stream_goes_on(
         await stream.write(broker_pb2.AgentFrame(calls=b"not a call record"))  # type: ignore[attr-defined]
         bad_vm = proto.CALL.pack(99, 0, 1, INCREMENT, 0, 0, INCREMENT, *[0] * 17)
         await stream.write(broker_pb2.AgentFrame(calls=bad_vm))  # type: ignore[attr-defined]
-        refused = await call_result(stream)
+        refused = await next_result(stream)
         assert refused.vm_id == 99 and refused.outcome == Outcome.DENIED  # not this agent's VM
         ok = await call_once(stream, 1)
         assert ok.outcome == Outcome.OK and ok.x[1] == 1
@@ -232,10 +224,3 @@ async def test_garbage_from_an_agent_is_dropped_and_its_stream_goes_on(
     finally:
         broker.process.stop()
 
-
-async def call_result(stream: object) -> proto.ResultMsg:
-    while True:
-        frame = await stream.read()  # type: ignore[attr-defined]
-        if frame.results:
-            return proto.decode(proto.header(proto.MsgType.RESULT, 0, len(frame.results))
-                                + frame.results).message  # type: ignore[return-value]
