@@ -126,9 +126,11 @@ async def test_a_restarted_agent_resumes_the_boots_its_vmms_register_again(
         gone = await client.register("vm-gone", 1, boot_id=b"g" * 16)
         assert [(await client.call(kept.vm_id, 0, INCREMENT)).x[1] for _ in range(2)] == [1, 2]
         assert (await client.call(gone.vm_id, 0, INCREMENT)).x[1] == 1
-        client.close()
+        # The agent dies under its VMMs (closing the VMM side first would let it report the VMs
+        # destroyed): the VMMs see it gone and register again with the new one.
         agent.process.signal(signal.SIGKILL)
         agent.process.stop()
+        client.close()
         agent = start_agent(broker.address, "host-m", tmp_path / "a2")
         client = await VmmClient.connect(str(agent.socket), "seqpacket")
         kept = await client.register("vm-kept", 1, boot_id=b"k" * 16)  # its VMM came back
