@@ -64,8 +64,9 @@ async def test_the_same_incarnation_resumes_and_a_new_one_starts_afresh(
         await register(stream, 1, "vm-i", "boot-b")
         assert await increment(stream, 1, 1) == 1  # neither the old count nor its seq-1 record
         await channel.close()
-        assert any("vm host-i/vm-i is no longer on host host-i" in line
-                   for line in broker.process.lines)
+        # The broker's log reaches the test through a pipe: wait for the line, do not race it.
+        await asyncio.to_thread(broker.process.wait_for,
+                                r"vm host-i/vm-i is no longer on host host-i", 60)
     finally:
         broker.process.stop()
 
@@ -84,6 +85,7 @@ async def test_a_vm_that_ended_while_the_stream_was_down_is_cleaned_up(
         await register(stream, 1, "vm-stays", "s")
         assert await increment(stream, 1, 2) == 2
         await channel.close()
+        await asyncio.to_thread(broker.process.wait_for, r"vm host-j/vm-ends destroyed", 60)
         destroyed = [line for line in broker.process.lines if "destroyed" in line]
         assert any("vm host-j/vm-ends destroyed" in line for line in destroyed)
         assert not any("vm-stays destroyed" in line for line in destroyed)
