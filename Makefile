@@ -1,12 +1,13 @@
 # hyperbroker: every target sets itself up from the project's own files.
 #   make demo   create the virtualenv, install, run the demo
-#   make test   the same set-up, then lint, type-check and the whole test suite
+#   make test   the same set-up and the servers the tests run (redis-server, HAProxy,
+#               promtool: scripts/system_deps.sh), then lint, type-check and the whole suite
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml tools/pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: venv demo test lint typecheck unit proto proto-check bench clean
+.PHONY: venv system-deps demo test lint typecheck unit proto proto-check bench clean
 
 $(STAMP): pyproject.toml tools/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,10 +18,13 @@ $(STAMP): pyproject.toml tools/pyproject.toml
 
 venv: $(STAMP)
 
+system-deps:
+	bash scripts/system_deps.sh
+
 demo: venv
 	$(BIN)/hyperbroker demo --duration 10
 
-test: venv lint typecheck
+test: venv system-deps lint typecheck
 	$(BIN)/pytest -q
 
 unit: venv

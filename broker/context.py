@@ -1,8 +1,9 @@
 """The CallContext a handler gets: the VM, its state documents, its guest memory, a logger.
 
-State is JSON documents in the store, one per (VM, handler) and one shared per handler, cached
-as text; a put goes into the dispatcher's pending batch and marks the call durable, so the
-batch is committed before the result that depends on it leaves. Guest memory is read through
+State is JSON documents in the store, one per (VM, handler), loaded when the VM registers and
+cached as text; a put goes into the host's pending batch and marks the call durable, so the
+batch is committed (under the host's lease) before the result that depends on it leaves. IDs
+come from the store's pools, one atomic operation each. Guest memory is read through
 the host's agent (one round trip per read) and written by attaching writes to the result, all
 within the VM's declared regions and a per-call byte budget.
 """
@@ -21,7 +22,7 @@ from hyperbroker.handlers.api import GuestMemoryError, JsonValue, VmInfo
 from hyperbroker.wire.v1 import broker_pb2
 
 if TYPE_CHECKING:
-    from hyperbroker.broker.dispatch import Dispatcher
+    from hyperbroker.broker.hosts import Hosts
 
 MAX_MEMORY_READ = 64 * 1024  # per read, as HB_MAX_MEM_CHUNK
 MAX_MEMORY_PER_CALL = 1024 * 1024  # reads plus writes, per call
@@ -32,7 +33,7 @@ class StateDoc:
 
     __slots__ = ("key", "raw")
 
-    def __init__(self, key: tuple[str, str] | str, raw: str | None) -> None:
+    def __init__(self, key: tuple[str, str], raw: str | None) -> None:
         self.key = key
         self.raw = raw
 
@@ -54,11 +55,7 @@ class StateView:
         raw = json.dumps(value, separators=(",", ":"), sort_keys=True)
         self._ctx.remember(self._doc, raw)
         self._doc.raw = raw
-        batch = self._ctx.dispatcher.batch
-        if isinstance(self._doc.key, tuple):
-            batch.vm_state[self._doc.key] = raw
-        else:
-            batch.shared_state[self._doc.key] = raw
+        self._ctx.host.batch.vm_state[self._doc.key] = raw
         self._ctx.durable = True
 
 
@@ -80,7 +77,7 @@ class CallCtx:
         "writes",
     )
 
-    def __init__(self, dispatcher: Dispatcher, host: HostSession, session: VmSession,
+    def __init__(self, dispatcher: Hosts, host: HostSession, session: VmSession,
                  handler_name: str) -> None:
         self.dispatcher = dispatcher
         self.host = host
@@ -107,15 +104,12 @@ class CallCtx:
         call has written since is left as that call wrote it."""
         if not self._undo:
             return
-        batch = self.dispatcher.batch
+        batch = self.host.batch
         for doc, previous, mine in self._undo.values():
             if doc.raw != mine:
                 continue
             doc.raw = previous
-            if isinstance(doc.key, tuple):
-                batch.vm_state[doc.key] = previous
-            else:
-                batch.shared_state[doc.key] = previous
+            batch.vm_state[doc.key] = previous
         self._undo = None
         self.durable = False
 
@@ -126,16 +120,25 @@ class CallCtx:
 
     @property
     def state(self) -> StateView:
-        key = (self.session.key, self.handler_name)
         doc = self.session.states.get(self.handler_name)
-        if doc is None:
-            doc = StateDoc(key, self.dispatcher.store.load_vm_state(*key))
+        if doc is None:  # every stored document was loaded at registration: this one is new
+            doc = StateDoc((self.session.key, self.handler_name), None)
             self.session.states[self.handler_name] = doc
         return StateView(doc, self)
 
     @property
-    def shared(self) -> StateView:
-        return StateView(self.dispatcher.shared_doc(self.handler_name), self)
+    def ids(self) -> CallCtx:
+        return self
+
+    # handlers.api.IdPools: the VM's boot (session key) owns what it allocates
+    async def allocate(self, pool: str, first: int, last: int) -> int | None:
+        return await self.dispatcher.store.allocate_id(pool, self.session.key, first, last)
+
+    async def release(self, pool: str) -> None:
+        await self.dispatcher.store.release_id(pool, self.session.key)
+
+    async def owner(self, pool: str, id_: int) -> str | None:
+        return await self.dispatcher.store.id_owner(pool, id_)
 
     @property
     def memory(self) -> CallCtx:

@@ -29,6 +29,15 @@ DIVERGENT_RESULTS = Counter(
     "Results the guest never saw (its agent had answered with the fallback), handed to the "
     "handler to undo",
 )
+HOSTS_ABANDONED = Counter(
+    "hyperbroker_broker_hosts_abandoned_total",
+    "Hosts this broker stopped serving because another broker took them over (fenced) or a "
+    "store write failed (store); their calls in flight got the agent's fallback",
+    ["reason"],
+)
+for _reason in ("fenced", "store"):
+    HOSTS_ABANDONED.labels(_reason)  # exported as 0 before the first one
+LEASES_HELD = Gauge("hyperbroker_broker_host_leases", "Hosts whose lease this broker holds")
 AGENTS_CONNECTED = Gauge("hyperbroker_broker_agents_connected", "Agent streams open")
 VMS = Gauge("hyperbroker_broker_vms", "VMs registered with this broker")
 FRAMES = Counter("hyperbroker_broker_frames_total", "Stream frames", ["direction"])

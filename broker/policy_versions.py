@@ -41,11 +41,11 @@ class PolicyRegistry:
         """Load and check `text`; raises broker.policy.PolicyInvalid listing every error."""
         return load_policy(text, self.plugins)
 
-    def apply(self, text: str) -> PolicyVersion:
+    async def apply(self, text: str) -> PolicyVersion:
         """Make `text` the current policy; the same text as the current one keeps its version."""
         policy = self.validate(text)
         digest = hashlib.sha256(text.encode()).hexdigest()
-        version = self.store.add_policy(text, digest)
+        version = await self.store.add_policy(text, digest)
         if self.current is None or self.current.version != version:
             log.info("policy version %d current (sha256 %s)", version, digest[:12])
         pv = self._versions.get(version)
@@ -56,22 +56,22 @@ class PolicyRegistry:
         metrics.POLICY_VERSION.set(version)
         return pv
 
-    def resume_latest(self) -> PolicyVersion | None:
+    async def resume_latest(self) -> PolicyVersion | None:
         """Serve the newest stored version (a restart without --policy)."""
-        latest = self.store.latest_policy()
+        latest = await self.store.latest_policy()
         if latest is None:
             return None
-        self.current = self.get(latest.version)
+        self.current = await self.get(latest.version)
         if self.current is not None:
             metrics.POLICY_VERSION.set(self.current.version)
         return self.current
 
-    def get(self, version: int) -> PolicyVersion | None:
+    async def get(self, version: int) -> PolicyVersion | None:
         """The version a VM registered with; loaded from the store when not in memory."""
         pv = self._versions.get(version)
         if pv is not None:
             return pv
-        stored = self.store.get_policy(version)
+        stored = await self.store.get_policy(version)
         if stored is None:
             return None
         policy = load_policy(stored.text, self.plugins)
@@ -79,12 +79,12 @@ class PolicyRegistry:
         self._versions[version] = pv
         return pv
 
-    def refresh(self) -> PolicyVersion | None:
+    async def refresh(self) -> PolicyVersion | None:
         """A newer version another broker process stored, made current here; else None."""
-        latest = self.store.latest_policy()
+        latest = await self.store.latest_policy()
         if latest is None or (self.current is not None and latest.version <= self.current.version):
             return None
-        pv = self.get(latest.version)
+        pv = await self.get(latest.version)
         if pv is not None:
             self.current = pv
             metrics.POLICY_VERSION.set(pv.version)

@@ -9,6 +9,7 @@ and state are flushed, the server stops, handlers close, the store closes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -25,7 +26,7 @@ from hyperbroker.broker.dispatch import Dispatcher
 from hyperbroker.broker.policy import PolicyError, PolicyInvalid
 from hyperbroker.broker.policy_versions import PolicyRegistry
 from hyperbroker.broker.service import AdminService, BrokerService
-from hyperbroker.broker.store import MemoryStore, SqliteStore, Store
+from hyperbroker.broker.store import Store, StoreUnavailable, StoreUrlError, open_store
 from hyperbroker.handlers.api import discover_plugins
 from hyperbroker.runtime import metrics
 from hyperbroker.runtime.net import split_hostport
@@ -44,7 +45,9 @@ SERVICE_NAMES = (
 class BrokerConfig:
     listen: str = "127.0.0.1:50051"
     policy_path: Path | None = None
-    state_dir: Path | None = None  # None: in-memory store
+    store: str = "memory://"  # a store URL (broker.store.open_store)
+    store_password: str | None = None
+    lease_ttl_s: float = 30.0  # a host's lease lapses this long after its last renewal
     metrics_listen: str | None = None
     tls: TlsFiles | None = None
     drain_grace_s: float = 5.0
@@ -62,19 +65,16 @@ class BrokerConfig:
 class BrokerServer:
     def __init__(self, config: BrokerConfig) -> None:
         self.config = config
-        self.store: Store = SqliteStore(config.state_dir) if config.state_dir else MemoryStore()
+        self.store: Store = open_store(config.store, password=config.store_password)
         self.policies = PolicyRegistry(self.store, discover_plugins())
-        if config.policy_path is not None:
-            self.policies.apply(config.policy_path.read_text())
-        elif self.policies.resume_latest() is None:
-            raise PolicyInvalid([PolicyError(
-                "no policy: give --policy FILE (the state directory holds none yet)", "", ())])
+        # Unique per process: a restarted broker is a new lease holder, never the old one.
+        self.broker_id = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(4).hex()}"
         self.dispatcher = Dispatcher(self.store, self.policies, vm_rate=config.vm_rate,
                                      vm_burst=config.vm_burst,
-                                     reregister_grace_s=config.reregister_grace_s)
+                                     reregister_grace_s=config.reregister_grace_s,
+                                     broker_id=self.broker_id, lease_ttl_s=config.lease_ttl_s)
         self.broker_service = BrokerService(
-            self.dispatcher, f"{socket.gethostname()}:{os.getpid()}",
-            require_identity=config.tls is not None)
+            self.dispatcher, self.broker_id, require_identity=config.tls is not None)
         self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server(options=[
             ("grpc.keepalive_time_ms", 20_000),
@@ -107,6 +107,15 @@ class BrokerServer:
         self.metrics_port: int | None = None
         self._stop = asyncio.Event()
 
+    async def load_policy(self) -> None:
+        """The policy to serve: --policy (stored as a new version unless it is the newest), or
+        the newest stored version. Raises PolicyInvalid."""
+        if self.config.policy_path is not None:
+            await self.policies.apply(self.config.policy_path.read_text())
+        elif await self.policies.resume_latest() is None:
+            raise PolicyInvalid([PolicyError(
+                "no policy: give --policy FILE (the store holds none yet)", "", ())])
+
     async def start(self) -> None:
         await self.server.start()
         if self.health_server is not None:
@@ -129,11 +138,12 @@ class BrokerServer:
         while True:
             await asyncio.sleep(self.config.housekeeping_s)
             try:
-                pv = self.policies.refresh()
+                await self.dispatcher.renew_leases()
+                pv = await self.policies.refresh()
                 if pv is not None:
                     for session in self.dispatcher.hosts.values():
                         session.queue_policy(pv.compiled)
-                self.dispatcher.expire_hosts(self.config.host_expiry_s)
+                await self.dispatcher.expire_hosts(self.config.host_expiry_s)
             except Exception:
                 log.exception("housekeeping failed; retrying")
 
@@ -154,17 +164,32 @@ class BrokerServer:
                 await handler.close()
             except Exception:
                 log.exception("handler %s failed to close", handler.plugin)
-        self.dispatcher.flush_store()
-        self.store.close()
+        for session in list(self.dispatcher.hosts.values()):
+            await self.dispatcher.flush_quietly(session)
+            if session.lease is not None:  # whoever the agent reaches next takes over at once
+                with contextlib.suppress(StoreUnavailable):
+                    await self.store.release_lease(session.lease)
+        await self.store.close()
         log.info("stopped")
 
 
 async def serve(config: BrokerConfig) -> int:
     try:
         server = BrokerServer(config)
+    except StoreUrlError as e:
+        print(f"hyperbroker serve: {e}", file=sys.stderr)
+        return 2
+    try:
+        await server.load_policy()
     except PolicyInvalid as e:
         print(f"hyperbroker serve: policy refused:\n{e}", file=sys.stderr)
+        await server.store.close()
         return 2
+    except StoreUnavailable as e:
+        print(f"hyperbroker serve: the store at {config.store} cannot be reached: {e}",
+              file=sys.stderr)
+        await server.store.close()
+        return 1
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, server.stop)

@@ -19,6 +19,7 @@ import grpc
 from hyperbroker.broker import metrics
 from hyperbroker.broker.dispatch import CallCtx, Dispatcher, HostSession
 from hyperbroker.broker.policy import PolicyInvalid, to_json
+from hyperbroker.broker.store import Fenced, StoreUnavailable
 from hyperbroker.wire.v1 import admin_pb2, admin_pb2_grpc, broker_pb2, broker_pb2_grpc
 
 log = logging.getLogger("hyperbroker.broker")
@@ -89,11 +90,17 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, "broker is draining")
         policies = self.dispatcher.policies
         assert policies.current is not None
+        had_stream = hello.host in self.dispatcher.hosts and \
+            self.dispatcher.hosts[hello.host].writer is not None
+        try:
+            session = await self.dispatcher.claim(hello.host)
+        except (Fenced, StoreUnavailable) as e:
+            log.error("host %s: cannot take its lease: %s", hello.host, e)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"broker store: {e}")
         await context.write(broker_pb2.BrokerFrame(welcome=broker_pb2.BrokerWelcome(
             broker_id=self.broker_id, protocol=PROTOCOL_VERSION,
             policy=policies.current.compiled, max_batch=MAX_BATCH)))
-        session = self.dispatcher.host(hello.host)
-        if session.writer is not None:
+        if had_stream:
             log.warning("host %s reconnected while its previous stream was still open; "
                         "the new stream takes over", hello.host)
         if hello.reconcile and hello.resumed:
@@ -104,41 +111,55 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
         writer = StreamWriter(context)
         session.attach(writer, context.peer())
         metrics.AGENTS_CONNECTED.inc()
-        log.info("agent for host %s connected from %s (resumed=%s)", hello.host, context.peer(),
-                 hello.resumed)
-        writer_task = asyncio.create_task(session.run_writer(writer, self.dispatcher.flush_store))
+        log.info("agent for host %s connected from %s (resumed=%s, lease epoch %d)",
+                 hello.host, context.peer(), hello.resumed,
+                 session.lease.epoch if session.lease else 0)
+        flush = self.dispatcher.flush
+        writer_task = asyncio.create_task(session.run_writer(writer, flush))
+        stream_task = asyncio.current_task()
+        assert stream_task is not None
+        def end_stream() -> None:  # the host is lost here: end this stream now
+            stream_task.cancel()
+
+        session.on_abandon = end_stream
         try:
             while True:
                 frame = await context.read()
                 if frame is grpc.aio.EOF:
                     break
                 assert isinstance(frame, broker_pb2.AgentFrame)
+                present = frame.ListFields()
                 session.reading = True
                 try:
-                    self.on_frame(session, frame)
+                    if len(present) == 1 and present[0][0].number == CALLS_FIELD:
+                        # Most frames carry calls alone: skip looking at every other field.
+                        self.dispatcher.on_calls(session, present[0][1], time.monotonic_ns())
+                        metrics.FRAMES_IN.inc()
+                    else:
+                        await self.on_frame(session, frame)
                 finally:
                     session.reading = False
                 if not session.writing:
-                    await session.write_pending(writer, self.dispatcher.flush_store)
+                    await session.write_pending(writer, flush)
                 if writer_task.done():
                     break  # the stream cannot be written any more
+        except (Fenced, StoreUnavailable) as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                f"broker lost host {hello.host}: {e}")
         finally:
+            if session.on_abandon is end_stream:
+                session.on_abandon = None
             session.detach(writer)
             writer_task.cancel()
             metrics.AGENTS_CONNECTED.dec()
             log.info("agent stream for host %s closed", hello.host)
 
-    def on_frame(self, session: HostSession, frame: broker_pb2.AgentFrame) -> None:
+    async def on_frame(self, session: HostSession, frame: broker_pb2.AgentFrame) -> None:
         t_frame = time.monotonic_ns()
         metrics.FRAMES_IN.inc()
         dispatcher = self.dispatcher
-        present = frame.ListFields()
-        if len(present) == 1 and present[0][0].number == CALLS_FIELD:
-            # Most frames carry calls alone: skip looking at every other field.
-            dispatcher.on_calls(session, present[0][1], t_frame)
-            return
         for reg in frame.vms_registered:
-            dispatcher.register_vm(session, reg)
+            await dispatcher.register_vm(session, reg)
         for gone in frame.vms_destroyed:
             dispatcher.destroy_vm(session, gone.vm_id)
         for reply in frame.memory_replies:
@@ -166,11 +187,11 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     def __init__(self, dispatcher: Dispatcher) -> None:
         self.dispatcher = dispatcher
 
-    def _report(self, text: str, apply: bool) -> admin_pb2.PolicyReport:
+    async def _report(self, text: str, apply: bool) -> admin_pb2.PolicyReport:
         policies = self.dispatcher.policies
         try:
             if apply:
-                pv = policies.apply(text)
+                pv = await policies.apply(text)
                 for session in self.dispatcher.hosts.values():
                     session.queue_policy(pv.compiled)
                 return admin_pb2.PolicyReport(ok=True, version=pv.version,
@@ -185,18 +206,18 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     async def ValidatePolicy(self, request: admin_pb2.PolicyText,
                              context: grpc.aio.ServicerContext[object, object]
                              ) -> admin_pb2.PolicyReport:
-        return self._report(request.yaml, apply=False)
+        return await self._report(request.yaml, apply=False)
 
     async def ApplyPolicy(self, request: admin_pb2.PolicyText,
                           context: grpc.aio.ServicerContext[object, object]
                           ) -> admin_pb2.PolicyReport:
-        return self._report(request.yaml, apply=True)
+        return await self._report(request.yaml, apply=True)
 
     async def GetPolicy(self, request: admin_pb2.GetPolicyRequest,
                         context: grpc.aio.ServicerContext[object, object]) -> admin_pb2.PolicyText:
         policies = self.dispatcher.policies
         version = request.version or (policies.current.version if policies.current else 0)
-        stored = self.dispatcher.store.get_policy(version)
+        stored = await self.dispatcher.store.get_policy(version)
         if stored is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no policy version {version}")
         assert stored is not None

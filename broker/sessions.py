@@ -12,11 +12,12 @@ from __future__ import annotations
 import asyncio
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Protocol
 
 from hyperbroker.broker import metrics
 from hyperbroker.broker.policy_versions import PolicyVersion
+from hyperbroker.broker.store import Lease, StoreBatch
 from hyperbroker.calls import Call, Result
 from hyperbroker.handlers.api import GuestMemoryError, VmInfo
 from hyperbroker.wire.v1 import broker_pb2
@@ -76,6 +77,7 @@ def regions_of(reg: broker_pb2.VmRegistered) -> tuple[tuple[int, int, bool], ...
 class VmSession:
     def __init__(self, host: str, reg: broker_pb2.VmRegistered, pv: PolicyVersion) -> None:
         self.vm_id = reg.vm_id
+        self.registration = reg
         self.name = reg.name
         self.incarnation = reg.incarnation
         self.generation = 0  # the host's agent process it was last registered under
@@ -112,6 +114,12 @@ class HostSession:
     def __init__(self, host: str) -> None:
         self.host = host
         self.vms: dict[int, VmSession] = {}
+        # The right to change this host's VMs in the store, and what waits to be committed
+        # under it; one flush at a time, so batches reach the store in the order they formed.
+        self.lease: Lease | None = None
+        self.batch = StoreBatch()
+        self.flush_lock = asyncio.Lock()
+        self.on_abandon: Callable[[], None] | None = None  # ends the stream (BrokerService)
         self.generation = 0  # counts the agent processes that said hello for this host
         self.writer: FrameWriter | None = None
         self.peer = ""
@@ -185,7 +193,8 @@ class HostSession:
             self.writer = None
             self.disconnected_at = time.monotonic()
 
-    async def run_writer(self, writer: FrameWriter, flush_store: Callable[[], None]) -> None:
+    async def run_writer(self, writer: FrameWriter,
+                         flush: Callable[[HostSession], Awaitable[None]]) -> None:
         """Write what handlers finish later, for as long as `writer` is current."""
         while True:
             await self._wake.wait()
@@ -193,9 +202,10 @@ class HostSession:
                 return  # superseded: leave the wake-up for the current writer
             self._wake.clear()
             if not self.writing:
-                await self.write_pending(writer, flush_store)
+                await self.write_pending(writer, flush)
 
-    async def write_pending(self, writer: FrameWriter, flush_store: Callable[[], None]) -> None:
+    async def write_pending(self, writer: FrameWriter,
+                            flush: Callable[[HostSession], Awaitable[None]]) -> None:
         """Write everything pending, one frame per round, until nothing is left.
 
         The stream reader calls this right after dispatching a frame (most results are ready
@@ -205,7 +215,8 @@ class HostSession:
         self.writing = True
         try:
             while (frame := self.take_frame()) is not None:
-                flush_store()  # state the results depend on is durable before they leave
+                if self.batch:
+                    await flush(self)  # the state results depend on is durable before they leave
                 await writer.write(frame)
                 metrics.FRAMES_OUT.inc()
         finally:

@@ -83,6 +83,28 @@ class HandlerState(Protocol):
         ...
 
 
+class IdPools(Protocol):
+    """Fleet-unique IDs (FF-A endpoint IDs, Hyper-V partition IDs), one per VM per pool.
+
+    An allocation is one atomic operation in the store every broker replica and worker shares,
+    keyed by the VM: asking again returns the VM's ID, so a retried call or another replica
+    never hands out a second one, and no two VMs of the fleet ever hold one ID at once. An ID
+    is not rolled back with a failed call (the VM keeps it); vm_destroyed releases it."""
+
+    async def allocate(self, pool: str, first: int, last: int) -> int | None:
+        """This VM's ID in `pool`, taken from first..last (round robin) if it has none; None
+        when every ID of the range is taken. IDs are at most 2**31 - 1."""
+        ...
+
+    async def release(self, pool: str) -> None:
+        """This VM no longer holds an ID in `pool`."""
+        ...
+
+    async def owner(self, pool: str, id_: int) -> str | None:
+        """The key of the VM holding `id_` in `pool`, if any."""
+        ...
+
+
 class CallContext(Protocol):
     @property
     def vm(self) -> VmInfo: ...
@@ -93,8 +115,8 @@ class CallContext(Protocol):
         ...
 
     @property
-    def shared(self) -> HandlerState:
-        """One document per handler instance across every VM (allocators, registries)."""
+    def ids(self) -> IdPools:
+        """Fleet-unique IDs for this VM, allocated atomically in the broker's store."""
         ...
 
     @property

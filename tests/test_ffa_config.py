@@ -73,26 +73,10 @@ async def test_unknown_ids_in_range_are_answered_not_raised() -> None:
         assert error_of(await g.call(fid)) is abi.FfaError.NOT_SUPPORTED
 
 
-def test_endpoint_ids_are_round_robin_and_reused_last() -> None:
-    doc, a = endpoints.allocate(None, "h/a")
-    doc, b = endpoints.allocate(doc, "h/b")
-    doc = endpoints.release(doc, "h/a")
-    doc, c = endpoints.allocate(doc, "h/c")
-    assert (a, b, c) == (1, 2, 3)
-    assert endpoints.allocate(doc, "h/b")[1] == 2  # the same VM keeps its ID
-
-
-def test_endpoint_ids_run_out_after_32767_vms() -> None:
-    doc: Any = {"schema": 1, "next": 1,
-                "by_id": {str(i): f"h/{i}" for i in range(1, 0x8000)},
-                "by_vm": {f"h/{i}": i for i in range(1, 0x8000)}}
-    assert endpoints.allocate(doc, "h/new")[1] is None
-
-
 async def test_no_endpoint_id_left_is_no_memory() -> None:
     g = FfaGuest(FfaPlugin({}))
-    g.ctx.shared.put({"schema": 1, "next": 1,
-                      "by_id": {str(i): f"h/{i}" for i in range(1, 0x8000)},
-                      "by_vm": {f"h/{i}": i for i in range(1, 0x8000)}})
+    for i in range(endpoints.FIRST_VM_ID, endpoints.LAST_VM_ID + 1):  # 32767 other VMs
+        await g.ctx.pools.store.allocate_id(endpoints.POOL, f"h/{i}", endpoints.FIRST_VM_ID,
+                                            endpoints.LAST_VM_ID)
     await g.call(abi.FFA_VERSION, abi.VERSION_1_2)
     assert error_of(await g.call(abi.FFA_ID_GET)) is abi.FfaError.NO_MEMORY

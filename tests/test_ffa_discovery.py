@@ -13,7 +13,7 @@ from hyperbroker.handlers.ffa.abi import FfaError
 from hyperbroker.handlers.ffa.config import ECHO_UUID, SHA256_UUID
 from hyperbroker.handlers.ffa.discovery import uuid_to_pair
 from hyperbroker.smccc import uuid_to_regs
-from hyperbroker.testing.context import MemoryState
+from hyperbroker.testing.context import MemoryPools
 from hyperbroker.testing.ffa import RX_ADDRESS, FfaGuest, error_of, make_context
 
 
@@ -79,11 +79,11 @@ async def test_id_get_is_never_zero_nor_secure_and_stable(guest: FfaGuest) -> No
 
 
 async def test_id_get_is_unique_across_vms_on_different_hosts() -> None:
-    handler, shared = FfaHandler({}), MemoryState()
+    handler, pools = FfaHandler({}), MemoryPools()
     ids = set()
     for host in ("host-a", "host-b"):
         for name in ("vm-1", "vm-2"):
-            g = FfaGuest(handler, make_context(name, host=host, shared=shared))
+            g = FfaGuest(handler, make_context(name, host=host, pools=pools))
             await g.setup()
             ids.add(g.endpoint_id)
     assert len(ids) == 4

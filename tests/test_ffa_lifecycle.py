@@ -2,7 +2,7 @@
 
 Issue 4 item 3: a VM can never see, release, reclaim or message through another VM's buffers or
 handles; a destroyed VM's shares are reclaimed and its buffers unmapped; everything lives in the
-store (ctx.state / ctx.shared), so a handler rebuilt from the stored JSON carries on.
+store (ctx.state, the ID pools of ctx.ids), so a handler rebuilt from the stored JSON carries on.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from hyperbroker.handlers.ffa.partitions import (
     SharedMemory,
 )
 from hyperbroker.handlers.ffa.state import VmState
-from hyperbroker.testing.context import FakeContext, FakeGuestMemory, MemoryState
+from hyperbroker.testing.context import FakeContext, FakeGuestMemory, MemoryPools, MemoryState
 from hyperbroker.testing.ffa import (
     BUFFER_ADDRESS,
     TX_ADDRESS,
@@ -40,9 +40,9 @@ SHA_INFO = PartitionInfo("sha256", SHA, SHA256_UUID)
 
 
 async def two_vms() -> tuple[FfaGuest, FfaGuest]:
-    handler, shared = FfaHandler({}), MemoryState()
-    a = FfaGuest(handler, make_context("vm-a", shared=shared))
-    b = FfaGuest(handler, make_context("vm-b", shared=shared))
+    handler, pools = FfaHandler({}), MemoryPools()
+    a = FfaGuest(handler, make_context("vm-a", pools=pools))
+    b = FfaGuest(handler, make_context("vm-b", pools=pools))
     await a.setup()
     await b.setup()
     return a, b
@@ -147,7 +147,7 @@ async def test_destroy_reclaims_shares_unmaps_buffers_and_frees_the_id(
     before = REGISTRY.get_sample_value("hyperbroker_ffa_reclaims_total", labels) or 0
     await handler.vm_destroyed(g.ctx)
     assert g.ctx.state.get() is None  # shares, buffers, pending fragments: all gone
-    assert endpoints.owner(g.ctx.shared.get(), g.endpoint_id) is None
+    assert await g.ctx.ids.owner(endpoints.POOL, g.endpoint_id) is None
     assert partition.destroyed == [(g.ctx.vm.key, g.endpoint_id)]
     assert REGISTRY.get_sample_value("hyperbroker_ffa_reclaims_total", labels) == before + 3
 
@@ -156,16 +156,16 @@ async def test_destroy_leaves_other_vms_alone(
     recording: tuple[FfaHandler, RecordingPartition],
 ) -> None:
     handler, _ = recording
-    shared = MemoryState()
-    a = FfaGuest(handler, make_context("vm-a", shared=shared))
-    b = FfaGuest(handler, make_context("vm-b", shared=shared))
+    pools = MemoryPools()
+    a = FfaGuest(handler, make_context("vm-a", pools=pools))
+    b = FfaGuest(handler, make_context("vm-b", pools=pools))
     await a.setup()
     await b.setup()
     await b.share((SHA,), ((BUFFER_ADDRESS, 1),))
     await handler.vm_destroyed(a.ctx)
     r = await b.call(abi.FFA_MSG_SEND_DIRECT_REQ_64, abi.pack_target(b.endpoint_id, SHA), 0)
     assert r.x[3] == 1  # b still has its one grant
-    assert endpoints.owner(shared.get(), b.endpoint_id) == b.ctx.vm.key
+    assert await pools.store.id_owner(endpoints.POOL, b.endpoint_id) == b.ctx.vm.key
 
 
 async def test_a_vm_of_the_same_name_starts_afresh_after_destroy() -> None:
@@ -206,7 +206,7 @@ async def test_a_borrower_still_using_the_pages_makes_reclaim_denied() -> None:
 # ---- restart ---------------------------------------------------------------------------------
 def restarted(g: FfaGuest) -> FfaGuest:
     """A new handler and context built only from what the store holds (and guest RAM)."""
-    ctx = FakeContext(g.ctx.vm, memory=g.ctx.memory, shared=MemoryState(g.ctx.shared.get()))
+    ctx = FakeContext(g.ctx.vm, memory=g.ctx.memory, pools=g.ctx.pools)
     ctx.state = MemoryState(g.ctx.state.get())
     return FfaGuest(FfaHandler(dict(g.handler.config)), ctx, seq=g.seq, version=g.version,
                     endpoint_id=g.endpoint_id)
@@ -235,11 +235,11 @@ async def test_state_survives_a_restart() -> None:
 
 
 async def test_endpoint_ids_stay_unique_after_a_restart() -> None:
-    shared = MemoryState()
-    a = FfaGuest(FfaHandler({}), make_context("vm-a", shared=shared))
+    pools = MemoryPools()
+    a = FfaGuest(FfaHandler({}), make_context("vm-a", pools=pools))
     await a.setup()
-    fresh = FfaHandler({})  # the broker restarted: only the shared document remains
-    b = FfaGuest(fresh, make_context("vm-b", shared=MemoryState(shared.get())))
+    fresh = FfaHandler({})  # the broker restarted: only the store remains
+    b = FfaGuest(fresh, make_context("vm-b", pools=pools))
     await b.setup()
     assert b.endpoint_id != a.endpoint_id
 

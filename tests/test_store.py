@@ -1,304 +1,318 @@
-"""broker.store: the same behaviours from MemoryStore and SqliteStore.
+"""broker.store: one contract, checked against every backend (memory, SQLite, a real Redis).
 
-The store keeps policy versions, each VM's handler documents, shared handler documents and each
-vCPU's last result (the broker answers a re-sent call from the vCPU's last-result record). A
-StoreBatch is one transaction: all of it or none of it."""
+The store keeps policy versions, each VM's handler documents, each vCPU's last result and each
+VM's registration, a lease per host with a fencing epoch, and fleet-unique ID pools. A batch is
+all or nothing; a write under a lease another broker has taken since changes nothing."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+import itertools
+import multiprocessing
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from hyperbroker.broker.store import MemoryStore, SqliteStore, Store, StoreBatch, StoredPolicy
+from hyperbroker.broker.store import (
+    Fenced,
+    Lease,
+    Store,
+    StoreBatch,
+    StoredPolicy,
+    StoreUnavailable,
+    StoreUrlError,
+    open_store,
+)
+from hyperbroker.broker.store.redis_store import RedisStore
+from hyperbroker.broker.store.sqlite import SqliteStore
+from hyperbroker.testing.procs import RedisServer
 
-VM_A = "host-a/vm-1"
-VM_B = "host-a/vm-10"  # shares a prefix with VM_A on purpose
-VM_C = "host-b/vm-1"
+HOST = "host-a"
+VM_A = "host-a/vm-1#boot-1"
+VM_B = "host-a/vm-10#boot-1"  # shares a prefix with VM_A on purpose
+VM_C = "host-b/vm-1#boot-1"
+_prefixes = itertools.count()
 
 
-@pytest.fixture(params=["memory", "sqlite"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    s: Store = MemoryStore() if request.param == "memory" else SqliteStore(tmp_path / "state")
+@pytest.fixture(params=["memory", "sqlite", "redis"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    if request.param == "redis":
+        server: RedisServer = request.getfixturevalue("redis_server")
+        s: Store = open_store(f"{server.url}?prefix=t{next(_prefixes)}:")
+    else:
+        s = open_store("memory://" if request.param == "memory" else f"sqlite://{tmp_path}/st")
     yield s
-    s.close()
+    await s.close()
 
 
-def commit(store: Store, **parts: Any) -> None:
-    store.commit(StoreBatch(**parts))
+@pytest.fixture
+async def lease(store: Store) -> Lease:
+    return await store.take_lease(HOST, "broker-1", 30.0)
+
+
+async def commit(store: Store, lease: Lease, **parts: Any) -> None:
+    await store.commit(lease, StoreBatch(**parts))
 
 
 # ---- policies -----------------------------------------------------------------------------------
 
 
-def test_an_empty_store_has_no_policy(store: Store) -> None:
-    assert store.latest_policy() is None
-    assert store.get_policy(1) is None
+async def test_an_empty_store_has_no_policy(store: Store) -> None:
+    assert await store.latest_policy() is None
+    assert await store.get_policy(1) is None
 
 
-def test_policy_versions_increase_from_one(store: Store) -> None:
-    assert [store.add_policy(f"text {i}", f"digest {i}") for i in range(3)] == [1, 2, 3]
+async def test_policy_versions_increase_from_one(store: Store) -> None:
+    assert [await store.add_policy(f"text {i}", f"digest {i}") for i in range(3)] == [1, 2, 3]
 
 
-def test_get_policy_returns_each_version_as_stored(store: Store) -> None:
-    store.add_policy("first", "d1")
-    store.add_policy("second", "d2")
-    assert store.get_policy(1) == StoredPolicy(1, "first", "d1")
-    assert store.get_policy(2) == StoredPolicy(2, "second", "d2")
+async def test_the_same_digest_as_the_newest_keeps_its_version(store: Store) -> None:
+    assert await store.add_policy("a", "da") == 1
+    assert await store.add_policy("a", "da") == 1
+    assert await store.add_policy("b", "db") == 2
+    assert await store.add_policy("a", "da") == 3  # not the newest any more: a new version
 
 
-def test_latest_policy_is_the_highest_version(store: Store) -> None:
-    store.add_policy("first", "d1")
-    store.add_policy("second", "d2")
-    assert store.latest_policy() == StoredPolicy(2, "second", "d2")
+async def test_get_policy_returns_each_version_as_stored(store: Store) -> None:
+    await store.add_policy("first ✓", "d1")
+    await store.add_policy("second", "d2")
+    assert await store.get_policy(1) == StoredPolicy(1, "first ✓", "d1")
+    assert await store.get_policy(2) == StoredPolicy(2, "second", "d2")
+    assert await store.latest_policy() == StoredPolicy(2, "second", "d2")
+    assert await store.get_policy(3) is None
 
 
-@pytest.mark.parametrize("version", [0, -1, 3, 1000])
-def test_get_policy_of_a_version_never_added_is_none(store: Store, version: int) -> None:
-    store.add_policy("first", "d1")
-    store.add_policy("second", "d2")
-    assert store.get_policy(version) is None
+# ---- VM documents and results -------------------------------------------------------------------
 
 
-# ---- VM state -----------------------------------------------------------------------------------
+async def test_a_vm_has_nothing_until_committed(store: Store) -> None:
+    loaded = await store.load_vm(VM_A)
+    assert loaded.docs == {} and loaded.results == {}
 
 
-def test_vm_state_is_none_until_committed(store: Store) -> None:
-    assert store.load_vm_state(VM_A, "ffa") is None
+async def test_documents_put_replace_and_delete(store: Store, lease: Lease) -> None:
+    await commit(store, lease, vm_state={(VM_A, "ffa"): '{"a":1}', (VM_A, "psci"): "[]"})
+    await commit(store, lease, vm_state={(VM_A, "ffa"): '{"a":2}'})
+    assert (await store.load_vm(VM_A)).docs == {"ffa": '{"a":2}', "psci": "[]"}
+    await commit(store, lease, vm_state={(VM_A, "psci"): None, (VM_A, "absent"): None})
+    assert (await store.load_vm(VM_A)).docs == {"ffa": '{"a":2}'}
 
 
-def test_vm_state_put_and_get(store: Store) -> None:
-    commit(store, vm_state={(VM_A, "ffa"): '{"rx": 1}', (VM_A, "psci"): "[]"})
-    assert store.load_vm_state(VM_A, "ffa") == '{"rx": 1}'
-    assert store.load_vm_state(VM_A, "psci") == "[]"
-    assert store.load_vm_state(VM_B, "ffa") is None
+async def test_documents_keep_text_exactly(store: Store, lease: Lease) -> None:
+    text = '{"b": 1,   "a": "ü\\u0000\\n"}'
+    await commit(store, lease, vm_state={(VM_A, "h"): text})
+    assert (await store.load_vm(VM_A)).docs["h"] == text
 
 
-def test_vm_state_put_replaces(store: Store) -> None:
-    commit(store, vm_state={(VM_A, "ffa"): "1"})
-    commit(store, vm_state={(VM_A, "ffa"): "2"})
-    assert store.load_vm_state(VM_A, "ffa") == "2"
+async def test_results_are_per_vm_and_vcpu_and_keep_every_byte(store: Store,
+                                                               lease: Lease) -> None:
+    blob = bytes(range(256)) * 3
+    await commit(store, lease, last_results={(VM_A, 0): (5, blob), (VM_A, 1): (9, b""),
+                                             (VM_B, 0): (1, b"b")})
+    await commit(store, lease, last_results={(VM_A, 0): (2**64 - 1, b"later")})
+    assert (await store.load_vm(VM_A)).results == {0: (2**64 - 1, b"later"), 1: (9, b"")}
+    assert (await store.load_vm(VM_B)).results == {0: (1, b"b")}
 
 
-def test_vm_state_none_deletes(store: Store) -> None:
-    commit(store, vm_state={(VM_A, "ffa"): "1", (VM_A, "psci"): "2"})
-    commit(store, vm_state={(VM_A, "ffa"): None})
-    assert store.load_vm_state(VM_A, "ffa") is None
-    assert store.load_vm_state(VM_A, "psci") == "2"
+async def test_records_per_host_and_forget_drops_only_that_vm(store: Store,
+                                                              lease: Lease) -> None:
+    other = await store.take_lease("host-b", "broker-1", 30.0)
+    await store.put_vm(lease, VM_A, b"reg-a")
+    await store.put_vm(lease, VM_B, b"reg-b")
+    await store.put_vm(other, VM_C, b"reg-c")
+    for vm in (VM_A, VM_B):
+        await commit(store, lease, vm_state={(vm, "ffa"): "doc"}, last_results={(vm, 0): (1, b"r")})
+    assert await store.host_vms(HOST) == {VM_A: b"reg-a", VM_B: b"reg-b"}
+    await store.forget_vm(lease, VM_A)
+    await store.forget_vm(lease, "host-a/never-seen")
+    assert await store.host_vms(HOST) == {VM_B: b"reg-b"}
+    assert await store.host_vms("host-b") == {VM_C: b"reg-c"}
+    gone = await store.load_vm(VM_A)
+    assert gone.docs == {} and gone.results == {}
+    assert (await store.load_vm(VM_B)).docs == {"ffa": "doc"}
 
 
-def test_deleting_absent_vm_state_is_harmless(store: Store) -> None:
-    commit(store, vm_state={(VM_A, "ffa"): None})
-    assert store.load_vm_state(VM_A, "ffa") is None
-
-
-def test_vm_state_keeps_text_exactly(store: Store) -> None:
-    doc = '{"name": "gr\\u00fc\\u00df", "raw": "€ ✓ \\n", "n": 18446744073709551615}'
-    commit(store, vm_state={(VM_A, "ffa"): doc})
-    assert store.load_vm_state(VM_A, "ffa") == doc
-
-
-# ---- shared state -------------------------------------------------------------------------------
-
-
-def test_shared_state_put_get_and_delete(store: Store) -> None:
-    assert store.load_shared_state("ffa") is None
-    commit(store, shared_state={"ffa": '{"next_handle": 7}', "optee": "{}"})
-    assert store.load_shared_state("ffa") == '{"next_handle": 7}'
-    commit(store, shared_state={"ffa": None})
-    assert store.load_shared_state("ffa") is None
-    assert store.load_shared_state("optee") == "{}"
-
-
-def test_shared_state_is_apart_from_vm_state(store: Store) -> None:
-    commit(store, shared_state={"ffa": "shared"}, vm_state={(VM_A, "ffa"): "mine"})
-    assert store.load_shared_state("ffa") == "shared"
-    assert store.load_vm_state(VM_A, "ffa") == "mine"
-
-
-# ---- last results -------------------------------------------------------------------------------
-
-
-def test_last_results_are_per_vm_and_vcpu(store: Store) -> None:
-    commit(store, last_results={(VM_A, 0): (5, b"r0"), (VM_A, 1): (9, b"r1"),
-                                (VM_B, 0): (2, b"b0")})
-    assert store.load_last_results(VM_A) == {0: (5, b"r0"), 1: (9, b"r1")}
-    assert store.load_last_results(VM_B) == {0: (2, b"b0")}
-    assert store.load_last_results(VM_C) == {}
-
-
-def test_a_vcpus_last_result_replaces_the_previous_one(store: Store) -> None:
-    # A vCPU has at most one call in flight, so one record per vCPU is enough.
-    commit(store, last_results={(VM_A, 0): (5, b"old")})
-    commit(store, last_results={(VM_A, 0): (6, b"new")})
-    assert store.load_last_results(VM_A) == {0: (6, b"new")}
-
-
-def test_last_result_blobs_keep_every_byte(store: Store) -> None:
-    blob = bytes(range(256)) * 4
-    commit(store, last_results={(VM_A, 3): ((1 << 63) - 1, blob)})
-    assert store.load_last_results(VM_A) == {3: ((1 << 63) - 1, blob)}
-
-
-# ---- forget_vm ----------------------------------------------------------------------------------
-
-
-def test_forget_vm_drops_only_that_vms_rows(store: Store) -> None:
-    commit(
-        store,
-        vm_state={(VM_A, "ffa"): "a", (VM_A, "psci"): "a2", (VM_B, "ffa"): "b", (VM_C, "ffa"): "c"},
-        shared_state={"ffa": "shared"},
-        last_results={(VM_A, 0): (1, b"a"), (VM_B, 0): (1, b"b"), (VM_C, 1): (1, b"c")},
-    )
-    store.add_policy("p", "d")
-    store.forget_vm(VM_A)
-    assert store.load_vm_state(VM_A, "ffa") is None
-    assert store.load_vm_state(VM_A, "psci") is None
-    assert store.load_last_results(VM_A) == {}
-    assert store.load_vm_state(VM_B, "ffa") == "b"
-    assert store.load_vm_state(VM_C, "ffa") == "c"
-    assert store.load_last_results(VM_B) == {0: (1, b"b")}
-    assert store.load_last_results(VM_C) == {1: (1, b"c")}
-    assert store.load_shared_state("ffa") == "shared"
-    assert store.latest_policy() == StoredPolicy(1, "p", "d")
-
-
-def test_forget_vm_of_an_unknown_vm_is_harmless(store: Store) -> None:
-    commit(store, vm_state={(VM_A, "ffa"): "a"})
-    store.forget_vm(VM_C)
-    assert store.load_vm_state(VM_A, "ffa") == "a"
-
-
-def test_a_forgotten_vm_can_start_again(store: Store) -> None:
-    commit(store, vm_state={(VM_A, "ffa"): "old"}, last_results={(VM_A, 0): (9, b"x")})
-    store.forget_vm(VM_A)
-    commit(store, vm_state={(VM_A, "ffa"): "new"}, last_results={(VM_A, 0): (1, b"y")})
-    assert store.load_vm_state(VM_A, "ffa") == "new"
-    assert store.load_last_results(VM_A) == {0: (1, b"y")}
-
-
-# ---- batches are all or nothing -----------------------------------------------------------------
-
-
-def test_an_empty_batch_is_falsy_and_commits_nothing(store: Store) -> None:
+async def test_a_bad_batch_is_refused_whole(store: Store, lease: Lease) -> None:
+    await commit(store, lease, vm_state={(VM_A, "ffa"): "before"},
+                 last_results={(VM_A, 0): (1, b"before")})
+    for bad in ({"vm_state": {(VM_A, "zz"): {"not": "a str"}}},
+                {"last_results": {(VM_A, 9): ("not an int", b"")}}):
+        batch = StoreBatch(vm_state={(VM_A, "ffa"): "after"},
+                           last_results={(VM_A, 0): (2, b"after")})
+        for part, entries in bad.items():
+            getattr(batch, part).update(entries)
+        with pytest.raises(TypeError):
+            await store.commit(lease, batch)
+    loaded = await store.load_vm(VM_A)
+    assert loaded.docs == {"ffa": "before"} and loaded.results == {0: (1, b"before")}
     assert not StoreBatch()
-    assert StoreBatch(shared_state={"h": None})
-    store.commit(StoreBatch())
-    assert store.load_last_results(VM_A) == {}
 
 
-@pytest.mark.parametrize("bad", [
-    {"vm_state": {(VM_A, "zz-last"): {"not": "a str"}}},
-    {"shared_state": {"zz-last": ["not", "a", "str"]}},
-    {"last_results": {(VM_A, 99): ({"not": "an int"}, b"blob")}},
-], ids=["vm_state", "shared_state", "last_results"])
-def test_a_failing_commit_rolls_back_the_whole_batch(
-    store: Store, request: pytest.FixtureRequest, bad: dict[str, dict[Any, Any]],
-) -> None:
-    commit(store, vm_state={(VM_A, "ffa"): "before"}, shared_state={"ffa": "before"},
-           last_results={(VM_A, 0): (1, b"before")})
-    batch = StoreBatch(
-        vm_state={(VM_A, "ffa"): "after", (VM_A, "psci"): "new"},
-        shared_state={"ffa": None, "optee": "new"},
-        last_results={(VM_A, 0): (2, b"after"), (VM_A, 1): (1, b"new")},
-    )
-    for part, entries in bad.items():
-        getattr(batch, part).update(entries)
-    with pytest.raises(Exception):  # noqa: B017 - the backend's own error type
-        store.commit(batch)
-    assert store.load_vm_state(VM_A, "ffa") == "before"
-    assert store.load_vm_state(VM_A, "psci") is None
-    assert store.load_shared_state("ffa") == "before"
-    assert store.load_shared_state("optee") is None
-    assert store.load_last_results(VM_A) == {0: (1, b"before")}
+# ---- leases and fencing -------------------------------------------------------------------------
 
 
-def test_the_store_works_after_a_failed_commit(
-    store: Store, request: pytest.FixtureRequest,
-) -> None:
-    with pytest.raises(Exception):  # noqa: B017 - the backend's own error type
-        store.commit(StoreBatch(vm_state={(VM_A, "ffa"): {"not": "a str"}}))  # type: ignore[dict-item]
-    commit(store, vm_state={(VM_A, "ffa"): "ok"})
-    assert store.load_vm_state(VM_A, "ffa") == "ok"
+async def test_every_takeover_raises_the_epoch(store: Store) -> None:
+    first = await store.take_lease(HOST, "broker-1", 30.0)
+    second = await store.take_lease(HOST, "broker-2", 30.0)
+    third = await store.take_lease(HOST, "broker-1", 30.0)
+    assert first.epoch < second.epoch < third.epoch
+    assert (await store.take_lease("host-b", "broker-1", 30.0)).epoch == 1
 
 
-# ---- SqliteStore durability ---------------------------------------------------------------------
+async def test_a_broker_that_lost_the_lease_changes_nothing(store: Store) -> None:
+    old = await store.take_lease(HOST, "broker-1", 30.0)
+    await commit(store, old, vm_state={(VM_A, "psci"): "mine"})
+    await store.put_vm(old, VM_A, b"reg")
+    new = await store.take_lease(HOST, "broker-2", 30.0)
+    with pytest.raises(Fenced):
+        await commit(store, old, vm_state={(VM_A, "psci"): "stale", (VM_A, "x"): "new"},
+                     last_results={(VM_A, 0): (7, b"stale")})
+    with pytest.raises(Fenced):
+        await store.put_vm(old, VM_B, b"stale")
+    with pytest.raises(Fenced):
+        await store.forget_vm(old, VM_A)
+    assert not await store.renew_lease(old, 30.0)
+    await store.release_lease(old)  # harmless: the newer holder keeps the lease
+    assert await store.renew_lease(new, 30.0)
+    loaded = await store.load_vm(VM_A)
+    assert loaded.docs == {"psci": "mine"} and loaded.results == {}
+    assert await store.host_vms(HOST) == {VM_A: b"reg"}
+    await commit(store, new, vm_state={(VM_A, "psci"): "theirs"})
+    assert (await store.load_vm(VM_A)).docs == {"psci": "theirs"}
 
 
-def test_sqlite_store_reopened_sees_everything_committed(tmp_path: Path) -> None:
+async def test_a_lease_never_taken_fences_every_write(store: Store) -> None:
+    with pytest.raises(Fenced):
+        await commit(store, Lease(HOST, "broker-1", 1), vm_state={(VM_A, "h"): "x"})
+
+
+async def test_leases_of_two_hosts_are_apart(store: Store) -> None:
+    a = await store.take_lease(HOST, "broker-1", 30.0)
+    await store.take_lease("host-b", "broker-2", 30.0)
+    await commit(store, a, vm_state={(VM_A, "h"): "ok"})
+    assert await store.renew_lease(a, 30.0)
+
+
+# ---- ID pools -----------------------------------------------------------------------------------
+
+
+async def test_an_owner_keeps_its_id_and_ids_go_round_robin(store: Store) -> None:
+    assert await store.allocate_id("ffa", "vm-a", 1, 3) == 1
+    assert await store.allocate_id("ffa", "vm-b", 1, 3) == 2
+    assert await store.allocate_id("ffa", "vm-a", 1, 3) == 1  # its own, not a second one
+    await store.release_id("ffa", "vm-a")
+    assert await store.id_owner("ffa", 1) is None
+    assert await store.allocate_id("ffa", "vm-c", 1, 3) == 3
+    assert await store.allocate_id("ffa", "vm-d", 1, 3) == 1  # freed 1 comes back last
+    assert await store.allocate_id("ffa", "vm-e", 1, 3) is None  # full
+    assert await store.id_owner("ffa", 2) == "vm-b"
+    assert await store.allocate_id("other-pool", "vm-e", 1, 3) == 1
+
+
+async def test_a_large_id_range_is_exact(store: Store) -> None:
+    top = 2**31 - 1
+    assert await store.allocate_id("hv", "a", top - 1, top) == top - 1
+    assert await store.allocate_id("hv", "b", top - 1, top) == top
+    assert await store.id_owner("hv", top) == "b"
+    with pytest.raises(ValueError):
+        await store.allocate_id("hv", "c", 1, 2**32)
+
+
+async def test_concurrent_allocations_are_distinct(store: Store) -> None:
+    got = await asyncio.gather(*(store.allocate_id("ffa", f"vm-{i}", 1, 0x7FFF)
+                                 for i in range(200)))
+    assert sorted(got) == list(range(1, 201))  # type: ignore[type-var]
+
+
+# ---- backends: URLs, durability, processes ------------------------------------------------------
+
+
+@pytest.mark.parametrize("url", ["", "sqlite://relative", "postgres://x/y", "sqlite:///",
+                                 "redis://:hunter2@127.0.0.1:6379/0"])
+def test_store_urls_that_cannot_work_are_refused_clearly(url: str) -> None:
+    with pytest.raises(StoreUrlError, match="--store"):
+        open_store(url)
+
+
+async def test_sqlite_reopened_sees_everything_committed(tmp_path: Path) -> None:
     first = SqliteStore(tmp_path)
-    first.add_policy("v1", "d1")
-    first.add_policy("v2", "d2")
-    first.commit(StoreBatch(
-        vm_state={(VM_A, "ffa"): "a", (VM_B, "ffa"): "b"},
-        shared_state={"ffa": "shared"},
-        last_results={(VM_A, 0): (7, b"\x00\x01"), (VM_A, 1): (8, b"\x02")},
-    ))
-    first.commit(StoreBatch(vm_state={(VM_B, "ffa"): None}))
-    first.close()
-
+    await first.add_policy("v1", "d1")
+    lease = await first.take_lease(HOST, "b", 30.0)
+    await first.commit(lease, StoreBatch(vm_state={(VM_A, "ffa"): "a"},
+                                         last_results={(VM_A, 0): (7, b"\x00\x01")}))
+    await first.put_vm(lease, VM_A, b"reg")
+    await first.close()
     second = SqliteStore(tmp_path)
     try:
-        assert second.latest_policy() == StoredPolicy(2, "v2", "d2")
-        assert second.get_policy(1) == StoredPolicy(1, "v1", "d1")
-        assert second.load_vm_state(VM_A, "ffa") == "a"
-        assert second.load_vm_state(VM_B, "ffa") is None
-        assert second.load_shared_state("ffa") == "shared"
-        assert second.load_last_results(VM_A) == {0: (7, b"\x00\x01"), 1: (8, b"\x02")}
-        assert second.add_policy("v3", "d3") == 3  # versions keep increasing across restarts
+        assert await second.latest_policy() == StoredPolicy(1, "v1", "d1")
+        loaded = await second.load_vm(VM_A)
+        assert loaded.docs == {"ffa": "a"} and loaded.results == {0: (7, b"\x00\x01")}
+        assert await second.host_vms(HOST) == {VM_A: b"reg"}
+        assert (await second.take_lease(HOST, "b", 30.0)).epoch == lease.epoch + 1
+        assert await second.add_policy("v2", "d2") == 2
     finally:
-        second.close()
+        await second.close()
 
 
-def test_sqlite_store_creates_its_state_dir(tmp_path: Path) -> None:
-    s = SqliteStore(tmp_path / "a" / "b")
+async def test_redis_restarted_with_aof_keeps_every_commit(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path / "redis").start()
     try:
-        assert s.path == tmp_path / "a" / "b" / "hyperbroker.sqlite3"
-        assert s.path.exists()
+        store = open_store(server.url)
+        lease = await store.take_lease(HOST, "b", 30.0)
+        await store.commit(lease, StoreBatch(vm_state={(VM_A, "ffa"): "kept"}))
+        assert await store.allocate_id("ffa", VM_A, 1, 10) == 1
+        server.kill()
+        with pytest.raises(StoreUnavailable):
+            await store.commit(lease, StoreBatch(vm_state={(VM_A, "ffa"): "lost"}))
+        server.start()  # the same port and directory
+        loaded = await store.load_vm(VM_A)  # the client reconnects by itself
+        assert loaded.docs == {"ffa": "kept"}
+        assert await store.allocate_id("ffa", VM_B, 1, 10) == 2
+        assert await store.renew_lease(lease, 30.0)
+        await store.close()
     finally:
-        s.close()
+        server.stop()
 
 
-def test_sqlite_store_reopened_after_a_failed_commit_has_none_of_it(tmp_path: Path) -> None:
-    first = SqliteStore(tmp_path)
-    first.commit(StoreBatch(vm_state={(VM_A, "ffa"): "kept"}))
-    with pytest.raises(Exception):  # noqa: B017 - sqlite3's binding error
-        first.commit(StoreBatch(vm_state={(VM_A, "ffa"): "lost", (VM_A, "x"): 1.5j}))  # type: ignore[dict-item]
-    first.close()
-    second = SqliteStore(tmp_path)
-    try:
-        assert second.load_vm_state(VM_A, "ffa") == "kept"
-        assert second.load_vm_state(VM_A, "x") is None
-    finally:
-        second.close()
+def _open_and_add(url: str) -> int:
+    async def go() -> int:
+        store = open_store(url)
+        try:
+            return await store.add_policy("same text", "same digest")
+        finally:
+            await store.close()
+    return asyncio.run(go())
 
 
-def test_two_sqlite_stores_on_one_dir_see_each_others_commits(tmp_path: Path) -> None:
-    # Several broker workers on one machine may share the file (SqliteStore docstring).
-    a, b = SqliteStore(tmp_path), SqliteStore(tmp_path)
-    try:
-        a.commit(StoreBatch(vm_state={(VM_A, "ffa"): "from a"}))
-        assert b.load_vm_state(VM_A, "ffa") == "from a"
-        assert b.add_policy("p", "d") == 1
-        assert a.latest_policy() == StoredPolicy(1, "p", "d")
-    finally:
-        a.close()
-        b.close()
+def _allocate_many(url: str, worker: int) -> list[int | None]:
+    async def go() -> list[int | None]:
+        store = open_store(url)
+        try:
+            return [await store.allocate_id("ffa", f"w{worker}-vm{i}", 1, 0x7FFF)
+                    for i in range(50)]
+        finally:
+            await store.close()
+    return asyncio.run(go())
 
 
-def _open_and_add(state_dir: str) -> int:
-    store = SqliteStore(state_dir)
-    version = store.add_policy("same text", "same digest")
-    store.close()
-    return version
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+def test_processes_on_one_store_agree(backend: str, tmp_path: Path,
+                                      request: pytest.FixtureRequest) -> None:
+    """Workers (`serve --workers N`) and replicas open one store at once: one policy version
+    for the same text, and 200 distinct FF-A IDs from 4 processes allocating together."""
+    if backend == "redis":
+        url = f"{request.getfixturevalue('redis_server').url}?prefix=procs{next(_prefixes)}:"
+    else:
+        url = f"sqlite://{tmp_path}/shared"
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        versions = pool.map(_open_and_add, [url] * 8)
+        ids = pool.starmap(_allocate_many, [(url, w) for w in range(4)])
+    assert versions == [1] * 8
+    flat = [i for chunk in ids for i in chunk]
+    assert len(flat) == 200 and len(set(flat)) == 200 and None not in flat
 
 
-def test_workers_opening_one_store_at_once_all_succeed_and_agree(tmp_path: Path) -> None:
-    """`serve --workers N` opens one SQLite file from N processes at the same moment."""
-    import multiprocessing
-
-    with multiprocessing.get_context("fork").Pool(6) as pool:
-        versions = pool.map(_open_and_add, [str(tmp_path)] * 12)
-    assert versions == [1] * 12
+def test_redis_store_is_a_store() -> None:
+    assert isinstance(RedisStore.from_url("redis://127.0.0.1:1/0"), RedisStore)

@@ -161,7 +161,7 @@ class FfaHandler(Handler):
             if state.endpoint_id is not None:
                 for p in self.partitions:
                     await p.vm_destroyed(ctx.vm.key, state.endpoint_id)
-                ctx.shared.put(endpoints.release(ctx.shared.get(), ctx.vm.key))
+                await ctx.ids.release(endpoints.POOL)
             if ctx.state.get() is not None:
                 ctx.state.put(None)
         self._locks.pop(ctx.vm.key, None)
@@ -221,10 +221,10 @@ class FfaHandler(Handler):
             return self._error(fid, admitted)
         state = admitted
         if state.endpoint_id is None:
-            doc, endpoint_id = endpoints.allocate(ctx.shared.get(), ctx.vm.key)
+            endpoint_id = await ctx.ids.allocate(endpoints.POOL, endpoints.FIRST_VM_ID,
+                                                 endpoints.LAST_VM_ID)
             if endpoint_id is None:
                 return self._error(fid, FfaError.NO_MEMORY)
-            ctx.shared.put(doc)
             state = replace(state, endpoint_id=endpoint_id)
         state, answer = await self._routes[fid](call, ctx, state)
         self._save(ctx, before, state)

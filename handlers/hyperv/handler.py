@@ -32,6 +32,10 @@ from hyperbroker.handlers.hyperv.synic import CountingSink, SynicSink
 from hyperbroker.runtime.metrics import Counter, Gauge
 from hyperbroker.smccc import NOT_SUPPORTED_U64, OWNER_SERVICES, U64_MASK
 
+# Partition IDs the broker hands out when the persona names none: fleet-unique, one per VM.
+PARTITION_POOL = "hyperv.partition"
+PARTITION_LAST = 2**31 - 1
+
 HYPERCALLS = Counter("hyperbroker_hyperv_hypercalls_total",
                      "Hyper-V hypercalls by call and status", ["call", "status"])
 CRASHES = Counter("hyperbroker_hyperv_guest_crashes_total",
@@ -123,21 +127,19 @@ class HypervHandler(Handler):
     def static_answers(self) -> Mapping[int, Result]:
         return {abi.VENDOR_HYP_CALL_UID: Result.regs(*abi.hyperv_uid_regs())}
 
-    def load(self, ctx: CallContext) -> PartitionState:
-        """This VM's persona state; a first call gives it a partition ID and a time epoch."""
+    async def load(self, ctx: CallContext) -> PartitionState | None:
+        """This VM's persona state; a first call gives it a partition ID (fleet-unique, from
+        the broker's pool) and a time epoch. None when the pool is exhausted."""
         state = PartitionState.from_json(ctx.state.get())
         if state.partition_id == abi.HV_PARTITION_ID_INVALID:
-            state.partition_id = self.persona.partition_id or self._allocate_partition_id(ctx)
+            pid = self.persona.partition_id or await ctx.ids.allocate(
+                PARTITION_POOL, 1, PARTITION_LAST)
+            if pid is None:
+                return None
+            state.partition_id = pid
         if state.time_epoch_ns is None:
             state.time_epoch_ns = ctx.now_ns()
         return state
-
-    def _allocate_partition_id(self, ctx: CallContext) -> int:
-        """Fleet-unique partition IDs from the handler-wide document."""
-        shared = ctx.shared.get() or {}
-        pid = int(shared.get("next_partition_id", 1))
-        ctx.shared.put({**shared, "next_partition_id": pid + 1})
-        return pid
 
     def admin_view(self, ctx: CallContext) -> dict[str, Any]:
         """This VM's persona as the Admin API shows it (crashes first: dashboards need them)."""
@@ -167,7 +169,9 @@ class HypervHandler(Handler):
             except GuestMemoryError:
                 # TLFS: a GPA outside the partition's space is INVALID_ALIGNMENT.
                 return self._status(control, HvStatus.INVALID_ALIGNMENT)
-        state = self.load(ctx)
+        state = await self.load(ctx)
+        if state is None:
+            return self._status(control, HvStatus.INSUFFICIENT_MEMORY)
         ex = hypercall.execute(self.persona, state, p, data,
                                Caller(ctx.vm, call.vcpu, ctx.now_ns()), self.sink)
         for report in ex.crashes:
@@ -228,6 +232,7 @@ class HypervHandler(Handler):
 
     async def vm_destroyed(self, ctx: CallContext) -> None:
         ctx.state.put(None)
+        await ctx.ids.release(PARTITION_POOL)
         with contextlib.suppress(KeyError):  # no crash was ever reported
             CRASHED.remove(ctx.vm.host, ctx.vm.name)
 

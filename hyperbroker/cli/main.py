@@ -36,10 +36,25 @@ def _tls(args: argparse.Namespace) -> TlsFiles | None:
 def cmd_serve(args: argparse.Namespace) -> int:
     from hyperbroker.broker.server import BrokerConfig, serve
 
+    if args.store and args.memory_store:
+        print("hyperbroker serve: give --store or --memory-store, not both", file=sys.stderr)
+        return 2
+    store = args.store or ("memory://" if args.memory_store
+                           else f"sqlite://{Path(args.state_dir).resolve()}")
+    password = os.environ.get("HYPERBROKER_STORE_PASSWORD")
+    if args.store_password_file:
+        try:
+            password = Path(args.store_password_file).read_text().strip()
+        except OSError as e:
+            print(f"hyperbroker serve: --store-password-file: {e.strerror}: "
+                  f"{args.store_password_file}", file=sys.stderr)
+            return 2
     config = BrokerConfig(
         listen=args.listen,
         policy_path=Path(args.policy) if args.policy else None,
-        state_dir=None if args.memory_store else Path(args.state_dir),
+        store=store,
+        store_password=password,
+        lease_ttl_s=args.lease_ttl,
         metrics_listen=args.metrics_listen,
         tls=_tls(args),
         drain_grace_s=args.drain_grace,
@@ -130,8 +145,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the broker")
     p.add_argument("--listen", default="127.0.0.1:50051", help="gRPC address (Broker, Admin)")
     p.add_argument("--policy", help="policy YAML; without it the newest stored version is served")
-    p.add_argument("--state-dir", default="state", help="SQLite state directory")
-    p.add_argument("--memory-store", action="store_true", help="keep state in memory only")
+    p.add_argument("--store", metavar="URL",
+                   help="state store: sqlite:///DIR (one machine), redis://HOST:PORT/DB or "
+                        "rediss://... (replicas on several machines; password from "
+                        "--store-password-file or HYPERBROKER_STORE_PASSWORD), memory://; "
+                        "default sqlite:// of --state-dir")
+    p.add_argument("--store-password-file", metavar="FILE",
+                   help="file holding the Redis password (never put it in the URL)")
+    p.add_argument("--state-dir", default="state",
+                   help="SQLite state directory, when no --store is given (default: state)")
+    p.add_argument("--memory-store", action="store_true",
+                   help="keep state in memory only (the same as --store memory://)")
+    p.add_argument("--lease-ttl", type=float, default=30.0, metavar="S",
+                   help="seconds a host's lease lasts unless renewed (every housekeeping round)")
     p.add_argument("--metrics-listen", help="Prometheus endpoint, e.g. 127.0.0.1:9464")
     p.add_argument("--health-listen",
                    help="plaintext address serving only grpc.health.v1 (probes under mTLS)")

@@ -1,9 +1,10 @@
 """An in-memory CallContext for driving handlers in tests, without a broker or an agent.
 
-`FakeContext` holds guest RAM as bytearrays per region, the per-VM and shared state documents,
-and records reads and writes so that tests can assert on guest-memory traffic. Writes are
-buffered exactly as the broker buffers them: they reach guest RAM when `commit()` is called
-(the broker commits them with the result).
+`FakeContext` holds guest RAM as bytearrays per region, the per-VM state document and the ID
+pools (shared between contexts as the broker's store shares them), and records reads and writes
+so that tests can assert on guest-memory traffic. Writes are buffered exactly as the broker
+buffers them: they reach guest RAM when `commit()` is called (the broker commits them with the
+result).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from hyperbroker.broker.store.sqlite import SqliteStore
 from hyperbroker.handlers.api import GuestMemoryError, JsonValue, VmInfo
 
 
@@ -29,6 +31,30 @@ class MemoryState:
     def put(self, value: JsonValue) -> None:
         self._raw = json.dumps(value)
         self.puts += 1
+
+
+class MemoryPools:
+    """Fleet-unique ID pools with the broker's own semantics: its store, in memory."""
+
+    def __init__(self) -> None:
+        self.store = SqliteStore(None)
+
+
+class VmPools:
+    """handlers.api.IdPools for one VM (the owner of what it allocates)."""
+
+    def __init__(self, pools: MemoryPools, owner: str) -> None:
+        self._store = pools.store
+        self._owner = owner
+
+    async def allocate(self, pool: str, first: int, last: int) -> int | None:
+        return await self._store.allocate_id(pool, self._owner, first, last)
+
+    async def release(self, pool: str) -> None:
+        await self._store.release_id(pool, self._owner)
+
+    async def owner(self, pool: str, id_: int) -> str | None:
+        return await self._store.id_owner(pool, id_)
 
 
 @dataclass
@@ -79,12 +105,13 @@ class FakeContext:
         vm: VmInfo | None = None,
         *,
         memory: FakeGuestMemory | None = None,
-        shared: MemoryState | None = None,
+        pools: MemoryPools | None = None,
     ) -> None:
         self.vm = vm or VmInfo(host="host-a", name="vm-1", nr_vcpus=2, profile="default",
                                policy_version=1)
         self.state = MemoryState()
-        self.shared = shared or MemoryState()
+        self.pools = pools or MemoryPools()
+        self.ids = VmPools(self.pools, self.vm.key)
         self.memory = memory or FakeGuestMemory()
         self.log = logging.getLogger(f"hyperbroker.test.{self.vm.name}")
 

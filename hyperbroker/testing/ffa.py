@@ -2,7 +2,7 @@
 
 `FfaGuest` makes calls the way a guest's driver does (function ID in x0, arguments in x1..x17),
 keeps a FakeContext as the broker would (guest memory with buffered writes committed after each
-result, the VM's and the shared state documents), and reads answers back as registers. Tests,
+result, the VM's state document and the ID pools), and reads answers back as registers. Tests,
 the Linux probe replay and future end-to-end checks use it; the guest program for the real-KVM
 bed makes the same calls from inside a VM. Nothing here is used by the handler itself.
 """
@@ -22,7 +22,7 @@ from hyperbroker.handlers.ffa.descriptors import (
 )
 from hyperbroker.handlers.ffa.handler import FfaHandler
 from hyperbroker.smccc import NR_ARGS
-from hyperbroker.testing.context import FakeContext, FakeGuestMemory, MemoryState
+from hyperbroker.testing.context import FakeContext, FakeGuestMemory, MemoryPools
 
 RAM_BASE = 0x4000_0000
 RAM_SIZE = 8 * 1024 * 1024
@@ -32,12 +32,12 @@ BUFFER_ADDRESS = RAM_BASE + 0x20_0000  # where tests put data they share
 RW_NX = 0x2 | 0x1 << 2  # data RW, instruction NX: what Linux's tee driver asks for
 
 
-def make_context(name: str = "vm-1", *, host: str = "host-a", shared: MemoryState | None = None,
+def make_context(name: str = "vm-1", *, host: str = "host-a", pools: MemoryPools | None = None,
                  ram_size: int = RAM_SIZE) -> FakeContext:
-    """A VM with one RAM region at RAM_BASE, sharing `shared` with other VMs of the handler."""
+    """A VM with one RAM region at RAM_BASE, sharing ID `pools` with other VMs."""
     memory = FakeGuestMemory(regions={RAM_BASE: bytearray(ram_size)})
     vm = VmInfo(host=host, name=name, nr_vcpus=2, profile="default", policy_version=1)
-    return FakeContext(vm, memory=memory, shared=shared)
+    return FakeContext(vm, memory=memory, pools=pools)
 
 
 @dataclass

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -97,11 +99,16 @@ class Broker:
 
 def start_broker(policy: Path | None, state_dir: Path | None, *, port: int = 0,
                  metrics: bool = True, log_level: str = "warning",
-                 extra: list[str] | None = None, env: dict[str, str] | None = None) -> Broker:
+                 extra: list[str] | None = None, env: dict[str, str] | None = None,
+                 store: str | None = None) -> Broker:
+    """A broker on `store` (a URL) if given, else SQLite in `state_dir`, else in memory."""
     args = ["--log-level", log_level, "serve", "--listen", f"127.0.0.1:{port}"]
     if policy is not None:
         args += ["--policy", str(policy)]
-    args += ["--state-dir", str(state_dir)] if state_dir else ["--memory-store"]
+    if store is not None:
+        args += ["--store", store]
+    else:
+        args += ["--state-dir", str(state_dir)] if state_dir else ["--memory-store"]
     if metrics:
         args += ["--metrics-listen", "127.0.0.1:0"]
     mp = spawn_cli("broker", args + (extra or []), env)
@@ -130,3 +137,80 @@ def start_agent(broker_address: str, host_id: str, socket_dir: Path | None = Non
     mp = spawn_cli(f"agent-{host_id}", args + (extra or []), env)
     m = mp.wait_for(r"ready: .*?(?:metrics on :(\d+))?$")
     return AgentProcess(mp, sock, stream, int(m.group(1)) if m.group(1) else None)
+
+
+@dataclass
+class RedisServer:
+    """A redis-server of the tests' own: a free port, its own directory, AOF on (so a restart
+    keeps what was written, as the production set-up in docs/operations.md does)."""
+
+    directory: Path
+    port: int = 0
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise FileNotFoundError("redis-server is not installed (scripts/system_deps.sh "
+                                    "installs it; it needs root and apt-get)")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        chosen = bool(self.port)
+        for _attempt in range(5):
+            if not chosen:
+                self.port = free_port()  # another process may take it first: then try again
+            try:
+                return self._start(binary)
+            except RuntimeError:
+                if chosen or "in use" not in self._log():
+                    raise
+        raise RuntimeError(f"redis-server found no free port:\n{self._log()}")
+
+    def _log(self) -> str:
+        try:
+            return (self.directory / "redis.log").read_text(errors="replace")[-2000:]
+        except OSError:
+            return ""
+
+    def _start(self, binary: str) -> RedisServer:
+        self.process = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir",
+             str(self.directory), "--appendonly", "yes", "--appendfsync", "always",
+             "--save", "", "--daemonize", "no", "--logfile", str(self.directory / "redis.log")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 30.0
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {self.process.returncode}:\n"
+                                   f"{self._log()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1.0) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(64).startswith(b"+PONG"):
+                        return self
+            except OSError:
+                pass
+            time.sleep(0.02)
+        raise TimeoutError(f"redis-server on :{self.port} did not answer PING within 30 s")
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -52,6 +52,8 @@ METRICS: Mapping[str, Metric] = {
     "hyperbroker_broker_handler_errors_total": _m("counter", "handler"),
     "hyperbroker_broker_duplicate_calls_total": _m("counter"),
     "hyperbroker_broker_divergent_results_total": _m("counter"),
+    "hyperbroker_broker_hosts_abandoned_total": _m("counter", "reason"),
+    "hyperbroker_broker_host_leases": _m("gauge"),
     "hyperbroker_broker_agents_connected": _m("gauge"),
     "hyperbroker_broker_vms": _m("gauge"),
     "hyperbroker_broker_frames_total": _m("counter", "direction"),

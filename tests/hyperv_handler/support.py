@@ -13,7 +13,7 @@ from hyperbroker.handlers.hyperv.abi import HvStatus
 from hyperbroker.handlers.hyperv.layout import (
     VpHeader,
 )
-from hyperbroker.testing.context import FakeContext, FakeGuestMemory, MemoryState
+from hyperbroker.testing.context import FakeContext, FakeGuestMemory, MemoryPools
 
 RAM = 0x4000_0000
 IN = RAM + 0x1000
@@ -34,9 +34,9 @@ class ClockContext(FakeContext):
 
 
 def make(config: dict[str, Any] | None = None, nr_vcpus: int = 2, name: str = "vm",
-         shared: MemoryState | None = None, **kwargs: Any) -> tuple[HypervHandler, ClockContext]:
+         pools: MemoryPools | None = None, **kwargs: Any) -> tuple[HypervHandler, ClockContext]:
     memory = FakeGuestMemory(regions={RAM: bytearray(0x1_0000)})
-    ctx = ClockContext(VmInfo("host", name, nr_vcpus, "p", 1), memory=memory, shared=shared)
+    ctx = ClockContext(VmInfo("host", name, nr_vcpus, "p", 1), memory=memory, pools=pools)
     return HypervHandler(config or {}, **kwargs), ctx
 
 

@@ -21,7 +21,7 @@ from hyperbroker.handlers.hyperv.layout import (
     SignalEventInput,
 )
 from hyperbroker.handlers.hyperv.synic import PostMessage, SignalEvent
-from hyperbroker.testing.context import FakeContext, MemoryState
+from hyperbroker.testing.context import FakeContext, MemoryPools
 
 from .support import IN, OUT, SELF_P, SELF_VP, control, get_fast, hv, make, set_fast, status
 
@@ -42,10 +42,10 @@ async def test_fast_get_partition_id_returns_it_in_x2() -> None:
 
 
 async def test_partition_ids_are_unique_across_the_fleet() -> None:
-    shared = MemoryState()
+    pools = MemoryPools()
     ids = []
     for name in ("a", "b", "c"):
-        h, ctx = make(name=name, shared=shared)
+        h, ctx = make(name=name, pools=pools)
         ids.append((await hv(h, ctx, control(abi.HVCALL_GET_PARTITION_ID, fast=True))).x[2])
         assert (await hv(h, ctx, control(abi.HVCALL_GET_PARTITION_ID, fast=True))).x[2] == ids[-1]
     assert len(set(ids)) == 3 and 0 not in ids
