@@ -73,7 +73,7 @@ class Hosts:
         host.batch = StoreBatch()
         host.lease = None
         if host.on_abandon is not None:
-            host.on_abandon()
+            host.on_abandon(str(why))
 
     # ---- hosts and VMs -------------------------------------------------------------------
     async def claim(self, name: str) -> HostSession:

@@ -118,8 +118,12 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
         writer_task = asyncio.create_task(session.run_writer(writer, flush))
         stream_task = asyncio.current_task()
         assert stream_task is not None
-        def end_stream() -> None:  # the host is lost here: end this stream now
-            stream_task.cancel()
+        lost: list[str] = []
+
+        def end_stream(why: str) -> None:  # the host is lost here: end this stream now
+            lost.append(why)
+            if asyncio.current_task() is not stream_task:  # else its own except ends it
+                stream_task.cancel()
 
         session.on_abandon = end_stream
         try:
@@ -146,6 +150,14 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
         except (Fenced, StoreUnavailable) as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE,
                                 f"broker lost host {hello.host}: {e}")
+        except asyncio.CancelledError:
+            if not lost:
+                raise
+            # Cancelled by end_stream: a cancelled servicer sends no status and its client
+            # would wait forever, so end the RPC with one (the agent reconnects).
+            stream_task.uncancel()
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                f"broker lost host {hello.host}: {lost[0]}")
         finally:
             if session.on_abandon is end_stream:
                 session.on_abandon = None

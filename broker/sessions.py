@@ -119,7 +119,7 @@ class HostSession:
         self.lease: Lease | None = None
         self.batch = StoreBatch()
         self.flush_lock = asyncio.Lock()
-        self.on_abandon: Callable[[], None] | None = None  # ends the stream (BrokerService)
+        self.on_abandon: Callable[[str], None] | None = None  # ends the stream (BrokerService)
         self.generation = 0  # counts the agent processes that said hello for this host
         self.writer: FrameWriter | None = None
         self.peer = ""

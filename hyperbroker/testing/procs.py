@@ -214,3 +214,59 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+HAPROXY_CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "haproxy" / "hyperbroker.cfg"
+
+
+@dataclass
+class LoadBalancer:
+    """HAProxy with the shipped configuration (deploy/haproxy/hyperbroker.cfg) in front of three
+    brokers, on a free port."""
+
+    brokers: list[str]
+    port: int = 0
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> LoadBalancer:
+        binary = shutil.which("haproxy")
+        if binary is None:
+            raise FileNotFoundError("haproxy is not installed (scripts/system_deps.sh installs "
+                                    "it; it needs root and apt-get)")
+        if len(self.brokers) != 3:
+            raise ValueError("the shipped HAProxy configuration names three brokers")
+        self.port = self.port or free_port()
+        env = dict(os.environ, HB_LISTEN=self.address,
+                   **{f"HB_BROKER_{i + 1}": b for i, b in enumerate(self.brokers)})
+        check = subprocess.run([binary, "-c", "-q", "-f", str(HAPROXY_CONFIG)], env=env,
+                               capture_output=True, text=True, check=False)
+        if check.returncode:
+            raise RuntimeError(f"haproxy refused {HAPROXY_CONFIG}:\n{check.stderr}")
+        log = tempfile.TemporaryFile()  # noqa: SIM115 - haproxy writes it while it runs
+        self.process = subprocess.Popen([binary, "-db", "-f", str(HAPROXY_CONFIG)], env=env,
+                                        stdout=log, stderr=log, start_new_session=True)
+        deadline = time.monotonic() + 30.0
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                log.seek(0)
+                raise RuntimeError(f"haproxy exited with {self.process.returncode}:\n"
+                                   + log.read().decode(errors="replace")[-2000:])
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1.0).close()
+                return self
+            except OSError:
+                time.sleep(0.02)
+        raise TimeoutError(f"haproxy on :{self.port} did not accept within 30 s")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()

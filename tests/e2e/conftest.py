@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -90,3 +91,16 @@ async def next_result(stream: Any) -> proto.ResultMsg:
                                + frame.results).message
             assert isinstance(msg, proto.ResultMsg)
             return msg
+
+
+def scrape_value(broker: Broker, name: str) -> float:
+    """One sample of the broker's /metrics; `name` with its labels as exported, e.g.
+    `x_total{reason="fenced"}`. 0 when absent."""
+    assert broker.metrics_port is not None
+    with urllib.request.urlopen(f"http://127.0.0.1:{broker.metrics_port}/metrics",
+                                timeout=30) as r:
+        text = r.read().decode()
+    values = [float(line.split()[-1]) for line in text.splitlines()
+              if line.startswith(name + " ")]
+    return values[0] if values else 0.0
+

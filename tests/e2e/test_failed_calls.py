@@ -12,7 +12,6 @@ processes; the test plays the VMM, or the agent itself where it must report a di
 from __future__ import annotations
 
 import asyncio
-import urllib.request
 
 from hyperbroker.calls import Outcome
 from hyperbroker.smccc import to_s64
@@ -22,7 +21,7 @@ from hyperbroker.wire import vmm as proto
 from hyperbroker.wire.v1 import broker_pb2
 from hyperbroker.wire.vmm import ResultSource
 
-from .conftest import agent_stream, next_result
+from .conftest import agent_stream, next_result, scrape_value
 
 INCREMENT, SLOW_INCREMENT, INCREMENT_THEN_FAIL = 0x8200_0001, 0x8200_0002, 0x8200_0009
 DEADLINE_MS = 3000  # the counter rule's, tests/e2e/conftest.py
@@ -72,13 +71,3 @@ async def test_a_divergent_result_is_undone_and_counted(broker: Broker) -> None:
     assert await increment(3, divergent=2) == 2  # undone before the retry ran
     assert scrape_value(broker, "hyperbroker_broker_divergent_results_total") == before + 1
     await channel.close()
-
-
-def scrape_value(broker: Broker, name: str) -> float:
-    assert broker.metrics_port is not None
-    with urllib.request.urlopen(f"http://127.0.0.1:{broker.metrics_port}/metrics",
-                                timeout=30) as r:
-        text = r.read().decode()
-    values = [float(line.split()[-1]) for line in text.splitlines()
-              if line.startswith(name + " ")]
-    return values[0] if values else 0.0
