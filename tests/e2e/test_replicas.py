@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -49,7 +50,7 @@ def replicas(tmp_path: Path, store_url: str) -> Iterator[list[Broker]]:
     try:
         for _ in range(2):
             brokers.append(start_broker(policy, None, store=store_url, env=plugin_env(),
-                                        log_level="info"))
+                                        log_level="info", extra=["--lease-ttl", "0.5"]))
         yield brokers
     finally:
         for b in brokers:
@@ -89,6 +90,30 @@ async def test_a_host_moves_with_its_state_and_the_replica_it_left_commits_nothi
     fenced = 'hyperbroker_broker_hosts_abandoned_total{reason="fenced"}'
     assert scrape_value(a, fenced) == 1
     assert scrape_value(b, fenced) == 0
+    await chan_a.close()
+    await chan_b.close()
+
+
+async def test_a_replica_stopped_past_its_lease_commits_nothing_when_it_wakes(
+        replicas: list[Broker]) -> None:
+    """SIGSTOP with a call waiting in its socket, longer than the lease; the host moves on."""
+    a, b = replicas
+    chan_a, on_a = await agent_stream(a.address, "host-s", live={}, resumed=False)
+    await on_a.write(broker_pb2.AgentFrame(vms_registered=[registration(1, "vm-s")]))
+    assert (await call(on_a, 1, 1, INCREMENT)).x[1] == 1
+    a.process.signal(signal.SIGSTOP)
+    try:
+        record = proto.CALL.pack(1, 0, 2, INCREMENT, 0, 0, INCREMENT, *[0] * 17)
+        await on_a.write(broker_pb2.AgentFrame(calls=record))  # waits in A's socket
+        chan_b, on_b = await agent_stream(b.address, "host-s", live={1: "boot-1"}, resumed=True)
+        await on_b.write(broker_pb2.AgentFrame(vms_registered=[registration(1, "vm-s")]))
+        assert (await call(on_b, 1, 2, INCREMENT)).x[1] == 2
+        await asyncio.sleep(1.0)  # past --lease-ttl 0.5: A's lease has lapsed as well
+    finally:
+        a.process.signal(signal.SIGCONT)
+    with pytest.raises(grpc.aio.AioRpcError):  # A runs the waiting call; its commit is fenced
+        await next_result(on_a)
+    assert (await call(on_b, 1, 3, INCREMENT)).x[1] == 3  # A's stale 2 never reached the store
     await chan_a.close()
     await chan_b.close()
 
