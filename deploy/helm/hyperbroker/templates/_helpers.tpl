@@ -101,8 +101,11 @@ grpc:
 
 {{/* Checks that hold for any values; they fail the render with the reason. */}}
 {{- define "hyperbroker.validate" -}}
-{{- if and (gt (int .Values.broker.replicas) 1) .Values.broker.state.persistence.enabled }}
-{{- fail "broker.replicas > 1 needs broker.state.persistence.enabled=false: the SQLite state store lives on one ReadWriteOnce volume and cannot be shared by several pods (docs/operations.md, \"State store\")" }}
+{{- if and (gt (int .Values.broker.replicas) 1) (not .Values.broker.store.redisUrl) }}
+{{- fail "broker.replicas > 1 needs broker.store.redisUrl: replicas share their state through Redis; the SQLite store lives on one ReadWriteOnce volume of one pod (docs/operations.md, \"State store\")" }}
+{{- end }}
+{{- if and .Values.broker.store.redisUrl (regexMatch "://[^/@]*:[^/@]*@" .Values.broker.store.redisUrl) }}
+{{- fail "broker.store.redisUrl must not hold a password: put it in a Secret named by broker.store.passwordSecret.name" }}
 {{- end }}
 {{- if and .Values.tls.enabled (not .Values.tls.secretName) }}
 {{- fail "tls.enabled needs tls.secretName: a kubernetes.io/tls Secret with tls.crt, tls.key and ca.crt" }}
