@@ -29,3 +29,19 @@ def test_the_benchmark_prints_both_paths_and_the_ratios(tmp_path: Path) -> None:
     report = json.loads(out_file.read_text())
     assert set(report["ratios"]) == {"1", "8", "1+poll", "8+poll"}
     assert all(f["calls"] > 0 and f["p50_us"] > 0 for f in report["medians"])
+
+
+def test_the_benchmark_measures_stateful_calls_on_each_store(tmp_path: Path,
+                                                            redis_server: object) -> None:
+    """`redis_server` only to skip loudly where redis-server is missing; the bench starts its
+    own."""
+    out_file = tmp_path / "bench.json"
+    out = subprocess.run([sys.executable, "-m", "hyperbroker.cli", "bench", "--calls", "200",
+                          "--rounds", "1", "--inflight", "1", "8", "--busy-poll-us", "0",
+                          "--stores", "sqlite", "redis", "--stateful", "--json", str(out_file)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "VMM -> agent -> broker -> memshare (commits), 8 in flight, redis store" in out.stdout
+    report = json.loads(out_file.read_text())
+    assert set(report["ratios"]) == {f"{k}{w} {s}" for k in ("1", "8")
+                                     for w in ("", " memshare") for s in ("sqlite", "redis")}

@@ -2,9 +2,12 @@
 
 Full path: a simulated VMM (this process) → agent socket (SEQPACKET) → agent → gRPC stream →
 broker → TRNG handler (RND64, so nothing is answered by the agent's static table) → back, with
-real broker and agent processes and the broker's default SQLite store. Baseline: a bare grpc.aio
-bidi echo stream between this process and a subprocess, with messages the size of one call.
-Both run on uvloop. Absolute figures depend on the machine; the ratios are what to compare.
+real broker and agent processes and the broker's default SQLite store. `--stateful` adds a call
+that changes handler state, so every result waits for a store commit: memshare MEM_SHARE and
+MEM_UNSHARE of one granule per vCPU, in turn. `--stores sqlite redis` repeats everything on each
+store (Redis: a redis-server of the bench's own, AOF on). Baseline: a bare grpc.aio bidi echo
+stream between this process and a subprocess, with messages the size of one call. Both run on
+uvloop. Absolute figures depend on the machine; the ratios are what to compare.
 """
 
 from __future__ import annotations
@@ -25,20 +28,24 @@ from pathlib import Path
 
 import grpc
 
-from hyperbroker.testing.procs import start_agent, start_broker
+from hyperbroker.testing.procs import RedisServer, start_agent, start_broker
 from hyperbroker.testing.vmm import GuestRam, VmmClient
 from hyperbroker.wire import vmm as proto
 from hyperbroker.wire.v1 import broker_pb2
 
 RND64 = 0xC400_0053
 RND64_X = (RND64, 192) + (0,) * 16  # x0..x17 of every benchmark call
+MEM_SHARE, MEM_UNSHARE = 0xC600_0003, 0xC600_0004  # pKVM vendor-hyp calls (memshare handler)
+RAM_BASE = 0x4000_0000
 BENCH_POLICY = """\
 handlers:
   trng: {}
+  memshare: {config: {granule: 4096, ram: [{base: 0x40000000, size: 0x100000}]}}
 profiles:
   default:
     rules:
       - {name: trng, abi: trng, action: forward, handler: trng, deadline_ms: 1000}
+      - {name: pkvm, abi: vendor-hyp, action: forward, handler: memshare, deadline_ms: 1000}
 """
 ECHO_METHOD = "/bench.Echo/Stream"
 TIMES = struct.Struct("<QQQQ")  # hb_timing: agent_ns, link_ns, broker_queue_ns, handler_ns
@@ -53,6 +60,7 @@ class Figures:
     p99_us: float
     per_s: float
     breakdown_us: dict[str, float] | None = None
+    key: str = ""  # the column's short name in the ratios (in flight, +poll, workload, store)
 
 
 def _figures(name: str, inflight: int, lat_ns: list[int], wall_s: float) -> Figures:
@@ -156,12 +164,13 @@ class LoadGenerator:
             if fut is not None:
                 fut.set_result(time.perf_counter_ns())
 
-    async def vcpu(self, vm_id: int, vcpu: int, tag_base: int, n: int, lat: list[int]) -> None:
-        for seq in range(1, n + 1):
+    async def vcpu(self, vm_id: int, vcpu: int, tag_base: int, n: int, lat: list[int],
+                   stateful: bool = False, first_seq: int = 1) -> None:
+        for seq in range(first_seq, first_seq + n):
             tag = tag_base + seq
             fut = self.loop.create_future()
             self.waiters[tag] = fut
-            frame = rnd64_call(vm_id, vcpu, seq, tag)
+            frame = (share_call if stateful else rnd64_call)(vm_id, vcpu, seq, tag)
             t = time.perf_counter_ns()
             self.sock.send(frame)
             lat.append(await fut - t)
@@ -171,6 +180,15 @@ def rnd64_call(vm_id: int, vcpu: int, seq: int, tag: int) -> bytes:
     """A CALL frame: TRNG_RND64 for 192 bits."""
     return proto.HEADER.pack(proto.MAGIC, proto.VERSION, proto.MsgType.CALL, proto.CALL.size,
                              tag) + proto.CALL.pack(vm_id, vcpu, seq, RND64, 0, 0, *RND64_X)
+
+
+def share_call(vm_id: int, vcpu: int, seq: int, tag: int) -> bytes:
+    """A CALL frame that changes handler state: MEM_SHARE of the vCPU's own granule on odd
+    sequence numbers, MEM_UNSHARE of it on even ones, so each one succeeds and commits."""
+    fid = MEM_SHARE if seq % 2 else MEM_UNSHARE
+    x = (fid, RAM_BASE + vcpu * 0x1000) + (0,) * 16
+    return proto.HEADER.pack(proto.MAGIC, proto.VERSION, proto.MsgType.CALL, proto.CALL.size,
+                             tag) + proto.CALL.pack(vm_id, vcpu, seq, fid, 0, 0, *x)
 
 
 def ok_timing(data: bytes) -> tuple[int, int, int, int] | None:
@@ -184,12 +202,12 @@ def ok_timing(data: bytes) -> tuple[int, int, int, int] | None:
 
 
 def vcpu_thread(sock: socket.socket, vm_id: int, first_seq: int, n: int,
-                timings: list[tuple[int, int, int, int]]) -> list[int]:
+                timings: list[tuple[int, int, int, int]], stateful: bool = False) -> list[int]:
     """One vCPU as a VMM's vCPU thread runs it: send the exit, block until the result."""
     lat = []
     errors = 0
     for seq in range(first_seq, first_seq + n):
-        frame = rnd64_call(vm_id, 0, seq, seq)
+        frame = (share_call if stateful else rnd64_call)(vm_id, 0, seq, seq)
         t = time.perf_counter_ns()
         sock.send(frame)
         data = sock.recv(65536)
@@ -215,31 +233,33 @@ def ping_thread(sock: socket.socket, n: int) -> list[int]:
     return lat
 
 
-async def full_path(agent_socket: Path, inflight: int, n: int, name: str, label: str) -> Figures:
+async def full_path(agent_socket: Path, inflight: int, n: int, name: str, label: str,
+                    stateful: bool = False) -> Figures:
     """`inflight` vCPUs of one VM calling back to back. At one in flight the vCPU is a blocking
     thread, as in a real VMM (and in vmm/arm64); more vCPUs share this process's event loop."""
     client = await VmmClient.connect(str(agent_socket), "seqpacket")
-    ram = GuestRam(0x4000_0000, 1 << 20)
+    ram = GuestRam(RAM_BASE, 1 << 20)
     reg = await client.register(f"bench-{name}-{inflight}", inflight, "", ram)
     timings: list[tuple[int, int, int, int]] = []
     ping: list[int] = []
     if inflight == 1:
         asyncio.get_running_loop().remove_reader(client.sock.fileno())
         client.sock.setblocking(True)
-        await asyncio.to_thread(vcpu_thread, client.sock, reg.vm_id, 1, 20, [])
+        await asyncio.to_thread(vcpu_thread, client.sock, reg.vm_id, 1, 20, [], stateful)
         t0 = time.perf_counter()
-        lat = await asyncio.to_thread(vcpu_thread, client.sock, reg.vm_id, 1000, n, timings)
+        lat = await asyncio.to_thread(vcpu_thread, client.sock, reg.vm_id, 1001, n, timings,
+                                      stateful)
         wall = time.perf_counter() - t0
         ping = await asyncio.to_thread(ping_thread, client.sock, 500)
     else:
         gen = LoadGenerator(client)
         per_vcpu = max(1, n // inflight)
         warm: list[int] = []
-        await asyncio.gather(*(gen.vcpu(reg.vm_id, v, v << 24, 20, warm)
+        await asyncio.gather(*(gen.vcpu(reg.vm_id, v, v << 24, 20, warm, stateful)
                                for v in range(inflight)))
         lat = []
         t0 = time.perf_counter()
-        await asyncio.gather(*(gen.vcpu(reg.vm_id, v, (v << 24) + 1000, per_vcpu, lat)
+        await asyncio.gather(*(gen.vcpu(reg.vm_id, v, v << 24, per_vcpu, lat, stateful, 1001)
                                for v in range(inflight)))
         wall = time.perf_counter() - t0
         timings = gen.timings[-len(lat):]
@@ -248,8 +268,9 @@ async def full_path(agent_socket: Path, inflight: int, n: int, name: str, label:
             raise RuntimeError(f"{gen.errors} calls did not end OK")
     client.sock.close()
     ram.close()
-    fig = _figures(f"VMM -> agent -> broker -> TRNG, {inflight} in flight{label}", inflight, lat,
-                   wall)
+    what = "memshare (commits)" if stateful else "TRNG"
+    fig = _figures(f"VMM -> agent -> broker -> {what}, {inflight} in flight{label}", inflight,
+                   lat, wall)
     fig.breakdown_us = {
         name: statistics.median(t[i] for t in timings) / 1e3
         for i, name in enumerate(("agent", "link", "broker_queue", "handler"))
@@ -259,35 +280,62 @@ async def full_path(agent_socket: Path, inflight: int, n: int, name: str, label:
     return fig
 
 
-async def _bench(calls: int, inflights: list[int], rounds: int, busy_poll_us: float
-                 ) -> list[list[Figures]]:
+async def _bench(calls: int, inflights: list[int], rounds: int, busy_poll_us: float,
+                 stores: list[str], stateful: bool) -> list[list[Figures]]:
     """`rounds` rounds, each measuring the baseline and every path back to back, so that a
-    noisy neighbour slows both sides of a ratio alike. Every in-flight level runs against an
-    agent with default settings and, when `busy_poll_us` is set, against a second agent (same
-    broker) that busy-polls that long after activity."""
+    noisy neighbour slows both sides of a ratio alike. Every in-flight level runs, on a broker
+    of each store, against an agent with default settings and, when `busy_poll_us` is set,
+    against a second agent (same broker) that busy-polls that long after activity; with
+    `stateful`, with the memshare call as well as TRNG."""
     out: list[list[Figures]] = []
     with tempfile.TemporaryDirectory(prefix="hb-bench-") as tmp:
         policy = Path(tmp) / "policy.yaml"
         policy.write_text(BENCH_POLICY)
-        broker = start_broker(policy, Path(tmp) / "state", metrics=False)
-        agents = [("", start_agent(broker.address, "bench-host", Path(tmp), metrics=False))]
+        redis: RedisServer | None = None
+        brokers = []
+        agents: list[tuple[str, str, Path]] = []  # (store, label, agent socket)
+        procs = []
         try:
-            if busy_poll_us:
-                agents.append((f", agent busy-polls {busy_poll_us:g} us", start_agent(
-                    broker.address, "bench-host-poll", Path(tmp), metrics=False,
-                    extra=["--busy-poll-us", str(busy_poll_us)])))
+            for store in stores:
+                url = None
+                if store == "redis":
+                    redis = RedisServer(Path(tmp) / "redis").start()
+                    url = redis.url
+                broker = start_broker(policy, Path(tmp) / f"state-{store}", metrics=False,
+                                      store=url)
+                brokers.append(broker)
+                a = start_agent(broker.address, f"bench-{store}", Path(tmp), metrics=False)
+                procs.append(a)
+                agents.append((store, "", a.socket))
+                if busy_poll_us:
+                    a = start_agent(broker.address, f"bench-{store}-poll", Path(tmp),
+                                    metrics=False, extra=["--busy-poll-us", str(busy_poll_us)])
+                    procs.append(a)
+                    agents.append((store, f", agent busy-polls {busy_poll_us:g} us", a.socket))
+            workloads = [False, True] if stateful else [False]
             async with EchoBaseline() as echo:
                 for r in range(rounds):
                     row = [await echo.run(calls)]
                     for k in inflights:
-                        for label, agent in agents:
-                            row.append(await full_path(agent.socket, k, calls,
-                                                       f"r{r}{'p' if label else ''}", label))
+                        for store, label, sock in agents:
+                            for w in workloads:
+                                tail = label + (f", {store} store" if len(stores) > 1 or
+                                                store != "sqlite" else "")
+                                fig = await full_path(sock, k, calls,
+                                                      f"r{r}{store}{'p' if label else ''}",
+                                                      tail, w)
+                                fig.key = (f"{k}" + ("+poll" if label else "")
+                                           + (" memshare" if w else "")
+                                           + (f" {store}" if len(stores) > 1 else ""))
+                                row.append(fig)
                     out.append(row)
         finally:
-            for _, agent in agents:
-                agent.process.stop()
-            broker.process.stop()
+            for a in procs:
+                a.process.stop()
+            for b in brokers:
+                b.process.stop()
+            if redis is not None:
+                redis.stop()
     return out
 
 
@@ -295,7 +343,7 @@ def _median_figures(column: list[Figures]) -> Figures:
     return Figures(column[0].name, column[0].inflight, sum(f.calls for f in column),
                    statistics.median(f.p50_us for f in column),
                    statistics.median(f.p99_us for f in column),
-                   statistics.median(f.per_s for f in column))
+                   statistics.median(f.per_s for f in column), key=column[0].key)
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -304,7 +352,8 @@ def run_bench(args: argparse.Namespace) -> int:
     rows: list[list[Figures]] = []
 
     async def go() -> int:
-        rows.extend(await _bench(args.calls, args.inflight, args.rounds, args.busy_poll_us))
+        rows.extend(await _bench(args.calls, args.inflight, args.rounds, args.busy_poll_us,
+                                 args.stores, args.stateful))
         return 0
 
     run_async(go())
@@ -313,7 +362,7 @@ def run_bench(args: argparse.Namespace) -> int:
     print(f"{'path':72} {'in flight':>9} {'p50 us':>8} {'p99 us':>8} {'per s':>9}")
     for f in out:
         print(f"{f.name:72} {f.inflight:>9} {f.p50_us:>8.1f} {f.p99_us:>8.1f} {f.per_s:>9.0f}")
-    keys = [f"{f.inflight}" + ("+poll" if "busy-polls" in f.name else "") for f in out]
+    keys = [f.key for f in out]
     for i in range(1, len(out)):
         parts = [r.breakdown_us for r in (row[i] for row in rows) if r.breakdown_us]
         if parts:

@@ -37,6 +37,13 @@ def bench(sub: Any) -> None:
     p.add_argument("--busy-poll-us", type=non_negative, default=1000.0, metavar="US",
                    help="also measure every level against an agent run with --busy-poll-us US "
                         "(0: skip)")
+    p.add_argument("--stores", nargs="+", choices=["sqlite", "redis", "memory"],
+                   default=["sqlite"],
+                   help="measure on a broker of each store (redis: a redis-server of the "
+                        "bench's own, AOF on; needs redis-server installed)")
+    p.add_argument("--stateful", action="store_true",
+                   help="also measure a call that commits handler state (memshare MEM_SHARE / "
+                        "MEM_UNSHARE)")
     p.set_defaults(func=run_bench)
 
 
