@@ -86,7 +86,11 @@ class Hosts:
         session.lease = await self.store.take_lease(name, self.broker_id, self.lease_ttl_s)
         if self.hosts.get(name) is not session:
             self.hosts[name] = session
-            await self._hydrate(session)
+            try:
+                await self._hydrate(session)
+            except BaseException:
+                del self.hosts[name]  # the next hello tries again from the start
+                raise
         return session
 
     def host(self, name: str) -> HostSession:

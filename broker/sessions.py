@@ -209,8 +209,10 @@ class HostSession:
         """Write everything pending, one frame per round, until nothing is left.
 
         The stream reader calls this right after dispatching a frame (most results are ready
-        by then), which saves waking the writer task; `writing` keeps the two from writing at
-        once, and whoever writes loops until the frame being built is empty.
+        by then), which saves waking the writer task, unless the results wait for a store
+        commit (then the writer task waits it out and the reader reads on); `writing` keeps
+        the two from writing at once, and whoever writes loops until the frame being built is
+        empty.
         """
         self.writing = True
         try:

@@ -5,9 +5,10 @@ broker → TRNG handler (RND64, so nothing is answered by the agent's static tab
 real broker and agent processes and the broker's default SQLite store. `--stateful` adds a call
 that changes handler state, so every result waits for a store commit: memshare MEM_SHARE and
 MEM_UNSHARE of one granule per vCPU, in turn. `--stores sqlite redis` repeats everything on each
-store (Redis: a redis-server of the bench's own, AOF on). Baseline: a bare grpc.aio bidi echo
-stream between this process and a subprocess, with messages the size of one call. Both run on
-uvloop. Absolute figures depend on the machine; the ratios are what to compare.
+store (Redis: a redis-server of the bench's own, AOF on, fsync every second). Baseline: a bare
+grpc.aio bidi echo stream between this process and a subprocess, with messages the size of one
+call. Both run on uvloop. Absolute figures depend on the machine; the ratios are what to
+compare.
 """
 
 from __future__ import annotations
@@ -299,7 +300,8 @@ async def _bench(calls: int, inflights: list[int], rounds: int, busy_poll_us: fl
             for store in stores:
                 url = None
                 if store == "redis":
-                    redis = RedisServer(Path(tmp) / "redis").start()
+                    # AOF with one fsync a second, as docs/operations.md recommends.
+                    redis = RedisServer(Path(tmp) / "redis", appendfsync="everysec").start()
                     url = redis.url
                 broker = start_broker(policy, Path(tmp) / f"state-{store}", metrics=False,
                                       store=url)
