@@ -166,6 +166,24 @@ class Hosts:
                 self.destroy_vm(session, vm_id)
             del self.hosts[name]
 
+    async def sweep_orphans(self, expiry_s: float) -> None:
+        """Hosts whose lease lapsed `expiry_s` ago and which no broker took since: their
+        broker died and their agent never came back. Take each over and destroy its VMs with
+        every handler's clean-up, as their own broker's host expiry would have."""
+        for name in await self.store.expired_leases(expiry_s):
+            if name in self.hosts:
+                continue
+            host = HostSession(name)
+            host.lease = await self.store.take_lease(name, self.broker_id, self.lease_ttl_s)
+            await self._hydrate(host)
+            log.warning("host %s: its broker is gone and its agent has not come back for "
+                        "%.0f s: destroying its %d VMs", name, expiry_s, len(host.vms))
+            for vm_id in list(host.vms):
+                vm = host.vms.pop(vm_id)
+                metrics.VMS.dec()
+                await self._cleanup_vm(host, vm)
+            await self.store.drop_lease(host.lease)
+
     async def register_vm(self, host: HostSession, reg: broker_pb2.VmRegistered) -> None:
         pv = await self.policies.get(reg.policy_version)
         if pv is None:

@@ -144,6 +144,7 @@ class BrokerServer:
                     for session in self.dispatcher.hosts.values():
                         session.queue_policy(pv.compiled)
                 await self.dispatcher.expire_hosts(self.config.host_expiry_s)
+                await self.dispatcher.sweep_orphans(self.config.host_expiry_s)
             except Exception:
                 log.exception("housekeeping failed; retrying")
 

@@ -188,6 +188,20 @@ async def test_a_lease_never_taken_fences_every_write(store: Store) -> None:
         await commit(store, Lease(HOST, "broker-1", 1), vm_state={(VM_A, "h"): "x"})
 
 
+async def test_lapsed_leases_are_listed_until_taken_or_dropped(store: Store) -> None:
+    held = await store.take_lease(HOST, "broker-1", 30.0)
+    lapsed = await store.take_lease("host-b", "broker-1", 0.001)
+    released = await store.take_lease("host-c", "broker-1", 30.0)
+    await store.release_lease(released)
+    await asyncio.sleep(0.05)
+    assert sorted(await store.expired_leases(0.0)) == ["host-b", "host-c"]
+    assert await store.expired_leases(3600.0) == []  # not lapsed that long ago
+    await store.drop_lease(lapsed)
+    retaken = await store.take_lease("host-c", "broker-2", 30.0)
+    assert await store.expired_leases(0.0) == []
+    assert retaken.epoch == released.epoch + 1 and await store.renew_lease(held, 30.0)
+
+
 async def test_leases_of_two_hosts_are_apart(store: Store) -> None:
     a = await store.take_lease(HOST, "broker-1", 30.0)
     await store.take_lease("host-b", "broker-2", 30.0)

@@ -124,6 +124,15 @@ class Store(Protocol):
         """Let the lease lapse now (a broker stopping); a newer holder is left alone."""
         ...
 
+    async def drop_lease(self, lease: Lease) -> None:
+        """The host is gone for good (its VMs cleaned up): no longer among expired_leases."""
+        ...
+
+    async def expired_leases(self, for_s: float) -> list[str]:
+        """Hosts whose lease lapsed (or was released) at least `for_s` ago and which nobody
+        has taken since: their broker is gone and their agent never came back."""
+        ...
+
     async def allocate_id(self, pool: str, owner: str, first: int, last: int) -> int | None:
         """The owner's ID in the pool, allocated from first..last if it has none (round robin,
         so a freed ID comes back as late as possible); None when every ID is taken. A pool

@@ -55,22 +55,26 @@ return 1
 
 _NOW_MS = "local t = redis.call('TIME') local now = t[1] * 1000 + math.floor(t[2] / 1000)\n"
 
-# KEYS[1] the lease. ARGV: owner, ttl ms. Returns the new epoch.
+# KEYS[1] the lease, KEYS[2] every lease by expiry. ARGV: owner, ttl ms, host. Returns the
+# new epoch.
 _TAKE_LEASE = _NOW_MS + """
 local epoch = redis.call('HINCRBY', KEYS[1], 'epoch', 1)
-redis.call('HSET', KEYS[1], 'owner', ARGV[1],
-           'expires', string.format('%d', now + tonumber(ARGV[2])))
+local expires = string.format('%d', now + tonumber(ARGV[2]))
+redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'expires', expires)
+redis.call('ZADD', KEYS[2], expires, ARGV[3])
 return epoch
 """
 
-# KEYS[1] the lease. ARGV: owner, epoch, ttl ms (0: release). Returns 1 if it was current.
+# KEYS[1] the lease, KEYS[2] every lease by expiry. ARGV: owner, epoch, ttl ms (0: release,
+# it lapses now; -1: drop, the host is gone), host. Returns 1 if the lease was current.
 _RENEW_LEASE = _NOW_MS + """
 local lease = redis.call('HMGET', KEYS[1], 'owner', 'epoch')
 if lease[1] ~= ARGV[1] or lease[2] ~= ARGV[2] then return 0 end
 local ttl = tonumber(ARGV[3])
-local expires = 0
-if ttl > 0 then expires = now + ttl end
-redis.call('HSET', KEYS[1], 'expires', string.format('%d', expires))
+local expires = string.format('%d', now + math.max(ttl, 0))
+redis.call('HSET', KEYS[1], 'expires', expires)
+if ttl < 0 then redis.call('ZREM', KEYS[2], ARGV[4])
+else redis.call('ZADD', KEYS[2], expires, ARGV[4]) end
 return 1
 """
 
@@ -225,18 +229,30 @@ class RedisStore:
 
     # ---- leases ----------------------------------------------------------------------------
     async def take_lease(self, host: str, owner: str, ttl_s: float) -> Lease:
-        epoch = await self._run(self._take(keys=[self._lease_key(host)],
-                                           args=[owner, int(ttl_s * 1000)]))
+        epoch = await self._run(self._take(keys=[self._lease_key(host), f"{self._p}leases"],
+                                           args=[owner, int(ttl_s * 1000), host]))
         return Lease(host, owner, int(epoch))
 
-    async def renew_lease(self, lease: Lease, ttl_s: float) -> bool:
+    async def _set_expiry(self, lease: Lease, ttl_ms: int) -> bool:
         return bool(await self._run(self._renew(
-            keys=[self._lease_key(lease.host)],
-            args=[lease.owner, str(lease.epoch), max(1, int(ttl_s * 1000))])))
+            keys=[self._lease_key(lease.host), f"{self._p}leases"],
+            args=[lease.owner, str(lease.epoch), ttl_ms, lease.host])))
+
+    async def renew_lease(self, lease: Lease, ttl_s: float) -> bool:
+        return await self._set_expiry(lease, max(1, int(ttl_s * 1000)))
 
     async def release_lease(self, lease: Lease) -> None:
-        await self._run(self._renew(keys=[self._lease_key(lease.host)],
-                                    args=[lease.owner, str(lease.epoch), 0]))
+        await self._set_expiry(lease, 0)
+
+    async def drop_lease(self, lease: Lease) -> None:
+        await self._set_expiry(lease, -1)
+
+    async def expired_leases(self, for_s: float) -> list[str]:
+        seconds, micros = await self._run(self._r.time())
+        now_ms = int(seconds) * 1000 + int(micros) // 1000
+        hosts = await self._run(self._r.zrangebyscore(f"{self._p}leases", "-inf",
+                                                      now_ms - int(for_s * 1000)))
+        return [h.decode() for h in hosts]
 
     # ---- ID pools --------------------------------------------------------------------------
     def _pool_keys(self, pool: str) -> list[str]:

@@ -229,8 +229,20 @@ class SqliteStore:
 
     async def release_lease(self, lease: Lease) -> None:
         self._tx(lambda db: db.execute(
-            "UPDATE lease SET expires_unix_ms = 0 WHERE host = ? AND owner = ? AND epoch = ?",
+            "UPDATE lease SET expires_unix_ms = ? WHERE host = ? AND owner = ? AND epoch = ?",
+            (_now_ms(), lease.host, lease.owner, lease.epoch)))
+
+    async def drop_lease(self, lease: Lease) -> None:
+        # The row stays (its epoch keeps growing if the host ever comes back); -1: not swept.
+        self._tx(lambda db: db.execute(
+            "UPDATE lease SET expires_unix_ms = -1 WHERE host = ? AND owner = ? AND epoch = ?",
             (lease.host, lease.owner, lease.epoch)))
+
+    async def expired_leases(self, for_s: float) -> list[str]:
+        rows = self._db.execute(
+            "SELECT host FROM lease WHERE expires_unix_ms >= 0 AND expires_unix_ms < ?",
+            (_now_ms() - int(for_s * 1000),)).fetchall()
+        return [r[0] for r in rows]
 
     # ---- ID pools --------------------------------------------------------------------------
     async def allocate_id(self, pool: str, owner: str, first: int, last: int) -> int | None:

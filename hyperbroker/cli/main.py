@@ -49,7 +49,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"hyperbroker serve: --store-password-file: {e.strerror}: "
                   f"{args.store_password_file}", file=sys.stderr)
             return 2
+    if not 0 < args.housekeeping * 2 <= args.lease_ttl:
+        print(f"hyperbroker serve: --lease-ttl {args.lease_ttl:g} must be at least twice "
+              f"--housekeeping {args.housekeeping:g} (leases are renewed every round)",
+              file=sys.stderr)
+        return 2
     config = BrokerConfig(
+        housekeeping_s=args.housekeeping,
         listen=args.listen,
         policy_path=Path(args.policy) if args.policy else None,
         store=store,
@@ -157,7 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-store", action="store_true",
                    help="keep state in memory only (the same as --store memory://)")
     p.add_argument("--lease-ttl", type=float, default=30.0, metavar="S",
-                   help="seconds a host's lease lasts unless renewed (every housekeeping round)")
+                   help="seconds a host's lease lasts unless renewed; at least twice "
+                        "--housekeeping (default 30)")
+    p.add_argument("--housekeeping", type=float, default=2.0, metavar="S",
+                   help="seconds between rounds that renew leases, pick up newer policy "
+                        "versions and expire hosts (default 2)")
     p.add_argument("--metrics-listen", help="Prometheus endpoint, e.g. 127.0.0.1:9464")
     p.add_argument("--health-listen",
                    help="plaintext address serving only grpc.health.v1 (probes under mTLS)")

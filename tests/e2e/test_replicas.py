@@ -20,7 +20,9 @@ from pathlib import Path
 import grpc
 import pytest
 
+from hyperbroker.broker.store import open_store
 from hyperbroker.handlers.ffa import abi as ffa
+from hyperbroker.handlers.ffa import endpoints
 from hyperbroker.testing.procs import Broker, RedisServer, start_broker
 from hyperbroker.wire import vmm as proto
 from hyperbroker.wire.v1 import broker_pb2
@@ -50,7 +52,8 @@ def replicas(tmp_path: Path, store_url: str) -> Iterator[list[Broker]]:
     try:
         for _ in range(2):
             brokers.append(start_broker(policy, None, store=store_url, env=plugin_env(),
-                                        log_level="info", extra=["--lease-ttl", "0.5"]))
+                                        log_level="info",
+                                        extra=["--lease-ttl", "0.5", "--housekeeping", "0.2"]))
         yield brokers
     finally:
         for b in brokers:
@@ -180,3 +183,33 @@ def free_port() -> int:
     from hyperbroker.testing.procs import free_port as pick
 
     return pick()
+
+
+async def test_a_host_whose_broker_died_and_agent_never_returned_is_cleaned_up(
+        tmp_path: Path, store_url: str) -> None:
+    """Nobody else would: the sweeper of a surviving replica takes the lapsed lease over and
+    destroys the host's VMs with every handler's clean-up (the FF-A endpoint ID is freed)."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(FFA_POLICY)
+    quick = ["--host-expiry", "1", "--lease-ttl", "0.5", "--housekeeping", "0.2"]
+    a = start_broker(policy, None, store=store_url, env=plugin_env(), extra=quick)
+    b = start_broker(policy, None, store=store_url, env=plugin_env(), log_level="info",
+                     extra=quick)
+    try:
+        chan, on_a = await agent_stream(a.address, "host-o", live={}, resumed=False)
+        await on_a.write(broker_pb2.AgentFrame(vms_registered=[registration(1, "vm-o")]))
+        await call(on_a, 1, 1, ffa.FFA_VERSION, ffa.VERSION_1_2)
+        endpoint = (await call(on_a, 1, 2, ffa.FFA_ID_GET)).x[2]
+        store = open_store(store_url)
+        assert await store.id_owner(endpoints.POOL, endpoint) == "host-o/vm-o#boot-1"
+        a.process.signal(signal.SIGKILL)
+        await chan.close()
+        await asyncio.to_thread(b.process.wait_for, r"host host-o: its broker is gone", 60)
+        await asyncio.to_thread(b.process.wait_for, r"vm host-o/vm-o destroyed", 60)
+        assert await store.id_owner(endpoints.POOL, endpoint) is None
+        assert await store.host_vms("host-o") == {}
+        assert await store.expired_leases(0.0) == []  # swept once, not again
+        await store.close()
+    finally:
+        a.process.stop()
+        b.process.stop()
