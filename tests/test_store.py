@@ -290,6 +290,31 @@ async def test_redis_restarted_with_aof_keeps_every_commit(tmp_path: Path) -> No
         server.stop()
 
 
+async def test_redis_over_tls_with_a_password(tmp_path: Path) -> None:
+    """rediss:// with the server's CA, and a password given apart from the URL."""
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    paths = (tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "ca.pem")
+    cert.cert_chain_pems[0].write_to_path(paths[0])
+    cert.private_key_pem.write_to_path(paths[1])
+    ca.cert_pem.write_to_path(paths[2])
+    server = RedisServer(tmp_path / "redis", password="s3cret pass", tls=paths).start()
+    try:
+        refused = open_store(server.url, password="wrong")
+        with pytest.raises(StoreUnavailable):
+            await refused.add_policy("p", "d")
+        await refused.close()
+        store = open_store(server.url, password="s3cret pass")
+        assert await store.add_policy("p", "d") == 1
+        lease = await store.take_lease(HOST, "b", 30.0)
+        await store.commit(lease, StoreBatch(vm_state={(VM_A, "h"): "over tls"}))
+        assert (await store.load_vm(VM_A)).docs == {"h": "over tls"}
+        await store.close()
+    finally:
+        server.stop()
+
+
 def _open_and_add(url: str) -> int:
     async def go() -> int:
         store = open_store(url)

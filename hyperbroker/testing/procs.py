@@ -148,9 +148,13 @@ class RedisServer:
     port: int = 0
     process: subprocess.Popen[bytes] | None = None
     appendfsync: str = "always"  # "everysec": what docs/operations.md recommends for speed
+    password: str | None = None  # requirepass
+    tls: tuple[Path, Path, Path] | None = None  # certificate, key, CA: serve TLS only
 
     @property
     def url(self) -> str:
+        if self.tls is not None:
+            return f"rediss://127.0.0.1:{self.port}/0?ssl_ca_certs={self.tls[2]}"
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisServer:
@@ -177,8 +181,15 @@ class RedisServer:
             return ""
 
     def _start(self, binary: str) -> RedisServer:
+        extra = ["--requirepass", self.password] if self.password else []
+        ports = ["--port", str(self.port)]
+        if self.tls is not None:
+            cert, key, ca = self.tls
+            ports = ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(cert),
+                     "--tls-key-file", str(key), "--tls-ca-cert-file", str(ca),
+                     "--tls-auth-clients", "no"]
         self.process = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir",
+            [binary, *ports, *extra, "--bind", "127.0.0.1", "--dir",
              str(self.directory), "--appendonly", "yes", "--appendfsync", self.appendfsync,
              "--save", "", "--daemonize", "no", "--logfile", str(self.directory / "redis.log")],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -187,13 +198,17 @@ class RedisServer:
             if self.process.poll() is not None:
                 raise RuntimeError(f"redis-server exited with {self.process.returncode}:\n"
                                    f"{self._log()}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1.0) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(64).startswith(b"+PONG"):
-                        return self
-            except OSError:
-                pass
+            if self.tls is not None:
+                if "Ready to accept connections" in self._log():
+                    return self
+            else:
+                try:
+                    with socket.create_connection(("127.0.0.1", self.port), timeout=1.0) as s:
+                        s.sendall(b"PING\r\n")
+                        if s.recv(64).startswith((b"+PONG", b"-NOAUTH")):
+                            return self
+                except OSError:
+                    pass
             time.sleep(0.02)
         raise TimeoutError(f"redis-server on :{self.port} did not answer PING within 30 s")
 
