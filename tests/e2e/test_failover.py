@@ -1,6 +1,9 @@
 """Failover under load (issue 11, item 5): three broker replicas on one Redis behind HAProxy
-(the shipped deploy/haproxy/hyperbroker.cfg), two real agents, guests making stateful calls;
-the replica serving a host is killed with SIGKILL mid-run.
+(the shipped deploy/haproxy/hyperbroker.cfg), two real agents, 8 VMs x 4 vCPUs making stateful
+calls; the replica serving a host is killed with SIGKILL mid-run. (A replica paused past its
+lease while its host moves on is tested in test_replicas.py: behind an HTTP/2 proxy that answers
+the agents' keepalive pings itself, a paused replica's agents do not move, see
+docs/operations.md.)
 
 Counted against the guests' own view: every call is answered (its result or its rule's
 fallback) within the rule's deadline plus 50 ms on the agent's clock; each VM's counter moves
@@ -46,7 +49,7 @@ profiles:
       - {{name: counter, abi: sip, action: forward, handler: counter,
           deadline_ms: {DEADLINE_MS}, fallback: {{x0: -3}}}}
 """
-HOSTS, VMS, VCPUS = 2, 4, 2
+HOSTS, VMS, VCPUS = 2, 4, 4  # 8 VMs x 4 vCPUs in all
 
 
 def serving(brokers: list[Broker], host: str) -> Broker:
