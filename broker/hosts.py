@@ -83,7 +83,8 @@ class Hosts:
         session = self.hosts.get(name)
         if session is None:
             session = HostSession(name)
-        session.lease = await self.store.take_lease(name, self.broker_id, self.lease_ttl_s)
+        async with session.flush_lock:  # a commit under the old epoch must not race the take
+            session.lease = await self.store.take_lease(name, self.broker_id, self.lease_ttl_s)
         if self.hosts.get(name) is not session:
             self.hosts[name] = session
             try:
