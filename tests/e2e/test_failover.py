@@ -8,7 +8,10 @@ docs/operations.md.)
 Counted against the guests' own view: every call is answered (its result or its rule's
 fallback) within the rule's deadline plus 50 ms on the agent's clock; each VM's counter moves
 by exactly one for every OK answer and for nothing else (no effect applied twice, none applied
-behind a fallback), so the OK answers of a VM are exactly 1..N and its next call returns N+1.
+behind a fallback), so the OK answers of a VM are exactly 1..N and its next call returns N+1;
+each vCPU shares and unshares a granule of its own in turn (memshare), and none of those is
+ever refused (a share applied twice, or behind a fallback, would make the next one fail); each
+VM's FF-A endpoint ID is the same before and after.
 """
 
 from __future__ import annotations
@@ -39,15 +42,23 @@ from .conftest import plugin_env
 pytestmark = pytest.mark.slow
 
 INCREMENT = 0x8200_0001
+MEM_SHARE, MEM_UNSHARE = 0xC600_0003, 0xC600_0004  # pKVM memshare: a granule shared or not
+FFA_VERSION, FFA_ID_GET, FFA_V1_2 = 0x8400_0063, 0x8400_0069, 0x1_0002
+RAM = 0x4000_0000
 DEADLINE_MS = 8000  # longer than a failover takes, so no committed call is lost to a fallback
 POLICY = f"""\
 handlers:
   counter: {{plugin: test-counter}}
+  memshare: {{}}
+  ffa: {{}}
 profiles:
   default:
     rules:
       - {{name: counter, abi: sip, action: forward, handler: counter,
           deadline_ms: {DEADLINE_MS}, fallback: {{x0: -3}}}}
+      - {{name: pkvm, abi: vendor-hyp, action: forward, handler: memshare,
+          deadline_ms: {DEADLINE_MS}}}
+      - {{name: ffa, abi: ffa, action: forward, handler: ffa, deadline_ms: {DEADLINE_MS}}}
 """
 HOSTS, VMS, VCPUS = 2, 4, 4  # 8 VMs x 4 vCPUs in all
 
@@ -90,8 +101,21 @@ async def test_killing_the_replica_serving_a_host_loses_nothing(
         regs = [[await clients[h].register(f"vm-{v}", VCPUS) for v in range(VMS)]
                 for h in range(HOSTS)]
 
+        async def endpoint_ids() -> list[int]:
+            ids = []
+            for h in range(HOSTS):
+                for v in range(VMS):
+                    await clients[h].call(regs[h][v].vm_id, 0, FFA_VERSION, [FFA_V1_2])
+                    ids.append((await clients[h].call(regs[h][v].vm_id, 0, FFA_ID_GET)).x[2])
+            return ids
+
+        ffa_ids = await endpoint_ids()
+        assert len(set(ffa_ids)) == HOSTS * VMS
+        refused: list[tuple[int, int, int, int]] = []
+
         async def vcpu(h: int, v: int, cpu: int) -> None:
             vm_id = regs[h][v].vm_id
+            shared = False
             while not stop.is_set():
                 r = await clients[h].call(vm_id, cpu, INCREMENT, timeout=DEADLINE_MS / 1e3 + 20)
                 if r.timing.agent_ns / 1e6 > DEADLINE_MS + 50:
@@ -100,6 +124,13 @@ async def test_killing_the_replica_serving_a_host_loses_nothing(
                     ok[(h, v)].append(r.x[1])
                 else:
                     other.append((h, v, Outcome(r.outcome)))
+                fid = MEM_UNSHARE if shared else MEM_SHARE
+                r = await clients[h].call(vm_id, cpu, fid, [RAM + cpu * 0x1000],
+                                          timeout=DEADLINE_MS / 1e3 + 20)
+                if r.outcome == Outcome.OK and r.x[0] == 0:  # SMCCC_RET_SUCCESS
+                    shared = not shared
+                elif r.outcome != Outcome.FALLBACK:
+                    refused.append((h, v, cpu, fid))
                 await asyncio.sleep(0.02)
 
         tasks = [asyncio.create_task(vcpu(h, v, c)) for h in range(HOSTS) for v in range(VMS)
@@ -126,9 +157,12 @@ async def test_killing_the_replica_serving_a_host_loses_nothing(
             assert final.outcome == Outcome.OK
             assert sorted(seen) == list(range(1, len(seen) + 1)), (h, v, sorted(seen))
             assert final.x[1] == len(seen) + 1, (h, v, final.x[1], len(seen))
-        print(f"failover: {after} OK calls ({before} before the kill), "
-              f"{len(other)} fallbacks, {len(late)} answered after deadline + 50 ms")
+        print(f"failover: {after} OK counter calls ({before} before the kill), as many memshare "
+              f"calls, {len(other)} fallbacks, {len(late)} answered after deadline + 50 ms, "
+              f"{len(refused)} shares refused")
         assert late == []
+        assert refused == []
+        assert await endpoint_ids() == ffa_ids
         assert after > before  # the fleet kept serving after the kill
         assert all(o is Outcome.FALLBACK for _, _, o in other), other
     finally:
