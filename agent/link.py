@@ -4,6 +4,7 @@ Whatever is pending when the writer runs (calls, registrations, memory replies) 
 frame. When the stream breaks the agent redials with jittered exponential backoff, says hello
 again, re-registers every live VM and re-sends every call still waiting, with its sequence
 number, so the broker can answer a call it already ran from the vCPU's last-result record.
+Rotated TLS files (or SIGHUP) take effect at the next reconnect, over a new channel.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import grpc
 from hyperbroker import __version__
 from hyperbroker.agent import metrics
 from hyperbroker.runtime.drive import run_eagerly
-from hyperbroker.runtime.tls import TlsFiles
+from hyperbroker.runtime.tls import TlsConfigError, TlsFiles, tls_stamp
 from hyperbroker.wire.v1 import broker_pb2, broker_pb2_grpc
 
 log = logging.getLogger("hyperbroker.agent.link")
@@ -44,7 +45,10 @@ class BrokerLink:
         self.host = host
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
-        options = [
+        self.tls = tls
+        self._tls_stamp = tls_stamp(tls) if tls is not None else ()
+        self._reload_tls = False
+        self.options = [
             ("grpc.keepalive_time_ms", 10_000),
             ("grpc.keepalive_timeout_ms", 5_000),
             ("grpc.keepalive_permit_without_calls", 1),
@@ -54,11 +58,7 @@ class BrokerLink:
             ("grpc.max_reconnect_backoff_ms", 2_000),
             ("grpc.max_receive_message_length", 16 * 1024 * 1024),
         ]
-        if tls is not None:
-            self.channel = grpc.aio.secure_channel(target, tls.channel_credentials(), options)
-        else:
-            self.channel = grpc.aio.insecure_channel(target, options)
-        self.stub = broker_pb2_grpc.BrokerStub(self.channel)
+        self.channel, self.stub = self._open_channel()
         self.up = False
         self.down_since = time.monotonic()
         self.connects = 0
@@ -70,6 +70,38 @@ class BrokerLink:
         self._stopping = False
         self._call: grpc.aio.StreamStreamCall[broker_pb2.AgentFrame,
                                               broker_pb2.BrokerFrame] | None = None
+
+    def _open_channel(self) -> tuple[grpc.aio.Channel, broker_pb2_grpc.BrokerStub]:
+        if self.tls is not None:
+            channel = grpc.aio.secure_channel(self.target, self.tls.channel_credentials(),
+                                              self.options)
+        else:
+            channel = grpc.aio.insecure_channel(self.target, self.options)
+        return channel, broker_pb2_grpc.BrokerStub(channel)
+
+    def reload_tls(self) -> None:
+        """SIGHUP: read the certificate, key and CA again at the next reconnect."""
+        self._reload_tls = True
+        log.info("TLS files will be read again when the broker stream next reconnects")
+
+    async def _renew_channel_if_rotated(self) -> None:
+        """A gRPC channel keeps the credentials it was made with: when the TLS files changed
+        (or SIGHUP asked), the next connection goes over a new channel that reads them. The
+        stream that is up is never dropped for it."""
+        if self.tls is None:
+            return
+        stamp = tls_stamp(self.tls)
+        if stamp == self._tls_stamp and not self._reload_tls:
+            return
+        try:
+            channel, stub = self._open_channel()
+        except TlsConfigError as e:
+            log.error("TLS files changed but cannot be read (keeping the old ones): %s", e)
+            return
+        self._tls_stamp, self._reload_tls = stamp, False
+        old, self.channel, self.stub = self.channel, channel, stub
+        await old.close()
+        log.warning("TLS: reconnecting with the certificate now in %s", self.tls.cert)
 
     def down_for(self) -> float:
         """Seconds the stream has been down; 0 while it is up."""
@@ -115,6 +147,7 @@ class BrokerLink:
         while not self._stopping:
             started = time.monotonic()
             try:
+                await self._renew_channel_if_rotated()
                 await self._session()
             except asyncio.CancelledError:
                 raise

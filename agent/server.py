@@ -18,6 +18,8 @@ async def run_agent(config: AgentConfig) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if config.tls is not None:
+        loop.add_signal_handler(signal.SIGHUP, agent.link.reload_tls)
     await agent.start()
     metrics_port = None
     if config.metrics_listen:

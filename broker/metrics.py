@@ -60,3 +60,9 @@ RATE_LIMITED = Counter(
     "Calls answered with their rule's fallback because their VM exceeded its call rate",
 )
 POLICY_VERSION = Gauge("hyperbroker_broker_policy_version", "Current policy version")
+ADMIN_AUDIT = Counter(
+    "hyperbroker_admin_audit_total",
+    "Admin API audit records: refused calls and policy applies, by method and decision "
+    "(refused, applied, invalid)",
+    ["method", "decision"],
+)

@@ -15,7 +15,7 @@ import os
 import signal
 import socket
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -25,15 +25,20 @@ from grpc_reflection.v1alpha import reflection
 from hyperbroker.broker.dispatch import Dispatcher
 from hyperbroker.broker.policy import PolicyError, PolicyInvalid
 from hyperbroker.broker.policy_versions import PolicyRegistry
+from hyperbroker.broker.security import AdminAuthorizer, AdminConfig, HostIdentity
 from hyperbroker.broker.service import AdminService, BrokerService
 from hyperbroker.broker.store import Store, StoreUnavailable, StoreUrlError, open_store
 from hyperbroker.handlers.api import discover_plugins
 from hyperbroker.runtime import metrics
 from hyperbroker.runtime.net import split_hostport
-from hyperbroker.runtime.tls import TlsFiles
+from hyperbroker.runtime.tls import ReloadingServerCredentials, TlsConfigError, TlsFiles
 from hyperbroker.wire.v1 import admin_pb2, admin_pb2_grpc, broker_pb2, broker_pb2_grpc
 
 log = logging.getLogger("hyperbroker.broker")
+
+KEEPALIVE_TIME_MS = 20_000
+KEEPALIVE_TIMEOUT_MS = 10_000
+KEEPALIVE_S = (KEEPALIVE_TIME_MS + KEEPALIVE_TIMEOUT_MS) / 1000
 
 SERVICE_NAMES = (
     broker_pb2.DESCRIPTOR.services_by_name["Broker"].full_name,
@@ -60,6 +65,8 @@ class BrokerConfig:
     # again what still runs; the host's other VMs are then cleaned up.
     reregister_grace_s: float = 60.0
     housekeeping_s: float = 2.0  # how often to look for newer policies and expired hosts
+    admin: AdminConfig = field(default_factory=AdminConfig)  # who may call Admin (security)
+    spiffe_template: str | None = None  # hosts are proved by this URI SAN, not a DNS SAN
 
 
 class BrokerServer:
@@ -73,12 +80,19 @@ class BrokerServer:
                                      vm_burst=config.vm_burst,
                                      reregister_grace_s=config.reregister_grace_s,
                                      broker_id=self.broker_id, lease_ttl_s=config.lease_ttl_s)
+        tls = config.tls
+        self.admin_auth = AdminAuthorizer(config.admin, tls=tls is not None,
+                                          agent_ca=tls.ca if tls else None)
+        # Keepalive pings find a dead peer within KEEPALIVE_S; a stream silent that long may be
+        # taken over by a hello that proves the same host.
         self.broker_service = BrokerService(
-            self.dispatcher, self.broker_id, require_identity=config.tls is not None)
+            self.dispatcher, self.broker_id,
+            identity=HostIdentity(config.spiffe_template) if tls is not None else None,
+            takeover_after_s=KEEPALIVE_S)
         self.health = health.aio.HealthServicer()
-        self.server = grpc.aio.server(options=[
-            ("grpc.keepalive_time_ms", 20_000),
-            ("grpc.keepalive_timeout_ms", 10_000),
+        self.server = grpc.aio.server(interceptors=[self.admin_auth], options=[
+            ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+            ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
             ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.so_reuseport", 1 if config.reuse_port else 0),
@@ -89,8 +103,14 @@ class BrokerServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
-        if config.tls is not None:
-            self.port = self.server.add_secure_port(config.listen, config.tls.server_credentials())
+        self.credentials: ReloadingServerCredentials | None = None
+        if tls is not None:
+            # Client certificates chain to the agents' CA or the admin CA; which one, and what
+            # that allows, is checked per call (broker.security).
+            self.credentials = ReloadingServerCredentials(
+                tls, (config.admin.ca,) if config.admin.ca else ())
+            self.port = self.server.add_secure_port(config.listen,
+                                                    self.credentials.credentials())
         else:
             self.port = self.server.add_insecure_port(config.listen)
         if self.port == 0:
@@ -127,6 +147,7 @@ class BrokerServer:
         host, _ = split_hostport(self.config.listen)
         pv = self.policies.current
         assert pv is not None
+        print(self.admin_auth.describe(), flush=True)
         print(f"hyperbroker broker listening on {host}:{self.port} policy v{pv.version}"
               + (f" metrics on :{self.metrics_port}" if self.metrics_port else ""), flush=True)
 
@@ -177,7 +198,7 @@ class BrokerServer:
 async def serve(config: BrokerConfig) -> int:
     try:
         server = BrokerServer(config)
-    except StoreUrlError as e:
+    except (StoreUrlError, TlsConfigError) as e:
         print(f"hyperbroker serve: {e}", file=sys.stderr)
         return 2
     try:
@@ -194,6 +215,8 @@ async def serve(config: BrokerConfig) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, server.stop)
+    if server.credentials is not None:  # the files are also read again whenever they change
+        loop.add_signal_handler(signal.SIGHUP, server.credentials.reload)
     await server.start()
     housekeeping = asyncio.create_task(server.housekeeping())
     await server.wait_and_drain()

@@ -2,12 +2,16 @@
 
 Connect reads frames and hands their contents to the Dispatcher; a writer task per stream sends
 what the dispatcher queued for that host, one frame per batch. The first frame each way is the
-hello / welcome. Under mTLS the host an agent claims must be named by its certificate.
+hello / welcome. Under mTLS the host an agent claims must be proved by its certificate
+(broker.security.HostIdentity); a host has one live stream, and a second hello takes it over only
+when TLS proves the host and the old stream has been silent past a keepalive. Who may call Admin
+is decided apart from all this, by broker.security.AdminAuthorizer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import statistics
@@ -19,7 +23,9 @@ import grpc
 from hyperbroker.broker import metrics
 from hyperbroker.broker.dispatch import CallCtx, Dispatcher, HostSession
 from hyperbroker.broker.policy import PolicyInvalid, to_json
+from hyperbroker.broker.security import HostIdentity, peer_sans
 from hyperbroker.broker.store import Fenced, StoreUnavailable
+from hyperbroker.runtime.net import host_id_problem
 from hyperbroker.wire.v1 import admin_pb2, admin_pb2_grpc, broker_pb2, broker_pb2_grpc
 
 log = logging.getLogger("hyperbroker.broker")
@@ -38,25 +44,16 @@ class StreamWriter:
         await self._context.write(frame)
 
 
-def peer_names(context: grpc.aio.ServicerContext[object, object]) -> set[str]:
-    """The names a TLS client certificate gives its holder: SAN entries and the CN."""
-    auth = context.auth_context()
-    names: set[str] = set()
-    for key in ("x509_subject_alternative_name", "x509_common_name"):
-        for raw in auth.get(key, []):
-            names.add(raw.decode(errors="replace"))
-    return names
-
-
-def host_matches(host: str, names: set[str]) -> bool:
-    return host in names or any(n.endswith("/" + host) for n in names if "://" in n)
-
-
 class BrokerService(broker_pb2_grpc.BrokerServicer):
-    def __init__(self, dispatcher: Dispatcher, broker_id: str, *, require_identity: bool) -> None:
+    CLOSING_WAIT_S = 3.0
+    def __init__(self, dispatcher: Dispatcher, broker_id: str, *,
+                 identity: HostIdentity | None, takeover_after_s: float = 30.0) -> None:
         self.dispatcher = dispatcher
         self.broker_id = broker_id
-        self.require_identity = require_identity
+        self.identity = identity  # None: no TLS, so nothing proves a host
+        # A stream silent this long (gRPC keepalive time plus its timeout) may be taken over
+        # by a hello whose certificate proves the same host.
+        self.takeover_after_s = takeover_after_s
         self.draining = False
 
     async def Connect(
@@ -76,22 +73,39 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"agent protocol {hello.protocol}, broker speaks {PROTOCOL_VERSION}")
-        if not hello.host or len(hello.host) > 253:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                "AgentHello.host must be 1..253 characters")
-        if self.require_identity:
-            names = peer_names(context)
-            if not host_matches(hello.host, names):
-                log.warning("agent at %s claims host %r; its certificate names %s",
-                            context.peer(), hello.host, sorted(names))
-                await context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                                    f"certificate does not name host {hello.host!r}")
+        problem = host_id_problem(hello.host)
+        if problem:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"AgentHello.host: {problem}")
+        if self.identity is not None:
+            dns, uris = peer_sans(context)
+            if not self.identity.proves(hello.host, dns, uris):
+                log.warning("agent at %s claims host %r; its certificate has DNS %s URI %s",
+                            context.peer(), hello.host, sorted(dns), sorted(uris))
+                await context.abort(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"certificate does not prove host {hello.host!r}: it needs exactly the "
+                    f"{self.identity.expected(hello.host)}")
         if self.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "broker is draining")
         policies = self.dispatcher.policies
         assert policies.current is not None
-        had_stream = hello.host in self.dispatcher.hosts and \
-            self.dispatcher.hosts[hello.host].writer is not None
+        old = self.dispatcher.hosts.get(hello.host)
+        if old is not None and old.writer is not None:
+            # An agent that just dropped its stream and redialled may be here before the old
+            # stream's end: give that end a moment to arrive.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(old.detached.wait(), self.CLOSING_WAIT_S)
+        had_stream = old is not None and old.writer is not None
+        if old is not None and had_stream:
+            silent = time.monotonic() - old.last_read
+            if self.identity is None or silent < self.takeover_after_s:
+                why = ("without TLS nothing proves it is the same host" if self.identity is None
+                       else f"it was heard from {silent:.1f} s ago (under "
+                            f"{self.takeover_after_s:g} s)")
+                log.warning("host %s: refused a second stream from %s while the one from %s is "
+                            "alive: %s", hello.host, context.peer(), old.peer, why)
+                await context.abort(grpc.StatusCode.ALREADY_EXISTS,
+                                    f"host {hello.host!r} already has a live stream; {why}")
         try:
             session = await self.dispatcher.claim(hello.host)
         except (Fenced, StoreUnavailable) as e:
@@ -101,8 +115,8 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
             broker_id=self.broker_id, protocol=PROTOCOL_VERSION,
             policy=policies.current.compiled, max_batch=MAX_BATCH)))
         if had_stream:
-            log.warning("host %s reconnected while its previous stream was still open; "
-                        "the new stream takes over", hello.host)
+            log.warning("host %s: its certificate proves it and its previous stream was "
+                        "silent past a keepalive: the new stream takes over", hello.host)
         if hello.reconcile and hello.resumed:
             # The same agent process: it knows exactly which of its VMs still run.
             self.dispatcher.reconcile(session, {v.vm_id: v.incarnation for v in hello.live_vms})
@@ -132,6 +146,7 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
                 if frame is grpc.aio.EOF:
                     break
                 assert isinstance(frame, broker_pb2.AgentFrame)
+                session.last_read = time.monotonic()
                 present = frame.ListFields()
                 session.reading = True
                 try:

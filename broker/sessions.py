@@ -124,6 +124,9 @@ class HostSession:
         self.writer: FrameWriter | None = None
         self.peer = ""
         self.connected_since_ns = 0
+        self.last_read = 0.0  # time.monotonic() of the last frame its stream brought
+        self.detached = asyncio.Event()  # set while no stream is attached
+        self.detached.set()
         self.disconnected_at: float | None = None
         self.calls = 0
         self._frame = broker_pb2.BrokerFrame()
@@ -180,6 +183,8 @@ class HostSession:
         self.writer = writer
         self.peer = peer
         self.connected_since_ns = time.time_ns()
+        self.last_read = time.monotonic()
+        self.detached.clear()
         self.disconnected_at = None
         # Guest-memory requests the old stream never answered go out again on this one.
         for request, fut in self._memory.values():
@@ -191,6 +196,7 @@ class HostSession:
     def detach(self, writer: FrameWriter) -> None:
         if self.writer is writer:
             self.writer = None
+            self.detached.set()
             self.disconnected_at = time.monotonic()
 
     async def run_writer(self, writer: FrameWriter,

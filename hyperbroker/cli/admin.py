@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -14,11 +16,34 @@ from hyperbroker.runtime.tls import TlsFiles
 from hyperbroker.wire.v1 import admin_pb2, admin_pb2_grpc
 
 
+class _BearerToken(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    def __init__(self, token: str) -> None:
+        self.metadata = (("authorization", f"Bearer {token}"),)
+
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        details = details._replace(metadata=(*(details.metadata or ()), *self.metadata))
+        return await continuation(details, request)
+
+
+def admin_token(args: argparse.Namespace) -> str | None:
+    """The bearer token from --admin-token-file or HYPERBROKER_ADMIN_TOKEN (never argv)."""
+    if args.admin_token_file:
+        try:
+            return Path(args.admin_token_file).read_text().strip() or None
+        except OSError as e:
+            raise ValueError(f"--admin-token-file: {e.strerror}: {args.admin_token_file}"
+                             ) from None
+    return os.environ.get("HYPERBROKER_ADMIN_TOKEN") or None
+
+
 def channel(address: str, args: argparse.Namespace) -> grpc.aio.Channel:
     tls = TlsFiles.from_args(args.tls_cert, args.tls_key, args.tls_ca)
+    token = admin_token(args)
+    interceptors = [_BearerToken(token)] if token else None
     if tls is None:
-        return grpc.aio.insecure_channel(address)
-    return grpc.aio.secure_channel(address, tls.channel_credentials())
+        return grpc.aio.insecure_channel(address, interceptors=interceptors)
+    return grpc.aio.secure_channel(address, tls.channel_credentials(),
+                                   interceptors=interceptors)
 
 
 def render_status(hosts: admin_pb2.ListHostsResponse, vms: admin_pb2.ListVmsResponse,

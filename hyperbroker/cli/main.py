@@ -29,6 +29,13 @@ def _tls_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-ca", help="PEM CA bundle that signs the peers (mTLS)")
 
 
+def _admin_client_args(p: argparse.ArgumentParser) -> None:
+    _tls_args(p)
+    p.add_argument("--admin-token-file", metavar="FILE",
+                   help="file holding a bearer token for the Admin API (or set "
+                        "HYPERBROKER_ADMIN_TOKEN); never on the command line")
+
+
 def _tls(args: argparse.Namespace) -> TlsFiles | None:
     return TlsFiles.from_args(args.tls_cert, args.tls_key, args.tls_ca)
 
@@ -54,7 +61,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
               f"--housekeeping {args.housekeeping:g} (leases are renewed every round)",
               file=sys.stderr)
         return 2
+    from hyperbroker.broker.security import AdminConfig
+
     config = BrokerConfig(
+        admin=AdminConfig(
+            ca=Path(args.admin_ca) if args.admin_ca else None,
+            writers=tuple(args.admin_write), readers=tuple(args.admin_read),
+            tokens=Path(args.admin_tokens) if args.admin_tokens else None,
+            insecure=args.insecure_admin),
+        spiffe_template=args.spiffe_template,
         housekeeping_s=args.housekeeping,
         listen=args.listen,
         policy_path=Path(args.policy) if args.policy else None,
@@ -91,9 +106,14 @@ def non_negative(text: str) -> float:
 def cmd_agent(args: argparse.Namespace) -> int:
     from hyperbroker.agent.core import AgentConfig
     from hyperbroker.agent.server import run_agent
+    from hyperbroker.runtime.net import host_id_problem
 
     if not args.socket and not args.stream_socket:
         print("hyperbroker agent: give --socket and/or --stream-socket", file=sys.stderr)
+        return 2
+    problem = host_id_problem(args.host_id)
+    if problem:
+        print(f"hyperbroker agent: --host-id: {problem}", file=sys.stderr)
         return 2
     config = AgentConfig(
         broker=args.broker, host_id=args.host_id,
@@ -189,6 +209,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after an agent restarts, seconds its VMMs have to register again the "
                         "VMs that still run; the host's others are then cleaned up")
     _tls_args(p)
+    p.add_argument("--spiffe-template", metavar="URI",
+                   help="agents prove their host by this URI SAN, e.g. "
+                        "spiffe://TRUST-DOMAIN/host/{host} (default: a DNS SAN equal to the "
+                        "host id)")
+    p.add_argument("--admin-ca", metavar="FILE",
+                   help="the CA of admin client certificates (never the agents' --tls-ca)")
+    p.add_argument("--admin-write", action="append", default=[], metavar="NAME",
+                   help="a SAN (DNS name or URI) of an --admin-ca certificate that may change "
+                        "the policy; repeatable")
+    p.add_argument("--admin-read", action="append", default=[], metavar="NAME",
+                   help="a SAN of an --admin-ca certificate that may only read; repeatable")
+    p.add_argument("--admin-tokens", metavar="FILE",
+                   help="bearer tokens for the Admin API, lines 'read|write NAME TOKEN'")
+    p.add_argument("--insecure-admin", action="store_true",
+                   help="without TLS, let anyone who reaches the port change the policy "
+                        "(demos and tests only)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("agent", help="run the per-host agent")
@@ -213,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     pa = psub.add_parser("apply", help="make a policy file current on a running broker")
     pa.add_argument("file")
     pa.add_argument("--broker", default="127.0.0.1:50051")
-    _tls_args(pa)
+    _admin_client_args(pa)
     pa.set_defaults(func=cmd_policy_apply)
 
     p = sub.add_parser("call", help="act as a VMM for one call against a running agent")
@@ -230,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="hosts, VMs and per-function latency of a running broker")
     p.add_argument("--broker", default="127.0.0.1:50051")
     p.add_argument("--watch", type=float, default=0.0, help="refresh every N seconds")
-    _tls_args(p)
+    _admin_client_args(p)
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("inspect", help="what one handler holds for one VM (memshare record, "
@@ -238,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("vm", help="HOST/VM")
     p.add_argument("handler", help="handler instance name in the VM's policy")
     p.add_argument("--broker", default="127.0.0.1:50051")
-    _tls_args(p)
+    _admin_client_args(p)
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("tee-serve", help="run the reference TEE service (OP-TEE proxy backend)",

@@ -6,20 +6,31 @@ import asyncio
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from hyperbroker.testing.procs import AgentProcess, Broker
+from hyperbroker.testing.procs import AgentProcess, Broker, start_broker
 from hyperbroker.testing.vmm import VmmClient
 from hyperbroker.wire.v1 import admin_pb2, admin_pb2_grpc
 
-from .conftest import POLICY
+from .conftest import POLICY, plugin_env
 
 pytestmark = pytest.mark.slow
 TRNG_RND64 = 0xC400_0053
+
+
+@pytest.fixture
+def broker(tmp_path: Path, policy_file: Path) -> Iterator[Broker]:
+    """Without TLS these tests change the policy: that takes --insecure-admin."""
+    b = start_broker(policy_file, tmp_path / "state", env=plugin_env(), log_level="info",
+                     extra=["--insecure-admin"])
+    yield b
+    b.process.stop()
 
 
 async def test_health_reports_serving_for_every_service(broker: Broker) -> None:

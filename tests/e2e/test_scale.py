@@ -33,7 +33,8 @@ async def test_workers_share_a_port_and_pick_up_each_others_policies(
     env = plugin_env()
     workers: ManagedProcess = spawn_cli("workers", [
         "--log-level", "info", "serve", "--workers", "2", "--listen", f"127.0.0.1:{port}",
-        "--policy", str(policy_file), "--state-dir", str(tmp_path / "state")], env)
+        "--policy", str(policy_file), "--state-dir", str(tmp_path / "state"),
+        "--insecure-admin"], env)
     agents = []
     try:
         for _ in range(2):
