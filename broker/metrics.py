@@ -61,7 +61,7 @@ RATE_LIMITED = Counter(
 )
 POLICY_VERSION = Gauge("hyperbroker_broker_policy_version", "Current policy version")
 ADMIN_AUDIT = Counter(
-    "hyperbroker_admin_audit_total",
+    "hyperbroker_broker_admin_audit_total",
     "Admin API audit records: refused calls and policy applies, by method and decision "
     "(refused, applied, invalid)",
     ["method", "decision"],

@@ -9,7 +9,7 @@ admin CA (--admin-ca) that carries a name listed by --admin-write or --admin-rea
 token from the tokens file (--admin-tokens). Agent certificates are never admin credentials.
 Without TLS an anonymous caller may read, and may write only when the broker was started with
 --insecure-admin. Every refused call and every policy apply is one audit record (a JSON log
-line on the `hyperbroker.audit` logger) and counted in hyperbroker_admin_audit_total.
+line on the `hyperbroker.audit` logger) and counted in hyperbroker_broker_admin_audit_total.
 """
 
 from __future__ import annotations

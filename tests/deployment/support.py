@@ -50,6 +50,7 @@ METRICS: Mapping[str, Metric] = {
     "hyperbroker_broker_call_duration_seconds": _m("histogram", "handler", "function", "outcome"),
     "hyperbroker_broker_calls_in_flight": _m("gauge"),
     "hyperbroker_broker_handler_errors_total": _m("counter", "handler"),
+    "hyperbroker_broker_admin_audit_total": _m("counter", "method", "decision"),
     "hyperbroker_broker_duplicate_calls_total": _m("counter"),
     "hyperbroker_broker_divergent_results_total": _m("counter"),
     "hyperbroker_broker_hosts_abandoned_total": _m("counter", "reason"),

@@ -244,3 +244,44 @@ def test_chart_flags_exist_in_the_cli() -> None:
 def test_pending_flags_are_still_pending() -> None:
     for command, flags in PENDING_FLAGS.items():
         assert flags & cli_options(command) == set(), f"drop them from PENDING_FLAGS ({command})"
+
+
+def test_mtls_is_on_by_default_from_cert_manager_or_a_named_secret() -> None:
+    values = chart_values()
+    assert values["tls"]["enabled"] is True
+    validate = define("hyperbroker.validate")
+    # Without a named Secret the render needs cert-manager and an issuer, else it fails.
+    assert 'Capabilities.APIVersions.Has "cert-manager.io/v1"' in validate
+    assert "tls.certManager.issuerRef.name" in validate
+    cert = (TEMPLATES / "broker-certificate.yaml").read_text()
+    assert cert.splitlines()[0] == ('{{- if and .Values.tls.enabled (not .Values.tls.secretName) '
+                                    '(.Capabilities.APIVersions.Has "cert-manager.io/v1") }}')
+    certificate = one(skeleton_objects(), "Certificate")
+    assert certificate["apiVersion"] == "cert-manager.io/v1"
+    assert set(certificate["spec"]) >= {"secretName", "dnsNames", "issuerRef", "renewBefore"}
+    assert len(certificate["spec"]["dnsNames"]) == 2  # the headless and the ClusterIP Service
+    assert 'include "hyperbroker.broker.tlsSecret"' in cert
+    # The broker mounts that Secret (the named one, or cert-manager's) whole, never by subPath,
+    # so kubelet's in-place renewal reaches the files the broker reads again.
+    deployment = (TEMPLATES / "broker-deployment.yaml").read_text()
+    assert 'secretName: {{ include "hyperbroker.broker.tlsSecret" . }}' in deployment
+    broker = container(one(skeleton_objects(), "Deployment"), "broker")
+    tls_mounts = [m for m in broker["volumeMounts"] if m["mountPath"].startswith(
+        "/etc/hyperbroker/") and m["name"] in ("tls", "admin-ca", "admin-tokens")]
+    assert tls_mounts and all("subPath" not in m for m in tls_mounts)
+    args = broker["args"]
+    for flag in ("--tls-cert", "--tls-ca", "--health-listen", "--admin-ca", "--admin-write",
+                 "--admin-read", "--admin-tokens", "--spiffe-template"):
+        assert flag in args, flag
+    assert "--insecure-admin" not in deployment
+
+
+def test_the_plaintext_health_port_is_health_only_and_not_in_any_service() -> None:
+    # The broker serves grpc.health.v1 alone there (tests/e2e/test_mtls.py checks the process);
+    # the chart exposes it to kubelet only: no Service routes to it.
+    services = [o for o in skeleton_objects() if o["kind"] == "Service"]
+    assert services
+    for service in services:
+        assert all(p["port"] != 50052 and p.get("name") != "health"
+                   for p in service["spec"]["ports"]), service["metadata"]
+    assert define("hyperbroker.broker.probeAction").count("healthPort") == 1

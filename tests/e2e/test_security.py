@@ -164,11 +164,11 @@ async def test_admin_is_refused_to_every_identity_but_an_admins_and_each_refusal
     applied = [r for r in records if r["decision"] == "applied"]
     assert [(r["who"], r["version"]) for r in applied] == [
         ("cert:ops-writer,spiffe://ops/ops-writer", 2), ("token:ci", 3)]
-    assert metric(broker.metrics_port, "hyperbroker_admin_audit_total",
+    assert metric(broker.metrics_port, "hyperbroker_broker_admin_audit_total",
                   method="ApplyPolicy", decision="refused") == len(refused)
-    assert metric(broker.metrics_port, "hyperbroker_admin_audit_total",
+    assert metric(broker.metrics_port, "hyperbroker_broker_admin_audit_total",
                   method="ListVms", decision="refused") == 1
-    assert metric(broker.metrics_port, "hyperbroker_admin_audit_total",
+    assert metric(broker.metrics_port, "hyperbroker_broker_admin_audit_total",
                   method="ApplyPolicy", decision="applied") == 2
 
 

@@ -99,6 +99,11 @@ grpc:
   service: hyperbroker.v1.Broker
 {{- end }}
 
+{{/* The broker's TLS Secret: the one named, or the one cert-manager fills for the chart. */}}
+{{- define "hyperbroker.broker.tlsSecret" -}}
+{{- default (printf "%s-broker-tls" (include "hyperbroker.fullname" .)) .Values.tls.secretName }}
+{{- end }}
+
 {{/* Checks that hold for any values; they fail the render with the reason. */}}
 {{- define "hyperbroker.validate" -}}
 {{- if and (gt (int .Values.broker.replicas) 1) (not .Values.broker.store.redisUrl) }}
@@ -108,7 +113,12 @@ grpc:
 {{- fail "broker.store.redisUrl must not hold a password: put it in a Secret named by broker.store.passwordSecret.name" }}
 {{- end }}
 {{- if and .Values.tls.enabled (not .Values.tls.secretName) }}
-{{- fail "tls.enabled needs tls.secretName: a kubernetes.io/tls Secret with tls.crt, tls.key and ca.crt" }}
+{{- if not (.Capabilities.APIVersions.Has "cert-manager.io/v1") }}
+{{- fail "tls.enabled (the default) needs tls.secretName (a kubernetes.io/tls Secret with tls.crt, tls.key and ca.crt) or cert-manager in the cluster; tls.enabled=false only for a trusted test network" }}
+{{- end }}
+{{- if not .Values.tls.certManager.issuerRef.name }}
+{{- fail "tls.enabled without tls.secretName asks cert-manager for the broker certificate: set tls.certManager.issuerRef.name" }}
+{{- end }}
 {{- end }}
 {{- if and (not .Values.policy.existingConfigMap) (not .Values.policy.content) }}
 {{- fail "set policy.content or policy.existingConfigMap: the broker does not start without a policy" }}
