@@ -363,3 +363,72 @@ async def test_certificates_rotate_under_load_without_a_failed_call(tmp_path: Pa
     finally:
         agent.process.stop()
         broker.process.stop()
+
+
+async def test_an_agent_presents_its_rotated_certificate_at_its_next_reconnect(
+        tmp_path: Path, policy_file: Path) -> None:
+    old_ca, new_ca = CertAuthority("agents CA 1"), CertAuthority("agents CA 2")
+    d = tmp_path / "pki"
+    clients_ca = d / "clients-ca.crt"  # what the broker trusts for agents
+    d.mkdir()
+    clients_ca.write_bytes(old_ca.pem)
+    broker_tls = old_ca.write(d, "broker", dns=("localhost",))
+    broker_tls[-1] = str(clients_ca)
+    agent_tls = old_ca.write(d, "host-n", dns=("host-n",))  # its --tls-ca verifies the broker
+    broker = start_broker(policy_file, None, env=plugin_env(), log_level="info",
+                          extra=broker_tls)
+    port = broker.port
+    agent = start_agent(f"localhost:{port}", "host-n", tmp_path, log_level="info",
+                        extra=agent_tls)
+    try:
+        client = await VmmClient.connect(str(agent.socket), "seqpacket")
+        reg = await client.register("vm-n", 1)
+        assert (await client.call(reg.vm_id, 0, TRNG_RND64, [64])).outcome == Outcome.OK
+        # The agent's certificate moves to the new CA; SIGHUP: nothing drops meanwhile.
+        cert, key, _ = new_ca.issue(dns=("host-n",))
+        replace(d / "host-n.key", key)
+        replace(d / "host-n.crt", cert)
+        agent.process.signal(signal.SIGHUP)
+        await asyncio.to_thread(agent.process.wait_for, r"TLS files will be read again", 30)
+        r = await client.call(reg.vm_id, 0, TRNG_RND64, [64])
+        assert r.outcome == Outcome.OK and r.timing.source == ResultSource.BROKER
+        # A broker that trusts only the new CA: the agent gets in only with its new certificate.
+        clients_ca.write_bytes(new_ca.pem)
+        broker.process.stop()
+        broker = start_broker(policy_file, None, port=port, env=plugin_env(), log_level="info",
+                              extra=broker_tls)
+        await asyncio.to_thread(broker.process.wait_for,
+                                r"agent for host host-n connected", 60)
+        await asyncio.to_thread(agent.process.wait_for, r"TLS: reconnecting with the certificate",
+                                30)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            r = await client.call(reg.vm_id, 0, TRNG_RND64, [64])
+            if r.timing.source == ResultSource.BROKER:
+                break
+        assert r.outcome == Outcome.OK and r.timing.source == ResultSource.BROKER
+        client.close()
+    finally:
+        agent.process.stop()
+        broker.process.stop()
+
+
+async def test_a_proven_host_takes_over_a_stream_silent_past_the_keepalive(
+        tmp_path: Path, policy_file: Path) -> None:
+    ca = CertAuthority()
+    d = tmp_path / "pki"
+    host = creds(d, ca, "h", dns=("host-k",))
+    broker = start_broker(policy_file, None, env=plugin_env(), log_level="info",
+                          extra=ca.write(d, "broker", dns=("localhost",)))
+    try:
+        first = await hello(broker.address, host, "host-k")
+        assert isinstance(first, broker_pb2.BrokerFrame)
+        await asyncio.sleep(31)  # the old stream says nothing past the broker's 30 s keepalive
+        second = await hello(broker.address, host, "host-k")
+        assert isinstance(second, broker_pb2.BrokerFrame) and second.HasField("welcome")
+        await asyncio.to_thread(broker.process.wait_for, r"the new stream takes over", 30)
+    finally:
+        for ch in OPEN:
+            await ch.close()
+        OPEN.clear()
+        broker.process.stop()
