@@ -34,6 +34,7 @@ from hyperbroker.broker.store import Store
 from hyperbroker.calls import NOT_SUPPORTED, ActionKind, Call, Outcome, Result
 from hyperbroker.handlers.api import Handler
 from hyperbroker.runtime.drive import run_eagerly
+from hyperbroker.runtime.fairqueue import Admit, FairQueue
 from hyperbroker.wire.v1 import broker_pb2
 from hyperbroker.wire.vmm import CALL, ResultSource, pack_result
 
@@ -42,6 +43,9 @@ __all__ = ["CallCtx", "DispatchInfo", "Dispatcher", "FrameWriter", "HostSession"
 log = logging.getLogger("hyperbroker.broker")
 
 DISPATCH_CACHE_LIMIT = 4096
+# A vCPU has one call in flight, so a VM's queue holds about one call per vCPU; beyond this the
+# call falls back at once rather than holding memory.
+FAIR_MAX_QUEUED_PER_VM = 512
 OUTCOME_NAMES = [o.name.lower() for o in Outcome]
 RESET_ACTIONS = frozenset({ActionKind.SYSTEM_RESET, ActionKind.SYSTEM_RESET2})
 SOURCE_BROKER = int(ResultSource.BROKER)
@@ -60,15 +64,27 @@ class DispatchInfo:
     windows: list[deque[float]]  # each Outcome's recent latencies, for the Admin API
 
 
+# host, vm, its vCPU record, vcpu, seq, dispatch info, fid, flags, x0..x17, t_frame
+QueuedCall = tuple[HostSession, VmSession, VcpuRecord, int, int, DispatchInfo, int, int,
+                   tuple[int, ...], int]
+
+
 class Dispatcher(Hosts):
     def __init__(self, store: Store, policies: PolicyRegistry, *, vm_rate: float = 0.0,
                  vm_burst: float = 0.0, reregister_grace_s: float = 60.0,
-                 broker_id: str = "broker", lease_ttl_s: float = 30.0) -> None:
-        super().__init__(store, policies, vm_burst=vm_burst or vm_rate,
-                         reregister_grace_s=reregister_grace_s, broker_id=broker_id,
-                         lease_ttl_s=lease_ttl_s)
+                 broker_id: str = "broker", lease_ttl_s: float = 30.0,
+                 fair_queue: bool = True) -> None:
+        super().__init__(store, policies, reregister_grace_s=reregister_grace_s,
+                         broker_id=broker_id, lease_ttl_s=lease_ttl_s)
         # Calls per second one VM may have handled, with bursts up to vm_burst; 0: no limit.
+        # Over it, a VM's calls wait in its fair queue (or, with fair_queue off, fall back at
+        # once), released in round-robin order as its bucket refills.
         self.vm_rate = vm_rate
+        self.fair: FairQueue[VmSession, QueuedCall] | None = (
+            FairQueue(vm_rate, vm_burst,
+                      max_queued=FAIR_MAX_QUEUED_PER_VM if fair_queue else 0)
+            if vm_rate else None)
+        self._fair_timer: asyncio.TimerHandle | None = None
         self.in_flight = 0
         self.calls = 0
         self.duplicates = 0
@@ -157,13 +173,25 @@ class Dispatcher(Hosts):
             self._finish(host, vm, rec, vcpu, seq, info, None, NOT_SUPPORTED, None, t_frame,
                          t_now)
             return
-        if self.vm_rate and not self._admit(vm):
-            metrics.RATE_LIMITED.inc()
-            fb = info.fallback
-            t_now = time.monotonic_ns()
-            self._finish(host, vm, rec, vcpu, seq, info, None,
-                         Result(fb.x, fb.mask, Outcome.FALLBACK), None, t_frame, t_now)
-            return
+        fair = self.fair
+        if fair is not None:
+            now = time.monotonic_ns()
+            queued = (host, vm, rec, vcpu, seq, info, fid, flags, x, t_frame)
+            admit = fair.offer(vm, queued, now, t_frame + int(info.timeout_s * 1e9))
+            if admit is Admit.QUEUED:
+                rec.in_flight_seq = seq  # a re-sent copy is a duplicate while it waits
+                self._arm_fair(now)
+                return
+            if admit is Admit.REFUSED:
+                self._fall_back(queued)
+                return
+        self._start(host, vm, rec, vcpu, seq, info, fid, flags, x, t_frame)
+
+    def _start(self, host: HostSession, vm: VmSession, rec: VcpuRecord, vcpu: int, seq: int,
+               info: DispatchInfo, fid: int, flags: int, x: tuple[int, ...],
+               t_frame: int) -> None:
+        handler = info.handler
+        assert handler is not None
         call = Call(vcpu, seq, fid, x, flags)
         ctx = CallCtx(self, host, vm, info.handler_name)
         ctx.call = call
@@ -185,15 +213,45 @@ class Dispatcher(Hosts):
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    def _admit(self, vm: VmSession) -> bool:
-        """Token bucket per VM: one guest flooding calls cannot starve the others."""
+    # ---- the fair queue (runtime.fairqueue): VMs over their rate wait their turn ---------
+    def _arm_fair(self, now: int) -> None:
+        assert self.fair is not None
+        at = self.fair.next_event_ns(now)
+        if at is None or self._fair_timer is not None:
+            return
+        self._fair_timer = asyncio.get_running_loop().call_later(
+            max(0.0, (at - now) / 1e9), self._release)
+
+    def _release(self) -> None:
+        self._fair_timer = None
+        assert self.fair is not None
         now = time.monotonic_ns()
-        vm.tokens = min(self.vm_burst, vm.tokens + (now - vm.refilled_ns) * self.vm_rate / 1e9)
-        vm.refilled_ns = now
-        if vm.tokens < 1.0:
-            return False
-        vm.tokens -= 1.0
-        return True
+        released, expired = self.fair.poll(now)
+        woken: set[HostSession] = set()
+        for q in expired:
+            self._fall_back(q)
+            woken.add(q[0])
+        for host, vm, rec, vcpu, seq, info, fid, flags, x, t_frame in released:
+            if host.vms.get(vm.vm_id) is not vm or rec.in_flight_seq != seq:
+                continue  # the VM is gone or was reset while its call waited
+            rec.in_flight_seq = NO_SEQ
+            self._start(host, vm, rec, vcpu, seq, info, fid, flags, x, t_frame)
+            woken.add(host)
+        for host in woken:
+            host.wake()
+        self._arm_fair(now)
+
+    def _fall_back(self, q: QueuedCall) -> None:
+        """Over its rate, past its deadline or its queue full: the rule's fallback."""
+        host, vm, rec, vcpu, seq, info = q[:6]
+        metrics.RATE_LIMITED.inc()
+        fb = info.fallback
+        self._finish(host, vm, rec, vcpu, seq, info, None,
+                     Result(fb.x, fb.mask, Outcome.FALLBACK), None, q[9], time.monotonic_ns())
+
+    def forget_vm(self, vm: VmSession) -> None:
+        if self.fair is not None:
+            self.fair.forget(vm)
 
     @staticmethod
     async def _run(coro: Coroutine[Any, Any, Result], timeout_s: float) -> Result:

@@ -30,11 +30,10 @@ log = logging.getLogger("hyperbroker.broker")
 
 
 class Hosts:
-    def __init__(self, store: Store, policies: PolicyRegistry, *, vm_burst: float,
+    def __init__(self, store: Store, policies: PolicyRegistry, *,
                  reregister_grace_s: float, broker_id: str, lease_ttl_s: float) -> None:
         self.store = store
         self.policies = policies
-        self.vm_burst = vm_burst
         self.reregister_grace_s = reregister_grace_s
         self.broker_id = broker_id
         self.lease_ttl_s = lease_ttl_s
@@ -122,7 +121,6 @@ class Hosts:
         """A VmSession with everything the store holds for it."""
         vm = VmSession(host.host, reg, pv)
         vm.generation = host.generation
-        vm.tokens = self.vm_burst
         stored = await self.store.load_vm(vm.key)
         for handler, raw in stored.docs.items():
             vm.states[handler] = StateDoc((vm.key, handler), raw)
@@ -334,8 +332,12 @@ class Hosts:
         then()
         host.wake()
 
+    def forget_vm(self, vm: VmSession) -> None:
+        """A VM is gone for good: drop what dispatch keeps for it (Dispatcher)."""
+
     async def _cleanup_vm(self, host: HostSession, vm: VmSession) -> None:
         """Run every handler's vm_destroyed hook, then drop the VM's records."""
+        self.forget_vm(vm)
         policy = vm.pv.policy
         profile = policy.profiles[vm.profile]
         used = {r.handler for r in profile.rules if r.handler}

@@ -60,6 +60,7 @@ class BrokerConfig:
     health_listen: str | None = None  # a plaintext port serving only grpc.health.v1
     vm_rate: float = 0.0  # calls per second per VM handed to handlers; 0: no limit
     vm_burst: float = 0.0  # bucket size; 0: one second's worth
+    fair_queue: bool = True  # over the rate, calls wait their turn (False: fall back at once)
     host_expiry_s: float = 600.0  # a host away this long is gone: its VMs are cleaned up
     # After a new agent process for a host says hello, its VMMs have this long to register
     # again what still runs; the host's other VMs are then cleaned up.
@@ -78,6 +79,7 @@ class BrokerServer:
         self.broker_id = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(4).hex()}"
         self.dispatcher = Dispatcher(self.store, self.policies, vm_rate=config.vm_rate,
                                      vm_burst=config.vm_burst,
+                                     fair_queue=config.fair_queue,
                                      reregister_grace_s=config.reregister_grace_s,
                                      broker_id=self.broker_id, lease_ttl_s=config.lease_ttl_s)
         tls = config.tls

@@ -93,8 +93,6 @@ class VmSession:
                            tuple((r.gpa, r.size) for r in reg.regions))
         self.states: dict[str, StateDoc] = {}
         self.calls = 0
-        self.tokens = 0.0  # the per-VM rate limit's bucket (Dispatcher.vm_rate)
-        self.refilled_ns = time.monotonic_ns()
         cache = pv.caches.setdefault(self.profile, {})
         self.cache: dict[int, DispatchInfo] = cache  # type: ignore[assignment]
 

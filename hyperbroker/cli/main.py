@@ -85,6 +85,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         health_listen=args.health_listen,
         vm_rate=args.vm_rate_limit,
         vm_burst=args.vm_burst,
+        fair_queue=not args.no_fair_queue,
     )
     if args.workers > 1:
         from hyperbroker.broker.workers import run_workers
@@ -199,10 +200,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="broker processes on this machine sharing the port (SO_REUSEPORT) and "
                         "the state directory; metrics ports count up from --metrics-listen")
     p.add_argument("--vm-rate-limit", type=float, default=0.0,
-                   help="calls per second each VM may have handled (beyond: the rule's "
-                        "fallback); 0: no limit")
+                   help="calls per second each VM may have handled (beyond: its calls wait "
+                        "in its fair queue, then get the rule's fallback at their deadline); "
+                        "0: no limit")
     p.add_argument("--vm-burst", type=float, default=0.0,
                    help="calls a VM may make at once above its rate (default: one second's)")
+    p.add_argument("--no-fair-queue", action="store_true",
+                   help="with --vm-rate-limit: a call over the rate falls back at once "
+                        "instead of waiting its turn")
     p.add_argument("--host-expiry", type=float, default=600.0,
                    help="seconds a host's agent may be away before its VMs are cleaned up")
     p.add_argument("--reregister-grace", type=non_negative, default=60.0, metavar="S",

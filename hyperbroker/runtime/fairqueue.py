@@ -6,8 +6,8 @@ the VMs with a backlog, the calls whose VM has earned a token since, and every q
 deadline has passed (the caller answers those with their fallback). A VM over its rate is so
 slowed to its rate: its calls wait, then fall back at their deadline, and they never take a turn
 from a VM under its rate. Memory is bounded per VM (`max_queued`; a call beyond it is refused at
-once). Time is passed in, so tests drive it deterministically. This module knows neither calls
-nor VMs: a key is any hashable, an item any object.
+once; 0 makes it a plain token bucket). Time is passed in, so tests drive it deterministically.
+This module knows neither calls nor VMs: a key is any hashable, an item any object.
 """
 
 from __future__ import annotations
@@ -40,8 +40,9 @@ class FairQueue(Generic[K, T]):
                  max_queued: int = 64) -> None:
         if rate <= 0:
             raise ValueError(f"rate must be positive, not {rate}")
-        if quantum < 1 or max_queued < 1:
-            raise ValueError("quantum and max_queued must be at least 1")
+        if quantum < 1 or max_queued < 0:
+            raise ValueError(f"quantum must be at least 1 (not {quantum}) and max_queued "
+                             f"at least 0 (not {max_queued})")
         self.rate = rate
         self.burst = burst or rate  # one second's worth
         self.quantum = quantum
