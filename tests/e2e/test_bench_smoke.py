@@ -45,3 +45,13 @@ def test_the_benchmark_measures_stateful_calls_on_each_store(tmp_path: Path,
     report = json.loads(out_file.read_text())
     assert set(report["ratios"]) == {f"{k}{w} {s}" for k in ("1", "8")
                                      for w in ("", " memshare") for s in ("sqlite", "redis")}
+
+
+def test_the_noisy_neighbour_benchmark_prints_every_setting() -> None:
+    out = subprocess.run([sys.executable, "-m", "hyperbroker.cli", "bench", "--noisy-neighbour",
+                          "--calls", "30"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    for setting in ("fair queue on", "fair queue off (token bucket only)", "no rate limit"):
+        line = next(x for x in out.stdout.splitlines() if x.startswith(setting + " "))
+        b_not_ok = line.split()[-3]
+        assert b_not_ok == "0", line  # the quiet VM, under its rate, is always served

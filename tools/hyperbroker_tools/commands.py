@@ -44,10 +44,19 @@ def bench(sub: Any) -> None:
     p.add_argument("--stateful", action="store_true",
                    help="also measure a call that commits handler state (memshare MEM_SHARE / "
                         "MEM_UNSHARE)")
+    p.add_argument("--noisy-neighbour", action="store_true",
+                   help="instead: a VM's p50/p99 alone and while another floods, with the "
+                        "broker's fair queue on and off (--calls of the quiet VM)")
+    p.add_argument("--vm-rate-limit", type=float, default=500.0,
+                   help="with --noisy-neighbour: the broker's --vm-rate-limit")
     p.set_defaults(func=run_bench)
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    if args.noisy_neighbour:
+        from hyperbroker_tools.noisy import run_noisy_neighbour
+
+        return run_noisy_neighbour(args)
     from hyperbroker_tools.bench import run_bench as measure
 
     return measure(args)
