@@ -2,11 +2,14 @@
 
 A VM keeps the policy version it registered with for its whole life (its kernel filter is
 frozen once a vCPU has run), so the broker holds every version still in use, loads old ones from
-the store on demand, and applies a new version only to VMs registered after it.
+the store on demand, and applies a new version only to VMs registered after it. Every document is
+checked and compiled in a worker thread, within the bounds of broker.policy.bounds, so the event
+loop keeps serving calls while a policy (valid or not) is loaded.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 from collections.abc import Mapping
@@ -37,20 +40,28 @@ class PolicyRegistry:
         self._versions: dict[int, PolicyVersion] = {}
         self.current: PolicyVersion | None = None
 
-    def validate(self, text: str) -> Policy:
-        """Load and check `text`; raises broker.policy.PolicyInvalid listing every error."""
-        return load_policy(text, self.plugins)
+    async def validate(self, text: str) -> Policy:
+        """Load and check `text` off the event loop; raises broker.policy.PolicyInvalid listing
+        every error (at most bounds.MAX_ERRORS of them)."""
+        return await asyncio.to_thread(load_policy, text, self.plugins)
+
+    async def _compile(self, text: str, version: int) -> PolicyVersion:
+        def work() -> PolicyVersion:
+            policy = load_policy(text, self.plugins)
+            return PolicyVersion(version, policy, to_proto(policy, version))
+        return await asyncio.to_thread(work)
 
     async def apply(self, text: str) -> PolicyVersion:
         """Make `text` the current policy; the same text as the current one keeps its version."""
-        policy = self.validate(text)
+        policy = await self.validate(text)
         digest = hashlib.sha256(text.encode()).hexdigest()
         version = await self.store.add_policy(text, digest)
         if self.current is None or self.current.version != version:
             log.info("policy version %d current (sha256 %s)", version, digest[:12])
         pv = self._versions.get(version)
         if pv is None:
-            pv = PolicyVersion(version, policy, to_proto(policy, version))
+            proto = await asyncio.to_thread(to_proto, policy, version)
+            pv = PolicyVersion(version, policy, proto)
         self._versions[version] = pv
         self.current = pv
         metrics.POLICY_VERSION.set(version)
@@ -74,9 +85,8 @@ class PolicyRegistry:
         stored = await self.store.get_policy(version)
         if stored is None:
             return None
-        policy = load_policy(stored.text, self.plugins)
-        pv = PolicyVersion(version, policy, to_proto(policy, version))
-        self._versions[version] = pv
+        pv = await self._compile(stored.text, version)
+        pv = self._versions.setdefault(version, pv)  # another task may have loaded it meanwhile
         return pv
 
     async def refresh(self) -> PolicyVersion | None:

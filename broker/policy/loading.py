@@ -14,12 +14,14 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
 
 import yaml
 
+from hyperbroker.broker.policy import bounds
 from hyperbroker.broker.policy.abis import AbiCatalog
 from hyperbroker.broker.policy.checks import ProfileChecks
 from hyperbroker.broker.policy.compiling import compile_profile
@@ -95,9 +97,13 @@ def load_policy(text: str, plugins: Mapping[str, type[Handler]]) -> Policy:
     Raises PolicyInvalid with every error found.
     """
     try:
-        document = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass
-    except yaml.YAMLError as exc:
-        raise PolicyInvalid([PolicyError(f"policy: not valid YAML: {exc}", "", ())]) from None
+        node = bounds.compose(text)  # within every bound of broker.policy.bounds, or refused
+        document = None if node is None else _StrictLoader("").construct_document(node)
+    except bounds.DocumentTooLarge as exc:
+        raise PolicyInvalid([PolicyError(f"policy: refused: {exc}", "", ())]) from None
+    except (yaml.YAMLError, RecursionError) as exc:
+        reason = bounds.clip(str(exc))
+        raise PolicyInvalid([PolicyError(f"policy: not valid YAML: {reason}", "", ())]) from None
     return _Loader(plugins).load(text, document)
 
 
@@ -149,7 +155,7 @@ class _Loader(ProfileChecks):
                 if profile is not None:
                     profiles[name] = profile
         if self.errors:
-            raise PolicyInvalid(self.errors)
+            raise PolicyInvalid(bounds.first_errors(self.errors))
         return Policy(
             text=text,
             digest=hashlib.sha256(text.encode()).hexdigest(),
@@ -241,8 +247,9 @@ class _Loader(ProfileChecks):
         if not isinstance(raw_rules, list):
             self.error(f"{where}: rules must be a list of rules")
             raw_rules = []
-        names = [r.get("name") for r in raw_rules if isinstance(r, dict)]
-        repeated = {n for n in names if isinstance(n, str) and names.count(n) > 1}
+        names: Counter[str] = Counter(r["name"] for r in raw_rules
+                                      if isinstance(r, dict) and isinstance(r.get("name"), str))
+        repeated = {n for n, times in names.items() if times > 1}
         drafts = [self.load_rule(name, i, raw, default_us, repeated)
                   for i, raw in enumerate(raw_rules)]
         self.check_names(name, drafts)
