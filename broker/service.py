@@ -23,6 +23,7 @@ import grpc
 from hyperbroker.broker import metrics
 from hyperbroker.broker.dispatch import CallCtx, Dispatcher, HostSession
 from hyperbroker.broker.policy import Policy, PolicyInvalid, to_json
+from hyperbroker.broker.policy_versions import off_loop
 from hyperbroker.broker.security import HostIdentity, peer_sans
 from hyperbroker.broker.store import Fenced, StoreUnavailable
 from hyperbroker.runtime.net import host_id_problem
@@ -219,7 +220,7 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
 
 async def _rendered(policy: Policy) -> str:
     """The compiled policy as JSON, rendered off the event loop (a policy may have many rules)."""
-    return await asyncio.to_thread(lambda: json.dumps(to_json(policy)))
+    return await off_loop(lambda: json.dumps(to_json(policy)))
 
 
 class AdminService(admin_pb2_grpc.AdminServicer):

@@ -1,6 +1,7 @@
 """Loading a policy: YAML text and the installed handler classes in, a checked Policy out.
 
-The YAML is read safely and strictly (a duplicate key is an error, PyYAML would keep the last),
+The YAML is composed within the bounds of broker.policy.bounds (size, rules, nesting, alias
+expansion), then read safely and strictly (a duplicate key is an error, PyYAML would keep the last),
 then walked key by key: handler instances (each plugin validates its own config), profiles,
 rules, their selectors (`abi:` names the installed handlers declare, `ranges:`, `functions:`),
 actions, deadlines and fallbacks. Each range is checked as kvm_smccc_set_filter() checks a
