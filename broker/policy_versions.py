@@ -2,15 +2,20 @@
 
 A VM keeps the policy version it registered with for its whole life (its kernel filter is
 frozen once a vCPU has run), so the broker holds every version still in use, loads old ones from
-the store on demand, and applies a new version only to VMs registered after it.
+the store on demand, and applies a new version only to VMs registered after it. Every document is
+checked and compiled in a worker thread, within the bounds of broker.policy.bounds, so the event
+loop keeps serving calls while a policy (valid or not) is loaded.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
-from collections.abc import Mapping
+import sys
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from hyperbroker.broker import metrics
 from hyperbroker.broker.policy import Policy, load_policy, to_proto
@@ -19,6 +24,30 @@ from hyperbroker.handlers.api import Handler
 from hyperbroker.wire.v1 import broker_pb2
 
 log = logging.getLogger("hyperbroker.broker.policy")
+
+
+_T = TypeVar("_T")
+_SWITCH_S = 0.0005  # the GIL hand-over interval while a policy job runs (Python's default: 5 ms)
+_jobs = 0
+
+
+async def off_loop(fn: Callable[..., _T], *args: object) -> _T:
+    """`fn(*args)` in a worker thread. The loop thread waits for the GIL up to the interpreter's
+    switch interval each time it wakes; while a job runs the interval is cut to 0.5 ms so that
+    calls in flight (deadlines of tens of ms) do not queue behind the check."""
+    global _jobs
+    if _jobs == 0:
+        sys.setswitchinterval(_SWITCH_S)
+    _jobs += 1
+    try:
+        return await asyncio.to_thread(fn, *args)
+    finally:
+        _jobs -= 1
+        if _jobs == 0:
+            sys.setswitchinterval(_DEFAULT_SWITCH_S)
+
+
+_DEFAULT_SWITCH_S = sys.getswitchinterval()
 
 
 @dataclass
@@ -37,20 +66,28 @@ class PolicyRegistry:
         self._versions: dict[int, PolicyVersion] = {}
         self.current: PolicyVersion | None = None
 
-    def validate(self, text: str) -> Policy:
-        """Load and check `text`; raises broker.policy.PolicyInvalid listing every error."""
-        return load_policy(text, self.plugins)
+    async def validate(self, text: str) -> Policy:
+        """Load and check `text` off the event loop; raises broker.policy.PolicyInvalid listing
+        every error (at most bounds.MAX_ERRORS of them)."""
+        return await off_loop(load_policy, text, self.plugins)
+
+    async def _compile(self, text: str, version: int) -> PolicyVersion:
+        def work() -> PolicyVersion:
+            policy = load_policy(text, self.plugins)
+            return PolicyVersion(version, policy, to_proto(policy, version))
+        return await off_loop(work)
 
     async def apply(self, text: str) -> PolicyVersion:
         """Make `text` the current policy; the same text as the current one keeps its version."""
-        policy = self.validate(text)
+        policy = await self.validate(text)
         digest = hashlib.sha256(text.encode()).hexdigest()
         version = await self.store.add_policy(text, digest)
         if self.current is None or self.current.version != version:
             log.info("policy version %d current (sha256 %s)", version, digest[:12])
         pv = self._versions.get(version)
         if pv is None:
-            pv = PolicyVersion(version, policy, to_proto(policy, version))
+            proto = await off_loop(to_proto, policy, version)
+            pv = PolicyVersion(version, policy, proto)
         self._versions[version] = pv
         self.current = pv
         metrics.POLICY_VERSION.set(version)
@@ -74,9 +111,8 @@ class PolicyRegistry:
         stored = await self.store.get_policy(version)
         if stored is None:
             return None
-        policy = load_policy(stored.text, self.plugins)
-        pv = PolicyVersion(version, policy, to_proto(policy, version))
-        self._versions[version] = pv
+        pv = await self._compile(stored.text, version)
+        pv = self._versions.setdefault(version, pv)  # another task may have loaded it meanwhile
         return pv
 
     async def refresh(self) -> PolicyVersion | None:

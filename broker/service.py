@@ -22,7 +22,8 @@ import grpc
 
 from hyperbroker.broker import metrics
 from hyperbroker.broker.dispatch import CallCtx, Dispatcher, HostSession
-from hyperbroker.broker.policy import PolicyInvalid, to_json
+from hyperbroker.broker.policy import Policy, PolicyInvalid, to_json
+from hyperbroker.broker.policy_versions import off_loop
 from hyperbroker.broker.security import HostIdentity, peer_sans
 from hyperbroker.broker.store import Fenced, StoreUnavailable
 from hyperbroker.runtime.net import host_id_problem
@@ -217,6 +218,11 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
                 session.queue_drain("broker stopping")
 
 
+async def _rendered(policy: Policy) -> str:
+    """The compiled policy as JSON, rendered off the event loop (a policy may have many rules)."""
+    return await off_loop(lambda: json.dumps(to_json(policy)))
+
+
 class AdminService(admin_pb2_grpc.AdminServicer):
     def __init__(self, dispatcher: Dispatcher) -> None:
         self.dispatcher = dispatcher
@@ -229,9 +235,9 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                 for session in self.dispatcher.hosts.values():
                     session.queue_policy(pv.compiled)
                 return admin_pb2.PolicyReport(ok=True, version=pv.version,
-                                              compiled_json=json.dumps(to_json(pv.policy)))
-            policy = policies.validate(text)
-            return admin_pb2.PolicyReport(ok=True, compiled_json=json.dumps(to_json(policy)))
+                                              compiled_json=await _rendered(pv.policy))
+            policy = await policies.validate(text)
+            return admin_pb2.PolicyReport(ok=True, compiled_json=await _rendered(policy))
         except PolicyInvalid as e:
             return admin_pb2.PolicyReport(ok=False, errors=[
                 admin_pb2.PolicyError(message=err.message, errno_name=err.errno_name,

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from typing import TypeVar
 
+from hyperbroker.broker.policy.bounds import clip
 from hyperbroker.broker.policy.model import (
     KERNEL,
     KERNEL_SERVED,
@@ -75,7 +76,7 @@ class ProfileChecks:
     names: Mapping[int, str]
 
     def error(self, message: str, errno_name: str = "", rules: Iterable[str] = ()) -> None:
-        self.errors.append(PolicyError(message, errno_name, tuple(rules)))
+        self.errors.append(PolicyError(clip(message), errno_name, tuple(rules)))
 
     def check_names(self, profile: str, drafts: list[Draft]) -> None:
         first: dict[str, Draft] = {}

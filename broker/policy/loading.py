@@ -1,6 +1,7 @@
 """Loading a policy: YAML text and the installed handler classes in, a checked Policy out.
 
-The YAML is read safely and strictly (a duplicate key is an error, PyYAML would keep the last),
+The YAML is composed within the bounds of broker.policy.bounds (size, rules, nesting, alias
+expansion), then read safely and strictly (a duplicate key is an error, PyYAML would keep the last),
 then walked key by key: handler instances (each plugin validates its own config), profiles,
 rules, their selectors (`abi:` names the installed handlers declare, `ranges:`, `functions:`),
 actions, deadlines and fallbacks. Each range is checked as kvm_smccc_set_filter() checks a
@@ -14,12 +15,14 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
 
 import yaml
 
+from hyperbroker.broker.policy import bounds
 from hyperbroker.broker.policy.abis import AbiCatalog
 from hyperbroker.broker.policy.checks import ProfileChecks
 from hyperbroker.broker.policy.compiling import compile_profile
@@ -95,9 +98,13 @@ def load_policy(text: str, plugins: Mapping[str, type[Handler]]) -> Policy:
     Raises PolicyInvalid with every error found.
     """
     try:
-        document = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass
-    except yaml.YAMLError as exc:
-        raise PolicyInvalid([PolicyError(f"policy: not valid YAML: {exc}", "", ())]) from None
+        node = bounds.compose(text)  # within every bound of broker.policy.bounds, or refused
+        document = None if node is None else _StrictLoader("").construct_document(node)
+    except bounds.DocumentTooLarge as exc:
+        raise PolicyInvalid([PolicyError(f"policy: refused: {exc}", "", ())]) from None
+    except (yaml.YAMLError, RecursionError) as exc:
+        reason = bounds.clip(str(exc))
+        raise PolicyInvalid([PolicyError(f"policy: not valid YAML: {reason}", "", ())]) from None
     return _Loader(plugins).load(text, document)
 
 
@@ -149,7 +156,7 @@ class _Loader(ProfileChecks):
                 if profile is not None:
                     profiles[name] = profile
         if self.errors:
-            raise PolicyInvalid(self.errors)
+            raise PolicyInvalid(bounds.first_errors(self.errors))
         return Policy(
             text=text,
             digest=hashlib.sha256(text.encode()).hexdigest(),
@@ -241,8 +248,9 @@ class _Loader(ProfileChecks):
         if not isinstance(raw_rules, list):
             self.error(f"{where}: rules must be a list of rules")
             raw_rules = []
-        names = [r.get("name") for r in raw_rules if isinstance(r, dict)]
-        repeated = {n for n in names if isinstance(n, str) and names.count(n) > 1}
+        names: Counter[str] = Counter(r["name"] for r in raw_rules
+                                      if isinstance(r, dict) and isinstance(r.get("name"), str))
+        repeated = {n for n, times in names.items() if times > 1}
         drafts = [self.load_rule(name, i, raw, default_us, repeated)
                   for i, raw in enumerate(raw_rules)]
         self.check_names(name, drafts)

@@ -12,6 +12,7 @@ from typing import Any
 
 import grpc
 
+from hyperbroker.broker.policy import bounds
 from hyperbroker.runtime.tls import TlsFiles
 from hyperbroker.wire.v1 import admin_pb2, admin_pb2_grpc
 
@@ -103,14 +104,32 @@ async def run_inspect(args: argparse.Namespace) -> int:
 
 
 async def run_apply(args: argparse.Namespace) -> int:
-    text = Path(args.file).read_text()
-    async with channel(args.broker, args) as ch:
-        report = await admin_pb2_grpc.AdminStub(ch).ApplyPolicy(admin_pb2.PolicyText(yaml=text),
-                                                               timeout=10)
+    """Exit 0 applied, 1 refused by the broker or the broker unreachable, 2 unreadable file.
+    Every failure is one line per reason on stderr, never a traceback."""
+    try:
+        data = Path(args.file).read_bytes()
+        if len(data) > bounds.MAX_BYTES:  # the broker refuses it too: do not send it
+            print(f"hyperbroker policy apply: {args.file}: {len(data)} bytes; a policy is at "
+                  f"most {bounds.MAX_BYTES} bytes; policy refused", file=sys.stderr)
+            return 1
+        text = data.decode("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        print(f"hyperbroker policy apply: cannot read {args.file}: {exc}", file=sys.stderr)
+        return 2
+    try:
+        async with channel(args.broker, args) as ch:
+            report = await admin_pb2_grpc.AdminStub(ch).ApplyPolicy(
+                admin_pb2.PolicyText(yaml=text), timeout=args.timeout)
+    except grpc.aio.AioRpcError as e:
+        details = bounds.clip(e.details() or "")
+        print(f"hyperbroker policy apply: broker {args.broker}: {e.code().name}: {details}",
+              file=sys.stderr)
+        return 1
     if not report.ok:
         for err in report.errors:
-            print(f"error: {err.message}" + (f" [{err.errno_name}]" if err.errno_name else ""),
-                  file=sys.stderr)
+            print(f"error: {bounds.clip(err.message)}"
+                  + (f" [{err.errno_name}]" if err.errno_name else ""), file=sys.stderr)
+        print(f"{args.file}: {len(report.errors)} error(s); policy refused", file=sys.stderr)
         return 1
     print(f"policy v{report.version} is current; VMs registered from now on get it")
     return 0

@@ -254,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     pa = psub.add_parser("apply", help="make a policy file current on a running broker")
     pa.add_argument("file")
     pa.add_argument("--broker", default="127.0.0.1:50051")
+    pa.add_argument("--timeout", type=float, default=30.0,
+                    help="seconds to wait for the broker's verdict (default 30)")
     _admin_client_args(pa)
     pa.set_defaults(func=cmd_policy_apply)
 
