@@ -23,6 +23,7 @@ from pathlib import Path
 
 from hyperbroker.agent import metrics
 from hyperbroker.kvm import errno_name
+from hyperbroker.runtime.net import CannotListen
 from hyperbroker.wire import vmm as proto
 
 log = logging.getLogger("hyperbroker.agent.vmm")
@@ -182,12 +183,18 @@ class VmmListener:
         self.path = path
         self.seqpacket = seqpacket
         kind = socket.SOCK_SEQPACKET if seqpacket else socket.SOCK_STREAM
-        if path.exists() and stat.S_ISSOCK(path.stat().st_mode):
-            path.unlink()  # a stale socket from a previous run
-        path.parent.mkdir(parents=True, exist_ok=True)
         self.sock = socket.socket(socket.AF_UNIX, kind)
-        self.sock.bind(str(path))
-        os.chmod(path, 0o660)
+        try:
+            if path.exists() and stat.S_ISSOCK(path.stat().st_mode):
+                path.unlink()  # a stale socket from a previous run
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.sock.bind(str(path))
+            os.chmod(path, 0o660)
+        except OSError as e:
+            self.sock.close()
+            raise CannotListen("VMM socket", str(path), f"{e.strerror}; the agent's user needs "
+                               f"write access to {path.parent} (docs/operations.md, "
+                               f"\"Running with systemd\")") from e
         self.sock.listen(64)
         self.sock.setblocking(False)
         self._sink = sink

@@ -30,7 +30,7 @@ from hyperbroker.broker.service import AdminService, BrokerService
 from hyperbroker.broker.store import Store, StoreUnavailable, StoreUrlError, open_store
 from hyperbroker.handlers.api import discover_plugins
 from hyperbroker.runtime import metrics
-from hyperbroker.runtime.net import split_hostport
+from hyperbroker.runtime.net import add_grpc_port, split_hostport
 from hyperbroker.runtime.tls import ReloadingServerCredentials, TlsConfigError, TlsFiles
 from hyperbroker.wire.v1 import admin_pb2, admin_pb2_grpc, broker_pb2, broker_pb2_grpc
 
@@ -111,12 +111,8 @@ class BrokerServer:
             # that allows, is checked per call (broker.security).
             self.credentials = ReloadingServerCredentials(
                 tls, (config.admin.ca,) if config.admin.ca else ())
-            self.port = self.server.add_secure_port(config.listen,
-                                                    self.credentials.credentials())
-        else:
-            self.port = self.server.add_insecure_port(config.listen)
-        if self.port == 0:
-            raise OSError(f"cannot listen on {config.listen}")
+        self.port = add_grpc_port(self.server, config.listen, "--listen",
+                                  self.credentials.credentials() if self.credentials else None)
         # Kubernetes' gRPC probes speak plaintext only: under mTLS, health (and only health) can
         # be served on a port of its own. The same servicer, so draining shows there too.
         self.health_server: grpc.aio.Server | None = None
@@ -124,8 +120,7 @@ class BrokerServer:
             self.health_server = grpc.aio.server(options=[
                 ("grpc.so_reuseport", 1 if config.reuse_port else 0)])
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
-            if self.health_server.add_insecure_port(config.health_listen) == 0:
-                raise OSError(f"cannot listen on {config.health_listen}")
+            add_grpc_port(self.health_server, config.health_listen, "--health-listen")
         self.metrics_port: int | None = None
         self._stop = asyncio.Event()
 

@@ -25,6 +25,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from hyperbroker.runtime.metrics import serve as serve_metrics
+from hyperbroker.runtime.net import CannotListen, add_grpc_port
 from hyperbroker.runtime.tls import TlsFiles
 from hyperbroker.tee import metrics
 from hyperbroker.tee.apps import discover_trusted_apps
@@ -161,9 +162,6 @@ class TeeServer:
         self.health = health_servicer
         self.port = port
 
-    async def wait(self) -> None:
-        await self.server.wait_for_termination()
-
     async def stop(self, grace: float = 1.0) -> None:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
@@ -186,12 +184,7 @@ async def start(address: str, state_dir: Path, *, tls: TlsFiles | None = None,
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    if tls is None:
-        port = server.add_insecure_port(address)
-    else:
-        port = server.add_secure_port(address, tls.server_credentials())
-    if port == 0:
-        raise OSError(f"cannot listen on {address}")
+    port = add_grpc_port(server, address, "--listen", tls.server_credentials() if tls else None)
     await server.start()
     await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -216,12 +209,10 @@ async def serve(address: str, state_dir: Path, *, tls: TlsFiles | None = None,
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(sig, stopping.set)
+    # Only a signal (or the caller's cancel) ends the server: a task parked in grpc's
+    # wait_for_termination() and then cancelled cancels the shutdown future that stop() awaits.
     try:
-        waiter = asyncio.ensure_future(running.wait())
-        stopper = asyncio.ensure_future(stopping.wait())
-        await asyncio.wait((waiter, stopper), return_when=asyncio.FIRST_COMPLETED)
-        waiter.cancel()
-        stopper.cancel()
+        await stopping.wait()
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
@@ -243,7 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-sessions-per-vm", type=int, default=DEFAULT_MAX_SESSIONS_PER_VM)
     parser.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES)
     parser.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-level", default="INFO", type=str.upper,
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser
 
 
@@ -255,13 +247,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         tls = TlsFiles.from_args(opts.tls_cert, opts.tls_key, opts.tls_ca)
     except ValueError as e:
-        print(f"tee-serve: {e}", file=sys.stderr)
+        print(f"hyperbroker tee-serve: {e}", file=sys.stderr)
         return 2
-    if opts.metrics_port is not None:
-        serve_metrics(f":{opts.metrics_port}")
     host = opts.listen.rpartition(":")[0] or "0.0.0.0"
 
     async def run() -> None:
+        if opts.metrics_port is not None:
+            serve_metrics(f":{opts.metrics_port}")
         ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         task = asyncio.ensure_future(serve(opts.listen, opts.state_dir, tls=tls,
                                            max_sessions_per_vm=opts.max_sessions_per_vm,
@@ -274,9 +266,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         asyncio.run(run())
-    except (OSError, RuntimeError) as e:
-        print(f"tee-serve: {e}", file=sys.stderr)
-        return 1
+    except CannotListen as e:
+        print(f"hyperbroker tee-serve: {e}; stop whatever holds it or give another address",
+              file=sys.stderr)
+        return 2
+    except OSError as e:  # the state directory: a configuration error when it names a file
+        print(f"hyperbroker tee-serve: {e}", file=sys.stderr)
+        return 2 if e.filename else 1
     except KeyboardInterrupt:
         pass
     return 0

@@ -115,7 +115,7 @@ def test_main_reports_a_port_it_cannot_bind(tmp_path: Path) -> None:
         port = taken.getsockname()[1]
         # gRPC sets SO_REUSEPORT; a plain listening socket without it still blocks the port.
         assert server.main(["--state-dir", str(tmp_path), "--listen",
-                            f"127.0.0.1:{port}"]) == 1
+                            f"127.0.0.1:{port}"]) == 2  # a configuration error
 
 
 async def test_serve_reports_its_port_and_stops_when_cancelled(tmp_path: Path) -> None:

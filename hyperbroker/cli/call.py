@@ -8,6 +8,7 @@ import sys
 from hyperbroker import smccc
 from hyperbroker.broker.policy.abis import AbiCatalog
 from hyperbroker.calls import Outcome
+from hyperbroker.cli.errors import Unavailable
 from hyperbroker.handlers.api import discover_plugins
 from hyperbroker.kvm import KVM_HYPERCALL_EXIT_SMC
 from hyperbroker.testing.vmm import AgentError, GuestRam, VmmClient
@@ -49,7 +50,12 @@ async def run_call(args: argparse.Namespace) -> int:
     names = function_names()
     fid = smccc.parse_function(args.function, names)
     call_args = [int(a, 0) & smccc.U64_MASK for a in args.args]
-    client = await VmmClient.connect(args.socket, args.mode)
+    try:
+        client = await VmmClient.connect(args.socket, args.mode)
+    except OSError as e:
+        raise Unavailable(f"cannot connect to the agent at {args.socket}: {e.strerror}; start "
+                          f"`hyperbroker agent --socket {args.socket}` or give the --socket "
+                          f"it listens on") from e
     ram = GuestRam(0x4000_0000, 2 * 1024 * 1024)
     try:
         reg = await client.register(args.name, args.vcpu + 1, args.profile, ram)

@@ -17,10 +17,12 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 from hyperbroker import __version__
+from hyperbroker.cli import errors
 from hyperbroker.runtime.loop import run as run_loop
 from hyperbroker.runtime.tls import TlsFiles
 
 COMMANDS_GROUP = "hyperbroker.commands"
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 def _tls_args(p: argparse.ArgumentParser) -> None:
@@ -166,7 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Broker arm64 SMCCC hypercalls forwarded by KVM to one policy-driven service.")
     parser.add_argument("--version", action="version", version=f"hyperbroker {__version__}")
     parser.add_argument("--log-level", default=os.environ.get("HYPERBROKER_LOG", "info"),
-                        choices=["debug", "info", "warning", "error"])
+                        choices=LOG_LEVELS,
+                        help="debug also shows the traceback of an error (default: "
+                             "$HYPERBROKER_LOG, else info)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="run the broker")
@@ -303,11 +307,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.tee_args = argv[i + 1 :]
     else:
         args = build_parser().parse_args(argv)
+    if args.log_level not in LOG_LEVELS:  # argparse checks choices only when given as a flag
+        print(f"hyperbroker: HYPERBROKER_LOG={args.log_level!r} is not a log level: set it to "
+              f"one of {', '.join(LOG_LEVELS)} or unset it", file=sys.stderr)
+        return errors.USAGE
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        return int(args.func(args))
-    except ValueError as e:
-        print(f"hyperbroker: {e}", file=sys.stderr)
-        return 2
+    command = " ".join(filter(None, (args.command, getattr(args, "policy_command", None))))
+    return errors.run_command(command, args.func, args, debug=args.log_level == "debug")
 

@@ -29,7 +29,7 @@ from prometheus_client.core import (
     Metric,
 )
 
-from hyperbroker.runtime.net import split_hostport
+from hyperbroker.runtime.net import CannotListen, split_hostport
 
 # Seconds, from the few microseconds of an in-broker handler to the seconds of a TEE call or a
 # fallback deadline: the one bucket set of every latency histogram, so panels can add them.
@@ -49,7 +49,10 @@ go_float = cast(Callable[[float], str], utils.floatToGoString)
 def serve(listen: str, registry: CollectorRegistry = REGISTRY) -> int:
     """Serve /metrics on `listen` (HOST:PORT, port 0 for any) in a thread; the port bound."""
     addr, port = split_hostport(listen)
-    httpd, _ = start_http_server(port, addr, registry=registry)
+    try:
+        httpd, _ = start_http_server(port, addr, registry=registry)
+    except OSError as e:
+        raise CannotListen("metrics", listen, e.strerror or str(e)) from e
     return int(httpd.server_port)
 
 

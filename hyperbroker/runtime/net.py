@@ -1,8 +1,20 @@
-"""Network addresses as the command line and the configuration write them."""
+"""Network addresses as the command line and the configuration write them, and binding them."""
 
 from __future__ import annotations
 
 import re
+from typing import Any
+
+
+class CannotListen(Exception):
+    """An address this process was told to serve on cannot be bound. Restarting will not help
+    while the address stays as configured, so the command line reports it as a configuration
+    error (docs/operations.md, "Exit codes")."""
+
+    def __init__(self, what: str, address: str, reason: str) -> None:
+        super().__init__(f"cannot listen on {address} ({what}): {reason}")
+        self.what = what
+        self.address = address
 
 
 def split_hostport(text: str) -> tuple[str, int]:
@@ -29,3 +41,17 @@ def host_id_problem(host: str) -> str | None:
         return (f"host id {host[:HOST_ID_MAX]!r} may hold only letters, digits, '.', '-' and "
                 "'_', and must start and end with a letter or digit")
     return None
+
+
+def add_grpc_port(server: Any, address: str, what: str, credentials: Any = None) -> int:
+    """Bind a grpc.aio server to `address`; the port, or CannotListen. grpc reports a failed
+    bind as port 0 or (newer releases) RuntimeError, never with the errno."""
+    try:
+        port = (server.add_insecure_port(address) if credentials is None
+                else server.add_secure_port(address, credentials))
+    except RuntimeError:
+        port = 0
+    if port == 0:
+        raise CannotListen(what, address, "the port is in use by another process, or the host "
+                                          "is not an address of this machine")
+    return int(port)

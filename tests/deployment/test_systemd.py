@@ -17,6 +17,8 @@ from typing import Any
 import pytest
 import yaml
 
+from hyperbroker.cli import errors
+
 from .support import CHART, SYSTEMD, cli_options, container, exec_argv, one, unit_entries, values_of
 
 # ---- systemd -------------------------------------------------------------------------------
@@ -38,6 +40,9 @@ def test_units_are_hardened_and_restart_on_failure(unit: str) -> None:
     assert service.get("DynamicUser") == "yes" or service.get("User")
     assert values_of(sections["Service"], "CapabilityBoundingSet") == [""]
     assert service["Restart"] == "on-failure"
+    # The CLI's exit status for a configuration error (hyperbroker.cli.errors.USAGE): a unit
+    # that restarted on it would loop forever on a missing policy or a held port.
+    assert service["RestartPreventExitStatus"] == str(errors.USAGE)
     assert service["KillSignal"] == "SIGTERM"
     assert re.fullmatch(r"\d+s", service["TimeoutStopSec"])
 
