@@ -9,13 +9,17 @@ and nothing else, and that every long file says why it is long.
 from __future__ import annotations
 
 import ast
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
 import pytest
+
+from hyperbroker.testing.procs import ManagedProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 LINT_IMPORTS = Path(sys.executable).parent / "lint-imports"
@@ -129,3 +133,109 @@ def test_the_wheel_installs_one_package_and_no_tools(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stderr
     assert run.stdout.startswith(str(site / "hyperbroker")), run.stdout
     assert "serve" in run.stdout and "agent" in run.stdout
+
+
+def runtime_dependencies() -> set[Path]:
+    """What the wheel's declared dependencies install (their packages and dist-info), found
+    from this interpreter's installed metadata: nothing the wheel does not ask for."""
+    from importlib.metadata import distribution
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    paths: set[Path] = set()
+    seen: set[str] = set()
+    todo: list[tuple[str, frozenset[str]]] = [("hyperbroker", frozenset())]
+    while todo:
+        name, extras = todo.pop()
+        dist = distribution(name)
+        for text in dist.requires or []:
+            req = Requirement(text)
+            if req.marker is None or any(req.marker.evaluate({"extra": e})
+                                         for e in extras or {""}):
+                todo.append((req.name, frozenset(req.extras)))
+        key = canonicalize_name(name)
+        if key in seen or key == "hyperbroker":
+            seen.add(key)
+            continue
+        seen.add(key)
+        for f in dist.files or []:
+            if not str(f).startswith(".."):
+                paths.add(Path(str(dist.locate_file(f.parts[0]))))
+    return paths
+
+
+@pytest.mark.slow
+def test_the_image_layout_serves_from_the_wheel_alone(tmp_path: Path) -> None:
+    """deploy/container/Containerfile's layout without a container runtime: the wheel installed
+    into a fresh venv (/opt/hyperbroker there), run from outside the source tree; `serve`,
+    `agent` and `tee-serve` start from it, a call goes through, and each stops on SIGTERM."""
+    containerfile = (ROOT / "deploy" / "container" / "Containerfile").read_text()
+    assert "pip install /wheels/*.whl" in containerfile and "COPY . ." in containerfile
+    assert re.search(r"^USER [1-9]\d*:[1-9]\d*$", containerfile, re.M), "runs as non-root"
+
+    source = source_copy(tmp_path / "src")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
+                    "--no-build-isolation", "--wheel-dir", str(tmp_path), str(source)],
+                   check=True, capture_output=True, timeout=300)
+    (wheel,) = tmp_path.glob("hyperbroker-*.whl")
+    venv = tmp_path / "opt" / "hyperbroker"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True,
+                   timeout=120)
+    site = Path(subprocess.run([str(venv / "bin" / "python"), "-c",
+                                "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                               check=True, capture_output=True, text=True).stdout.strip())
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"),
+                    "install", "--quiet", "--no-deps", "--no-index", str(wheel)],
+                   check=True, capture_output=True, timeout=300)
+    # The dependencies: this machine has no index to fetch them from, so the ones already
+    # installed here are linked in, exactly the closure of the wheel's Requires-Dist.
+    deps = tmp_path / "deps"
+    deps.mkdir()
+    for path in runtime_dependencies():
+        (deps / path.name).symlink_to(path)
+    (site / "runtime-deps.pth").write_text(f"{deps}\n")
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    exe = str(venv / "bin" / "hyperbroker")
+    env = {"PATH": f"{venv / 'bin'}:/usr/bin:/bin", "PYTHONUNBUFFERED": "1"}
+    policy = run_dir / "policy.yaml"
+    shutil.copy(ROOT / "examples" / "policy.yaml", policy)
+
+    def start(name: str, *args: str) -> ManagedProcess:
+        proc = subprocess.Popen([exe, "--log-level", "warning", *args], cwd=run_dir, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        managed = ManagedProcess(name, proc)
+        managed.start_reader()
+        return managed
+
+    where = subprocess.run([str(venv / "bin" / "python"), "-c",
+                            "import hyperbroker.tee, hyperbroker.handlers.optee.metrics as m; "
+                            "print(m.__file__)"], cwd=run_dir, env=env, capture_output=True,
+                           text=True, timeout=60)
+    assert where.stdout.startswith(str(site / "hyperbroker")), where.stderr
+    procs: list[ManagedProcess] = []
+    try:
+        tee = start("tee-serve", "tee-serve", "--listen", "127.0.0.1:0", "--state-dir", "tee")
+        procs.append(tee)
+        tee.wait_for(r"listening on ", timeout=120)
+        broker = start("broker", "serve", "--policy", str(policy), "--state-dir", "state",
+                       "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0")
+        procs.append(broker)
+        port = broker.wait_for(r"listening on [\d.]+:(\d+)", timeout=120).group(1)
+        agent = start("agent", "agent", "--broker", f"127.0.0.1:{port}", "--host-id", "img",
+                      "--socket", "sockets/agent.sock", "--metrics-listen", "127.0.0.1:0")
+        procs.append(agent)
+        agent.wait_for(r"ready: ", timeout=120)
+        call = subprocess.run([exe, "call", "--socket", "sockets/agent.sock", "TRNG_VERSION"],
+                              cwd=run_dir, env=env, capture_output=True, text=True, timeout=120)
+        assert call.returncode == 0 and "TRNG_VERSION" in call.stdout, call.stderr
+    finally:
+        for p in procs:
+            p.signal(signal.SIGTERM)
+        statuses = {p.name: p.proc.wait(timeout=60) for p in procs}
+        for p in procs:
+            p.stop()
+    assert statuses == {"tee-serve": 0, "broker": 0, "agent": 0}, [p.lines for p in procs]
