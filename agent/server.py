@@ -7,6 +7,7 @@ import logging
 import signal
 
 from hyperbroker.agent.core import Agent, AgentConfig
+from hyperbroker.agent.metrics import AGENT
 from hyperbroker.runtime import metrics
 
 log = logging.getLogger("hyperbroker.agent")
@@ -23,7 +24,7 @@ async def run_agent(config: AgentConfig) -> int:
     await agent.start()
     metrics_port = None
     if config.metrics_listen:
-        metrics_port = metrics.serve(config.metrics_listen)
+        metrics_port = metrics.serve(config.metrics_listen, AGENT)
     print(f"hyperbroker agent {config.host_id} ready: broker {config.broker}"
           + (f" socket {config.socket_path}" if config.socket_path else "")
           + (f" stream-socket {config.stream_socket_path}" if config.stream_socket_path else "")

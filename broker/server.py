@@ -23,12 +23,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from hyperbroker.broker.dispatch import Dispatcher
+from hyperbroker.broker.metrics import BROKER
 from hyperbroker.broker.policy import PolicyError, PolicyInvalid
 from hyperbroker.broker.policy_versions import PolicyRegistry
 from hyperbroker.broker.security import AdminAuthorizer, AdminConfig, HostIdentity
 from hyperbroker.broker.service import AdminService, BrokerService
 from hyperbroker.broker.store import Store, StoreUnavailable, StoreUrlError, open_store
-from hyperbroker.handlers.api import discover_plugins
+from hyperbroker.handlers.api import HANDLER_METRICS, discover_plugins
 from hyperbroker.runtime import metrics
 from hyperbroker.runtime.net import add_grpc_port, split_hostport
 from hyperbroker.runtime.tls import ReloadingServerCredentials, TlsConfigError, TlsFiles
@@ -140,7 +141,7 @@ class BrokerServer:
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if self.config.metrics_listen:
-            self.metrics_port = metrics.serve(self.config.metrics_listen)
+            self.metrics_port = metrics.serve(self.config.metrics_listen, BROKER, HANDLER_METRICS)
         host, _ = split_hostport(self.config.listen)
         pv = self.policies.current
         assert pv is not None

@@ -18,9 +18,13 @@ from importlib.metadata import entry_points
 from typing import Any, ClassVar, Protocol
 
 from hyperbroker.calls import Call, Result
+from hyperbroker.runtime.metrics import MetricSet
 from hyperbroker.smccc import FunctionRange
 
 ENTRY_POINT_GROUP = "hyperbroker.handlers"
+# The families of every handler, shipped or plugin (`registry=HANDLER_METRICS`); the broker, the
+# one process that runs handlers, exports them beside its own.
+HANDLER_METRICS = MetricSet("handlers")
 
 JsonValue = Any  # what json.dumps accepts: dict, list, str, int, float, bool, None
 

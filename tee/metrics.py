@@ -17,15 +17,21 @@ from hyperbroker.runtime.metrics import (
     GaugeChild,
     Histogram,
     HistogramChild,
+    MetricSet,
 )
 
-SESSIONS = Gauge("hyperbroker_tee_backend_sessions", "Sessions open in the TEE service", ["ta"])
-VMS = Gauge("hyperbroker_tee_backend_vms", "VM incarnations registered with the TEE service")
+TEE_SERVICE = MetricSet("tee-serve")
+
+SESSIONS = Gauge("hyperbroker_tee_backend_sessions", "Sessions open in the TEE service", ["ta"],
+                 registry=TEE_SERVICE)
+VMS = Gauge("hyperbroker_tee_backend_vms", "VM incarnations registered with the TEE service",
+            registry=TEE_SERVICE)
 REQUESTS = Counter("hyperbroker_tee_backend_requests_total",
-                   "TEE-backend RPCs answered, by method and result", ["method", "result"])
+                   "TEE-backend RPCs answered, by method and result", ["method", "result"],
+                   registry=TEE_SERVICE)
 TA_SECONDS = Histogram("hyperbroker_tee_backend_ta_seconds",
                        "Time spent in trusted-application entry points", ["ta", "entry"],
-                       buckets=LATENCY_BUCKETS)
+                       buckets=LATENCY_BUCKETS, registry=TEE_SERVICE)
 
 
 @cache

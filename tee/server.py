@@ -233,7 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tls-ca", help="PEM CA that signs the proxies' client certificates")
     parser.add_argument("--max-sessions-per-vm", type=int, default=DEFAULT_MAX_SESSIONS_PER_VM)
     parser.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES)
-    parser.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    parser.add_argument("--metrics-port", type=int,
+                        help="serve Prometheus metrics on this port (0: any free one, printed)")
     parser.add_argument("--log-level", default="INFO", type=str.upper,
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser
@@ -252,8 +253,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     host = opts.listen.rpartition(":")[0] or "0.0.0.0"
 
     async def run() -> None:
+        metrics_port = None
         if opts.metrics_port is not None:
-            serve_metrics(f":{opts.metrics_port}")
+            metrics_port = serve_metrics(f":{opts.metrics_port}", metrics.TEE_SERVICE)
         ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         task = asyncio.ensure_future(serve(opts.listen, opts.state_dir, tls=tls,
                                            max_sessions_per_vm=opts.max_sessions_per_vm,
@@ -261,7 +263,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                            ready=ready))
         await asyncio.wait((task, ready), return_when=asyncio.FIRST_COMPLETED)
         if ready.done():
-            print(f"listening on {host}:{ready.result()}", flush=True)
+            print(f"listening on {host}:{ready.result()}"
+                  + (f" metrics on :{metrics_port}" if metrics_port is not None else ""),
+                  flush=True)
         await task
 
     try:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from prometheus_client import REGISTRY
 
 from hyperbroker.handlers.ffa import FfaHandler, abi, endpoints
 from hyperbroker.handlers.ffa.abi import FfaError
@@ -33,6 +32,7 @@ from hyperbroker.testing.ffa import (
     handle_of,
     make_context,
 )
+from hyperbroker.testing.metrics import HANDLERS as REGISTRY
 
 SHA = 0x8002
 ECHO_INFO = PartitionInfo("echo", 0x8001, ECHO_UUID)

@@ -6,7 +6,6 @@ import hashlib
 import struct
 
 import pytest
-from prometheus_client import REGISTRY
 
 from hyperbroker.handlers.ffa import FfaHandler, abi
 from hyperbroker.handlers.ffa.abi import FfaError
@@ -20,6 +19,7 @@ from hyperbroker.testing.ffa import (
     error_of,
     handle_of,
 )
+from hyperbroker.testing.metrics import HANDLERS as REGISTRY
 
 ECHO, SHA = 0x8001, 0x8002
 PAGE = 4096

@@ -4,13 +4,13 @@
 from __future__ import annotations
 
 import pytest
-from prometheus_client import REGISTRY
 
 from hyperbroker.handlers.ffa import FfaHandler, abi
 from hyperbroker.handlers.ffa.abi import FfaError
 from hyperbroker.handlers.ffa.config import ECHO_UUID, SHA256_UUID
 from hyperbroker.handlers.ffa.discovery import uuid_to_pair
 from hyperbroker.testing.ffa import FfaGuest, error_of
+from hyperbroker.testing.metrics import HANDLERS as REGISTRY
 
 ECHO = 0x8001
 

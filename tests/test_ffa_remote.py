@@ -16,7 +16,6 @@ import grpc
 import grpc.aio
 import pytest
 import trustme
-from prometheus_client import REGISTRY
 
 from hyperbroker.handlers.ffa import abi
 from hyperbroker.handlers.ffa.abi import FfaError
@@ -35,6 +34,7 @@ from hyperbroker.handlers.ffa.partitions import (
 from hyperbroker.handlers.ffa.remote import FfaPlugin
 from hyperbroker.testing.ffa import BUFFER_ADDRESS, FfaGuest, error_of, handle_of
 from hyperbroker.testing.ffa_partition import PartitionServer
+from hyperbroker.testing.metrics import HANDLERS as REGISTRY
 
 ECHO, SHA, PROBE = 0x8001, 0x8002, 0x8003
 PROBE_UUID = "0b5c1f6e-9a57-4d8e-9d2c-3f1e2a4b5c6d"

@@ -9,7 +9,6 @@ import logging
 import struct
 
 import pytest
-from prometheus_client import REGISTRY
 
 from hyperbroker.calls import Call, Result
 from hyperbroker.handlers.api import VmInfo
@@ -17,6 +16,7 @@ from hyperbroker.handlers.hyperv import HypervHandler, abi
 from hyperbroker.handlers.hyperv.abi import HvStatus
 from hyperbroker.handlers.hyperv.crash import GuestCrash
 from hyperbroker.testing.context import FakeContext, FakeGuestMemory
+from hyperbroker.testing.metrics import HANDLERS as REGISTRY
 
 RAM = 0x4000_0000
 OUTPUT_ARG = RAM + 0x3000  # hyperv_pcpu_output_arg

@@ -11,13 +11,13 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from prometheus_client import REGISTRY
 
 from hyperbroker.calls import Call, Outcome, Result
 from hyperbroker.handlers.api import HandlerConfigError, VmInfo
 from hyperbroker.handlers.memshare import MemshareHandler, abi
 from hyperbroker.smccc import NOT_SUPPORTED_U64, to_s64
 from hyperbroker.testing.context import FakeContext
+from hyperbroker.testing.metrics import HANDLERS as REGISTRY
 
 RAM = 0x4000_0000
 G = 4096

@@ -90,3 +90,20 @@ def test_initialised_children_are_exported_as_zero_and_removed_ones_are_gone() -
     g.remove("h", "v")
     g.remove("h", "never-set")  # absent: nothing to do
     assert reg.get_sample_value("shared_bytes", {"host": "h", "vm": "v"}) is None
+
+
+def test_a_family_is_exported_only_by_the_registries_that_take_its_set() -> None:
+    from hyperbroker.runtime.metrics import MetricSet, process_registry
+
+    ours, theirs = MetricSet("ours"), MetricSet("theirs")
+    Counter("ours_total", "doc", registry=ours).inc()
+    Gauge("theirs", "doc", registry=theirs).set(1)
+    with pytest.raises(ValueError, match="Duplicated metric family ours in the ours set"):
+        Counter("ours_total", "doc", registry=ours)
+    text = generate_latest(process_registry(ours)).decode()
+    assert "ours_total 1.0" in text and "theirs" not in text
+    assert "process_cpu_seconds_total" in text  # prometheus_client's own, in every process
+    clash = MetricSet("clash")
+    Counter("ours_total", "doc", registry=clash)
+    with pytest.raises(ValueError, match="Duplicated"):
+        process_registry(ours, clash)

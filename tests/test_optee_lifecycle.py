@@ -8,8 +8,6 @@ import time
 import uuid
 from pathlib import Path
 
-from prometheus_client import REGISTRY
-
 from hyperbroker.handlers.optee.grpc_backend import OpteePlugin
 from hyperbroker.handlers.optee.state import VmTeeState
 from hyperbroker.tee import server
@@ -18,6 +16,7 @@ from hyperbroker.tee.apps.storage import CMD_CREATE, CMD_READ
 from hyperbroker.tee.gp import Origin, TeeResult
 from hyperbroker.tee.ta import VmIdentity
 from hyperbroker.tee.uuids import SECURE_STORAGE_TA
+from hyperbroker.testing.metrics import HANDLERS as REGISTRY
 from hyperbroker.testing.optee import (
     ECHO_MIRROR,
     ECHO_SLEEP,

@@ -15,7 +15,14 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from hyperbroker.calls import Call, Outcome, Result
-from hyperbroker.handlers.api import Abi, CallContext, GuestMemoryError, Handler, HandlerConfigError
+from hyperbroker.handlers.api import (
+    HANDLER_METRICS,
+    Abi,
+    CallContext,
+    GuestMemoryError,
+    Handler,
+    HandlerConfigError,
+)
 from hyperbroker.handlers.hyperv import abi, hypercall, layout
 from hyperbroker.handlers.hyperv.abi import Control, HvStatus
 from hyperbroker.handlers.hyperv.crash import GuestCrash
@@ -37,11 +44,16 @@ PARTITION_POOL = "hyperv.partition"
 PARTITION_LAST = 2**31 - 1
 
 HYPERCALLS = Counter("hyperbroker_hyperv_hypercalls_total",
-                     "Hyper-V hypercalls by call and status", ["call", "status"])
+                     "Hyper-V hypercalls by call and status", ["call", "status"],
+                     registry=HANDLER_METRICS)
 CRASHES = Counter("hyperbroker_hyperv_guest_crashes_total",
-                  "Guest crash reports received through the crash registers", ["kind"])
+                  "Guest crash reports received through the crash registers", ["kind"],
+                  registry=HANDLER_METRICS)
+CRASHES.initialise(GuestCrash.KINDS)  # 0 before the first crash: the alert and panel see data
 CRASHED = Gauge("hyperbroker_hyperv_guest_crashed",
-                "1 once a guest has reported a crash, until the VM is destroyed", ["host", "vm"])
+                "1 once a guest has reported a crash (0 from its partition's first call), until "
+                "the VM is destroyed", ["host", "vm"],
+                registry=HANDLER_METRICS)
 
 _VERSION_FIELDS = {"build": 32, "major": 16, "minor": 16, "service_pack": 32,
                    "service_branch": 8, "service_number": 24}
@@ -137,6 +149,7 @@ class HypervHandler(Handler):
             if pid is None:
                 return None
             state.partition_id = pid
+            CRASHED.labels(ctx.vm.host, ctx.vm.name).set(0)  # a guest the panel shows, not crashed
         if state.time_epoch_ns is None:
             state.time_epoch_ns = ctx.now_ns()
         return state

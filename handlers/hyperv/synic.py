@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from hyperbroker.handlers.api import VmInfo
+from hyperbroker.handlers.api import HANDLER_METRICS, VmInfo
 from hyperbroker.handlers.hyperv import abi
 from hyperbroker.handlers.hyperv.abi import HvStatus
 from hyperbroker.handlers.hyperv.layout import (
@@ -25,7 +25,8 @@ from hyperbroker.runtime.metrics import Counter
 
 SYNIC_CALLS = Counter("hyperbroker_hyperv_synic_total",
                       "SynIC messages posted and events signalled by guests, by the default sink",
-                      ["kind"])
+                      ["kind"], registry=HANDLER_METRICS)
+SYNIC_CALLS.initialise(("post_message", "signal_event"))
 
 
 @dataclass(frozen=True, slots=True)

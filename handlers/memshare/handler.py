@@ -13,7 +13,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from hyperbroker.calls import Call, Outcome, Result
-from hyperbroker.handlers.api import Abi, CallContext, Handler, HandlerConfigError
+from hyperbroker.handlers.api import (
+    HANDLER_METRICS,
+    Abi,
+    CallContext,
+    Handler,
+    HandlerConfigError,
+)
 from hyperbroker.handlers.memshare import abi, record
 from hyperbroker.handlers.memshare.record import IpaRange, MemsharePolicy, MemshareRecord, Refusal
 from hyperbroker.runtime.metrics import Counter, Gauge
@@ -21,11 +27,13 @@ from hyperbroker.smccc import OWNER_SERVICES, RET_INVALID_PARAMETER, RET_NOT_SUP
 
 CALLS = Counter("hyperbroker_memshare_calls_total",
                 "pKVM memory-share calls by function and result (ok or the refusal reason)",
-                ["function", "result"])
+                ["function", "result"], registry=HANDLER_METRICS)
 SHARED_BYTES = Gauge("hyperbroker_memshare_shared_bytes",
-                     "Guest memory currently shared with the host", ["host", "vm"])
+                     "Guest memory currently shared with the host", ["host", "vm"],
+                     registry=HANDLER_METRICS)
 GUARDED = Gauge("hyperbroker_memshare_guarded_granules",
-                "Granules the guest has declared MMIO with MMIO_GUARD", ["host", "vm"])
+                "Granules the guest has declared MMIO with MMIO_GUARD", ["host", "vm"],
+                registry=HANDLER_METRICS)
 
 STATE_VERSION = 1
 MIN_GRANULE = 4096

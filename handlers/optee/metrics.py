@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from functools import cache
 
+from hyperbroker.handlers.api import HANDLER_METRICS
 from hyperbroker.runtime.metrics import (
     LATENCY_BUCKETS,
     Counter,
@@ -21,22 +22,27 @@ from hyperbroker.runtime.metrics import (
 )
 from hyperbroker.tee.gp import origin_name, result_name
 
-SESSIONS = Gauge("hyperbroker_tee_sessions_open", "TEE sessions open through the proxy", ["ta"])
+SESSIONS = Gauge("hyperbroker_tee_sessions_open", "TEE sessions open through the proxy", ["ta"],
+                 registry=HANDLER_METRICS)
 CALL_SECONDS = Histogram(
     "hyperbroker_tee_call_seconds",
     "Time per OP-TEE message: part=proxy in the handler, part=backend waiting for the TEE service",
-    ["command", "part"], buckets=LATENCY_BUCKETS)
+    ["command", "part"], buckets=LATENCY_BUCKETS, registry=HANDLER_METRICS)
 ERRORS = Counter("hyperbroker_tee_errors_total",
                  "TEE errors given to guests in messages, by result code and origin",
-                 ["code", "origin"])
+                 ["code", "origin"], registry=HANDLER_METRICS)
 SMC_ERRORS = Counter("hyperbroker_tee_smc_errors_total",
-                     "OP-TEE SMC-level errors given to guests (a0), by return code", ["code"])
+                     "OP-TEE SMC-level errors given to guests (a0), by return code", ["code"],
+                     registry=HANDLER_METRICS)
 BACKEND_FAILURES = Counter("hyperbroker_tee_backend_failures_total",
-                           "TEE-backend calls that got no answer", ["command", "reason"])
+                           "TEE-backend calls that got no answer", ["command", "reason"],
+                           registry=HANDLER_METRICS)
 YIELDS = Counter("hyperbroker_tee_yields_total",
-                 "Messages that returned to the guest with a foreign-interrupt RPC to finish later")
+                 "Messages that returned to the guest with a foreign-interrupt RPC to finish later",
+                 registry=HANDLER_METRICS)
 THREADS = Gauge("hyperbroker_tee_threads_running",
-                "OP-TEE messages being served by the TEE backend, across VMs")
+                "OP-TEE messages being served by the TEE backend, across VMs",
+                registry=HANDLER_METRICS)
 
 
 @cache

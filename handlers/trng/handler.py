@@ -12,11 +12,21 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from hyperbroker.calls import Call, Outcome, Result
-from hyperbroker.handlers.api import Abi, CallContext, Handler, HandlerConfigError
+from hyperbroker.handlers.api import (
+    HANDLER_METRICS,
+    Abi,
+    CallContext,
+    Handler,
+    HandlerConfigError,
+)
 from hyperbroker.handlers.trng import abi
 from hyperbroker.runtime.metrics import Counter
 
-BITS_SERVED = Counter("hyperbroker_trng_bits_total", "Random bits handed to guests")
+# Prometheus names units by their base unit, and that of data is the byte
+# (https://prometheus.io/docs/practices/naming/#base-units): N bits count as N/8 bytes.
+BYTES_SERVED = Counter("hyperbroker_trng_bytes_total",
+                       "Random data handed to guests, in bytes (bits served / 8)",
+                       registry=HANDLER_METRICS)
 
 
 def _os_random_bits(n: int) -> int:
@@ -69,7 +79,7 @@ class TrngHandler(Handler):
         if fid in (abi.RND32, abi.RND64):
             out = abi.rnd(fid, call.arg(1), self.random_bits)
             if isinstance(out, abi.Entropy):
-                BITS_SERVED.inc(out.bits)
+                BYTES_SERVED.inc(out.bits / 8)
                 return Result.regs(0, *out.words)
             return _fold(out)
         return _fold(abi.TrngError.NOT_SUPPORTED)

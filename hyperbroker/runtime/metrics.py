@@ -2,7 +2,11 @@
 
 Every family is defined through this module (the broker's, the agent's, each handler's, the TEE
 service's) and `serve()` starts a process's /metrics endpoint; nothing else imports
-prometheus_client. The families are lock-free: an update is one or two additions on plain
+prometheus_client. A family belongs to one `MetricSet`, the families of one part of the product,
+and is registered nowhere else: there is no process-wide default registry. A process exports the
+sets of the parts it runs, in a registry built for it by `serve()`, so a module imported for
+another reason (a shared helper, a test) never adds its part's families to this process's
+/metrics. The families are lock-free: an update is one or two additions on plain
 Python numbers (a histogram adds one bisect), and they become Prometheus metric families only
 when a scrape collects them, through a collector on the registry. prometheus_client's own
 Counter.inc and Histogram.observe take a mutex per update and scan the buckets in Python
@@ -19,9 +23,16 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Generic, TypeVar, cast
+from typing import Any, Generic, TypeVar, cast
 
-from prometheus_client import REGISTRY, CollectorRegistry, start_http_server, utils
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    start_http_server,
+    utils,
+)
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -46,8 +57,40 @@ C = TypeVar("C")
 go_float = cast(Callable[[float], str], utils.floatToGoString)
 
 
-def serve(listen: str, registry: CollectorRegistry = REGISTRY) -> int:
-    """Serve /metrics on `listen` (HOST:PORT, port 0 for any) in a thread; the port bound."""
+class MetricSet:
+    """The families one part of the product defines (the broker, the agent, the handlers, the
+    TEE service): a collector a process registry takes whole."""
+
+    def __init__(self, part: str) -> None:
+        self.part = part
+        self._families: dict[str, _Family[Any]] = {}
+
+    def register(self, family: _Family[Any]) -> None:
+        if family.name in self._families:
+            raise ValueError(f"Duplicated metric family {family.name} in the {self.part} set")
+        self._families[family.name] = family
+
+    def describe(self) -> list[Metric]:
+        return [m for f in list(self._families.values()) for m in f.describe()]
+
+    def collect(self) -> Iterator[Metric]:
+        for family in list(self._families.values()):
+            yield from family.collect()
+
+
+def process_registry(*sets: MetricSet) -> CollectorRegistry:
+    """What one process exports: `sets`, plus the process_* and python_* families of
+    prometheus_client's own collectors. Two sets defining one name is an error here."""
+    registry = CollectorRegistry()
+    for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR, *sets):
+        registry.register(collector)
+    return registry
+
+
+def serve(listen: str, *sets: MetricSet) -> int:
+    """Serve /metrics with `sets` (process_registry) on `listen` (HOST:PORT, port 0 for any) in
+    a thread; the port bound."""
+    registry = process_registry(*sets)
     addr, port = split_hostport(listen)
     try:
         httpd, _ = start_http_server(port, addr, registry=registry)
@@ -106,7 +149,7 @@ class HistogramChild:
 
 class _Family(Generic[C]):
     def __init__(self, name: str, documentation: str, labelnames: Sequence[str],
-                 registry: CollectorRegistry | None, new_child: Callable[[], C]) -> None:
+                 registry: CollectorRegistry | MetricSet, new_child: Callable[[], C]) -> None:
         self.name = name
         self.documentation = documentation
         self.labelnames = tuple(labelnames)
@@ -114,7 +157,7 @@ class _Family(Generic[C]):
         self._children: dict[tuple[str, ...], C] = {}
         if not self.labelnames:
             self._solo = self.labels()
-        (registry if registry is not None else REGISTRY).register(self)
+        registry.register(self)
 
     def labels(self, *values: str) -> C:
         if len(values) != len(self.labelnames):
@@ -150,7 +193,7 @@ class Counter(_Family[CounterChild]):
     """A counter; the exposition ends its name in `_total` whether or not `name` does."""
 
     def __init__(self, name: str, documentation: str, labelnames: Sequence[str] = (), *,
-                 registry: CollectorRegistry | None = None) -> None:
+                 registry: CollectorRegistry | MetricSet) -> None:
         super().__init__(name.removesuffix("_total"), documentation, labelnames, registry,
                          CounterChild)
 
@@ -170,7 +213,7 @@ class Counter(_Family[CounterChild]):
 
 class Gauge(_Family[GaugeChild]):
     def __init__(self, name: str, documentation: str, labelnames: Sequence[str] = (), *,
-                 registry: CollectorRegistry | None = None) -> None:
+                 registry: CollectorRegistry | MetricSet) -> None:
         super().__init__(name, documentation, labelnames, registry, GaugeChild)
 
     def set(self, value: float) -> None:
@@ -199,7 +242,7 @@ class Gauge(_Family[GaugeChild]):
 class Histogram(_Family[HistogramChild]):
     def __init__(self, name: str, documentation: str, labelnames: Sequence[str] = (), *,
                  buckets: Sequence[float] = LATENCY_BUCKETS,
-                 registry: CollectorRegistry | None = None) -> None:
+                 registry: CollectorRegistry | MetricSet) -> None:
         bounds = sorted(float(b) for b in buckets if b != float("inf"))
         if not bounds:
             raise ValueError(f"{name} needs at least one finite bucket")

@@ -10,7 +10,6 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from prometheus_client import REGISTRY
 
 from hyperbroker.calls import Outcome, Result
 from hyperbroker.handlers.api import HandlerConfigError, VmInfo
@@ -22,6 +21,7 @@ from hyperbroker.handlers.hyperv.layout import (
 )
 from hyperbroker.handlers.hyperv.synic import PostMessage, SignalEvent
 from hyperbroker.testing.context import FakeContext, MemoryPools
+from hyperbroker.testing.metrics import HANDLERS as REGISTRY
 
 from .support import IN, OUT, SELF_P, SELF_VP, control, get_fast, hv, make, set_fast, status
 
