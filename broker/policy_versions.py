@@ -89,19 +89,24 @@ class PolicyRegistry:
             proto = await off_loop(to_proto, policy, version)
             pv = PolicyVersion(version, policy, proto)
         self._versions[version] = pv
-        self.current = pv
-        metrics.POLICY_VERSION.set(version)
+        self._make_current(pv)
         return pv
+
+    def _make_current(self, pv: PolicyVersion) -> None:
+        self.current = pv
+        metrics.POLICY_VERSION.set(pv.version)
+        for handler in pv.policy.handlers:  # exported as 0 before the handler's first error
+            metrics.HANDLER_ERRORS.labels(handler)
 
     async def resume_latest(self) -> PolicyVersion | None:
         """Serve the newest stored version (a restart without --policy)."""
         latest = await self.store.latest_policy()
         if latest is None:
             return None
-        self.current = await self.get(latest.version)
-        if self.current is not None:
-            metrics.POLICY_VERSION.set(self.current.version)
-        return self.current
+        pv = await self.get(latest.version)
+        if pv is not None:
+            self._make_current(pv)
+        return pv
 
     async def get(self, version: int) -> PolicyVersion | None:
         """The version a VM registered with; loaded from the store when not in memory."""
@@ -122,8 +127,7 @@ class PolicyRegistry:
             return None
         pv = await self.get(latest.version)
         if pv is not None:
-            self.current = pv
-            metrics.POLICY_VERSION.set(pv.version)
+            self._make_current(pv)
             log.info("policy version %d found in the store, now current", pv.version)
         return pv
 

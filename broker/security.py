@@ -38,6 +38,12 @@ ADMIN_PREFIX = f"/{admin_pb2.DESCRIPTOR.services_by_name['Admin'].full_name}/"
 # Every other Admin method (ApplyPolicy, and any added later) needs the write role.
 READ_METHODS = frozenset({"ValidatePolicy", "GetPolicy", "ListHosts", "ListVms", "GetStats",
                           "GetVmHandlerView"})
+# Every record the audit can count, exported as 0 before the first: a refusal of any Admin
+# method, and the two ends of a policy apply.
+for _method in admin_pb2.DESCRIPTOR.services_by_name["Admin"].methods_by_name:
+    metrics.ADMIN_AUDIT.labels(_method, "refused")
+for _decision in ("applied", "invalid"):
+    metrics.ADMIN_AUDIT.labels("ApplyPolicy", _decision)
 
 
 def peer_sans(context: grpc.aio.ServicerContext[Any, Any]) -> tuple[set[str], set[str]]:

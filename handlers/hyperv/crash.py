@@ -8,7 +8,7 @@ CRASH_NOTIFY_MSG). Plain values; the adapter fills in the message from guest mem
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from hyperbroker.handlers.hyperv.registers import CrashReport
 
@@ -30,6 +30,8 @@ class GuestCrash:
                     message_error: str | None, at_unix_ns: int) -> GuestCrash:
         return cls(host, vm, report.vp, report.notify, report.params, report.guest_os_id,
                    message, message_error, at_unix_ns)
+
+    KINDS: ClassVar[tuple[str, ...]] = ("notify", "message")
 
     @property
     def kind(self) -> str:

@@ -77,7 +77,7 @@ METRICS: Mapping[str, Metric] = {
     "hyperbroker_agent_memory_bytes_total": _m("counter", "direction"),
     "hyperbroker_agent_link_rtt_seconds": _m("histogram"),
     # handlers: every metric the shipped handler packages export (docs/operations.md "Handlers")
-    "hyperbroker_trng_bits_total": _m("counter"),
+    "hyperbroker_trng_bytes_total": _m("counter"),
     "hyperbroker_ffa_shares_total": _m("counter", "kind"),
     "hyperbroker_ffa_pages_shared_total": _m("counter", "kind"),
     "hyperbroker_ffa_reclaims_total": _m("counter", "reason"),
