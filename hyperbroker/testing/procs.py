@@ -1,4 +1,5 @@
-"""Start broker and agent processes for the demo, the benchmark and the end-to-end tests.
+"""Start broker and agent processes for the demo, the benchmark and the end-to-end tests, and the
+servers around them the tests use (Redis, HAProxy, Prometheus).
 
 Each process prints one "ready" line on stdout (with the port it bound when asked for port 0);
 `start_*` waits for that line, so callers never race a process that is still starting, and
@@ -7,6 +8,7 @@ Each process prints one "ready" line on stdout (with the port it bound when aske
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -17,8 +19,11 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 
 @dataclass
@@ -286,3 +291,88 @@ class LoadBalancer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+RULES = Path(__file__).resolve().parents[2] / "deploy" / "prometheus" / "hyperbroker-rules.yaml"
+
+
+@dataclass
+class PrometheusServer:
+    """The distribution's Prometheus (scripts/system_deps.sh installs it) on a free port, in its
+    own directory, scraping `jobs` (job name -> HOST:PORT targets) every `interval` and evaluating
+    the shipped rules (deploy/prometheus/hyperbroker-rules.yaml) as often."""
+
+    directory: Path
+    jobs: dict[str, list[str]]
+    interval: str = "1s"
+    port: int = 0
+    process: subprocess.Popen[bytes] | None = None
+    _log_file: BinaryIO | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 60.0) -> PrometheusServer:
+        binary = shutil.which("prometheus")
+        if binary is None:
+            raise FileNotFoundError("prometheus is not installed (scripts/system_deps.sh "
+                                    "installs it; it needs root and apt-get)")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        config = {
+            "global": {"scrape_interval": self.interval, "evaluation_interval": self.interval,
+                       "scrape_timeout": self.interval},
+            "rule_files": [str(RULES)],
+            "scrape_configs": [{"job_name": job, "static_configs": [{"targets": targets}]}
+                               for job, targets in self.jobs.items()],
+        }
+        (self.directory / "prometheus.yml").write_text(json.dumps(config))  # JSON is YAML
+        self.port = self.port or free_port()
+        self._log_file = log = (self.directory / "prometheus.log").open("wb")
+        self.process = subprocess.Popen(
+            [binary, f"--config.file={self.directory / 'prometheus.yml'}",
+             f"--storage.tsdb.path={self.directory / 'data'}",
+             f"--web.listen-address=127.0.0.1:{self.port}"],
+            stdout=log, stderr=log, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"prometheus exited with {self.process.returncode}:\n"
+                                   + self.log())
+            try:
+                with urllib.request.urlopen(f"{self.url}/-/ready", timeout=5) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"prometheus on :{self.port} not ready within {timeout} s:\n"
+                           + self.log())
+
+    def log(self) -> str:
+        try:
+            return (self.directory / "prometheus.log").read_text(errors="replace")[-3000:]
+        except OSError:
+            return ""
+
+    def query(self, expr: str) -> list[dict[str, object]]:
+        """The instant vector `expr` evaluates to now (HTTP API /api/v1/query); an error of
+        Prometheus's (a bad expression) raises."""
+        url = f"{self.url}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+        with urllib.request.urlopen(url, timeout=30) as r:
+            reply = json.loads(r.read())
+        if reply.get("status") != "success":
+            raise ValueError(f"{expr}: {reply.get('error')}")
+        result = reply["data"]["result"]
+        return result if isinstance(result, list) else [result]
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self._log_file is not None:
+            self._log_file.close()

@@ -100,6 +100,13 @@ METRICS: Mapping[str, Metric] = {
     "hyperbroker_tee_yields_total": _m("counter"),
     "hyperbroker_tee_threads_running": _m("gauge"),
 }
+# The TEE service's own (`hyperbroker tee-serve`); no dashboard panel uses them yet.
+TEE_SERVICE_METRICS: Mapping[str, Metric] = {
+    "hyperbroker_tee_backend_sessions": _m("gauge", "ta"),
+    "hyperbroker_tee_backend_vms": _m("gauge"),
+    "hyperbroker_tee_backend_requests_total": _m("counter", "method", "result"),
+    "hyperbroker_tee_backend_ta_seconds": _m("histogram", "ta", "entry"),
+}
 PROCESS_PREFIXES = ("hyperbroker_broker_", "hyperbroker_agent_")
 # Labels Prometheus attaches to every scraped series (the chart's ServiceMonitors set both).
 TARGET_LABELS = frozenset({"job", "instance"})

@@ -23,6 +23,7 @@ from .support import (
     PROCESS_PREFIXES,
     RULES,
     RULES_TEST,
+    TEE_SERVICE_METRICS,
     Expression,
     Metric,
     check_expression,
@@ -60,6 +61,12 @@ def test_broker_and_agent_export_exactly_the_contract() -> None:
 
     wanted = {n: m for n, m in METRICS.items() if n.startswith(PROCESS_PREFIXES)}
     assert exported_metrics([broker_metrics, agent_metrics]) == wanted
+
+
+def test_the_tee_service_exports_exactly_its_contract() -> None:
+    from hyperbroker.tee import metrics as tee_metrics
+
+    assert exported_metrics([tee_metrics]) == TEE_SERVICE_METRICS
 
 
 def test_shipped_handlers_export_exactly_the_contract() -> None:
