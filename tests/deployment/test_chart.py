@@ -122,13 +122,32 @@ def test_every_object_carries_the_standard_labels() -> None:
         assert text.count('include "hyperbroker.labels"') >= text.count("\nkind: "), path.name
 
 
+def test_every_worker_metrics_port_is_declared_served_and_scraped() -> None:
+    # broker.workers: worker i on metricsPort + i (broker.workers.worker_args), the parent's
+    # restarts counter on metricsPort + workers. The pod declares them, the Service carries them
+    # and the ServiceMonitor scrapes each, worker 0 being the plain `metrics` port.
+    beyond_first = "range $i := untilStep 1 (int .Values.broker.workers) 1"
+    for name in ("broker-deployment.yaml", "broker-services.yaml"):
+        text = (TEMPLATES / name).read_text()
+        assert beyond_first in text and "metrics-w{{ $i }}" in text, name
+        assert "add $.Values.broker.metricsPort $i" in text, name
+        assert "metrics-sup" in text, name
+        assert "add .Values.broker.metricsPort .Values.broker.workers" in text, name
+    monitors = (TEMPLATES / "servicemonitors.yaml").read_text()
+    assert "range $i := until (int $.Values.broker.workers)" in monitors
+    assert "metrics-w{{ $i }}" in monitors and "port: metrics-sup" in monitors
+    assert "replacement: hyperbroker-workers" in monitors
+
+
 def test_broker_deployment_serves_grpc_and_metrics_with_policy_and_state() -> None:
     objects = skeleton_objects()
     deployment = one(objects, "Deployment")
     broker = container(deployment, "broker")
     ports = {p["name"]: p["containerPort"] for p in broker["ports"]}
-    # The skeleton keeps every conditional block: health is the port of the tls.enabled case.
-    assert ports == {"grpc": 50051, "metrics": 9464, "health": 50052}
+    # The skeleton keeps every conditional block: health is the port of the tls.enabled case,
+    # metrics-w<i> and metrics-sup those of broker.workers > 1 (their numbers are expressions).
+    assert ports == {"grpc": 50051, "metrics": 9464, "health": 50052,
+                     "metrics-wtpl": "tpl", "metrics-sup": "tpl"}
     args = broker["args"]
     assert args[0] == "serve"
     flags = dict(zip(args[1::2], args[2::2], strict=False))
@@ -184,7 +203,9 @@ def test_broker_has_a_cluster_ip_and_a_headless_service() -> None:
     cluster_ip = by_file[("broker-services.yaml", None)]
     headless = by_file[("broker-services.yaml", "None")]
     assert cluster_ip["spec"]["type"] == "ClusterIP"  # .Values.broker.service.type
-    assert {p["name"] for p in cluster_ip["spec"]["ports"]} == {"grpc", "metrics"}
+    # metrics-w<i> and metrics-sup: the broker.workers > 1 block (skeletons keep both branches)
+    assert {p["name"] for p in cluster_ip["spec"]["ports"]} == {"grpc", "metrics", "metrics-wtpl",
+                                                                 "metrics-sup"}
     # Headless for client-side round_robin (grpc/grpc doc/load-balancing.md); no metrics port, so
     # a ServiceMonitor never scrapes a pod twice.
     assert [p["name"] for p in headless["spec"]["ports"]] == ["grpc"]
@@ -219,7 +240,8 @@ def test_service_monitors_are_optional_and_name_the_jobs_the_rules_use() -> None
     monitors = [o for o in skeleton_objects() if o["kind"] == "ServiceMonitor"]
     jobs = {r["replacement"] for m in monitors for e in m["spec"]["endpoints"]
             for r in e["relabelings"] if r["targetLabel"] == "job"}
-    assert jobs == {"hyperbroker-broker", "hyperbroker-agent"}
+    # hyperbroker-workers: the supervising parent of broker.workers > 1 (its restarts counter)
+    assert jobs == {"hyperbroker-broker", "hyperbroker-agent", "hyperbroker-workers"}
     rules_text = RULES.read_text()
     assert 'job="hyperbroker-broker"' in rules_text and 'job="hyperbroker-agent"' in rules_text
 
