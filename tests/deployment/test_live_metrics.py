@@ -203,12 +203,15 @@ def test_prometheus_evaluates_every_dashboard_and_alert_expression_to_data(
         empty = dict(expressions)
         # rate() needs two scrapes and a recorded series one evaluation after them: bounded by
         # the data arriving, with a deadline far beyond what a busy machine needs.
+        calls_before = fleet.calls[0]
         deadline = time.monotonic() + DATA_DEADLINE_S
         while empty and time.monotonic() < deadline:
-            calls_before = fleet.calls[0]
             empty = {where: expr for where, expr in empty.items() if not prometheus.query(expr)}
             if empty:
                 time.sleep(1)
+        flowing = time.monotonic() + 30
+        while fleet.calls[0] <= calls_before and time.monotonic() < flowing:
+            time.sleep(0.05)
         assert fleet.calls[0] > calls_before, "calls stopped flowing"
         assert empty == {}, f"no data after {DATA_DEADLINE_S:g} s: {empty}\n{prometheus.log()}"
         up = prometheus.query("up")
