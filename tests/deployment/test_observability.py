@@ -63,6 +63,30 @@ def test_broker_and_agent_export_exactly_the_contract() -> None:
     assert exported_metrics([broker_metrics, agent_metrics]) == wanted
 
 
+def test_a_process_registry_holds_only_its_sets_whatever_was_imported() -> None:
+    # Every part imported into one interpreter, as a test or a shared helper may: the agent's
+    # and tee-serve's registries still hold only their own families, the broker's its own and
+    # its handlers'.
+    for module in ("broker.server", "handlers.ffa.handler", "handlers.hyperv.handler",
+                   "handlers.memshare.handler", "handlers.optee.handler", "handlers.trng.handler",
+                   "tee.server", "agent.server"):
+        importlib.import_module(f"hyperbroker.{module}")
+    from hyperbroker.agent.metrics import AGENT
+    from hyperbroker.broker.metrics import BROKER
+    from hyperbroker.handlers.api import HANDLER_METRICS
+    from hyperbroker.runtime.metrics import process_registry
+    from hyperbroker.tee.metrics import TEE_SERVICE
+
+    def names(*sets: Any) -> set[str]:
+        return {m.name + ("_total" if m.type == "counter" else "")
+                for m in process_registry(*sets).collect() if m.name.startswith("hyperbroker_")}
+
+    assert names(AGENT) == {n for n in METRICS if n.startswith("hyperbroker_agent_")}
+    assert names(TEE_SERVICE) == set(TEE_SERVICE_METRICS)
+    assert names(BROKER, HANDLER_METRICS) == {n for n in METRICS
+                                              if not n.startswith("hyperbroker_agent_")}
+
+
 def test_the_tee_service_exports_exactly_its_contract() -> None:
     from hyperbroker.tee import metrics as tee_metrics
 
