@@ -76,6 +76,14 @@ def worker_args(argv: Sequence[str], index: int) -> list[str]:
     return [*out, "--reuse-port"]
 
 
+def backoff(pending_s: float, uptime_s: float) -> tuple[float, float]:
+    """(the wait before this restart, the one after it) for a worker that died after `uptime_s`
+    with `pending_s` as its next wait: doubling up to BACKOFF_MAX_S, from BACKOFF_FIRST_S again
+    once the worker had run STABLE_S."""
+    wait = BACKOFF_FIRST_S if uptime_s >= STABLE_S else pending_s
+    return wait, min(wait * 2, BACKOFF_MAX_S)
+
+
 @dataclass
 class Worker:
     index: int
@@ -146,12 +154,9 @@ def run_workers(n: int, argv: Sequence[str]) -> int:
                 failed = USAGE_ERROR
                 w.restart_at = float("inf")
                 continue
-            if now - w.started >= STABLE_S:
-                w.backoff_s = BACKOFF_FIRST_S
-            log(f"worker {w.index} died (status {code}); starting it again in "
-                f"{w.backoff_s:g} s")
-            w.restart_at = now + w.backoff_s
-            w.backoff_s = min(w.backoff_s * 2, BACKOFF_MAX_S)
+            wait, w.backoff_s = backoff(w.backoff_s, now - w.started)
+            log(f"worker {w.index} died (status {code}); starting it again in {wait:g} s")
+            w.restart_at = now + wait
         if stopping and not any(w.running() for w in workers):
             return failed
         time.sleep(POLL_S)

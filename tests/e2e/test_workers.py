@@ -12,7 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from hyperbroker.broker.workers import metrics_listen, worker_args
+from hyperbroker.broker.workers import (
+    BACKOFF_FIRST_S,
+    STABLE_S,
+    backoff,
+    metrics_listen,
+    worker_args,
+)
 from hyperbroker.testing.procs import free_port, spawn_cli
 
 from .conftest import plugin_env
@@ -31,6 +37,15 @@ def test_each_worker_gets_its_own_metrics_port_in_either_flag_form(form: list[st
         assert "--workers" not in args and args[-1] == "--reuse-port"
     assert metrics_listen(worker_args(["serve", "--metrics-listen=127.0.0.1:0"], 1)) == \
         "127.0.0.1:0"  # any port stays any port
+
+
+def test_restarts_back_off_exponentially_up_to_30_s_and_start_over_after_a_stable_run() -> None:
+    pending, waits = BACKOFF_FIRST_S, []
+    for _ in range(10):  # a worker that dies at once, again and again
+        wait, pending = backoff(pending, uptime_s=0.1)
+        waits.append(wait)
+    assert waits == [0.5, 1, 2, 4, 8, 16, 30, 30, 30, 30]
+    assert backoff(pending, uptime_s=STABLE_S) == (0.5, 1)  # it had run a minute
 
 
 def children(pid: int) -> list[int]:
