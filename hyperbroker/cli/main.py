@@ -144,6 +144,16 @@ def cmd_policy_check(args: argparse.Namespace) -> int:
     return policy_cli.run(args)
 
 
+def cmd_policy_schema(args: argparse.Namespace) -> int:
+    import json
+
+    from hyperbroker.broker.policy.schema import policy_schema
+    from hyperbroker.handlers.api import discover_plugins
+
+    print(json.dumps(policy_schema(discover_plugins()), indent=2))
+    return 0
+
+
 def cmd_call(args: argparse.Namespace) -> int:
     from hyperbroker.cli.call import run_call
 
@@ -272,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     policy_cli.add_arguments(pc)
     pc.set_defaults(func=cmd_policy_check)
+    ps = psub.add_parser("schema", help="print the policy format as a JSON Schema (for "
+                                        "editors and CI), with the installed plugins")
+    ps.set_defaults(func=cmd_policy_schema)
     pa = psub.add_parser("apply", help="make a policy file current on a running broker")
     pa.add_argument("file")
     pa.add_argument("--broker", default="127.0.0.1:50051", help=BROKER_HELP)
