@@ -14,6 +14,7 @@ import grpc
 
 from hyperbroker.broker.policy import bounds
 from hyperbroker.runtime.tls import TlsFiles
+from hyperbroker.wire import views
 from hyperbroker.wire.v1 import admin_pb2, admin_pb2_grpc
 
 CLEAR_SCREEN = "\x1b[2J\x1b[H"  # ECMA-48 ED 2 (erase display), CUP (cursor home)
@@ -103,7 +104,7 @@ async def run_inspect(args: argparse.Namespace) -> int:
         except grpc.aio.AioRpcError as e:
             print(f"hyperbroker inspect: {e.code().name}: {e.details()}", file=sys.stderr)
             return 1
-    print(json.dumps(json.loads(view.json), indent=2, sort_keys=True))
+    print(json.dumps(views.from_struct(view.view), indent=2, sort_keys=True))
     return 0
 
 
