@@ -156,6 +156,8 @@ def test_log_format_json_is_one_object_per_line(tmp_path: Path) -> None:
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         assert agent.stderr is not None
+        ready, _, _ = select.select([agent.stderr], [], [], 60.0)  # the first log line
+        assert ready, "the agent logged nothing within 60 s"
         line = agent.stderr.readline()
     finally:
         agent.terminate()
