@@ -27,6 +27,7 @@ from hyperbroker.broker.policy_versions import off_loop
 from hyperbroker.broker.security import HostIdentity, peer_sans
 from hyperbroker.broker.store import Fenced, StoreUnavailable
 from hyperbroker.runtime.net import host_id_problem
+from hyperbroker.wire import views
 from hyperbroker.wire.v1 import admin_pb2, admin_pb2_grpc, broker_pb2, broker_pb2_grpc
 
 log = logging.getLogger("hyperbroker.broker")
@@ -306,7 +307,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                                 f"(has {sorted(vm.pv.policy.handlers)})")
         assert handler is not None
         view = handler.admin_view(CallCtx(self.dispatcher, session, vm, request.handler))
-        return admin_pb2.VmHandlerView(json=json.dumps(view, sort_keys=True))
+        return admin_pb2.VmHandlerView(view=views.to_struct(view), policy_version=vm.pv.version)
 
     async def GetStats(self, request: admin_pb2.GetStatsRequest,
                        context: grpc.aio.ServicerContext[object, object]) -> admin_pb2.Stats:

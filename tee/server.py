@@ -24,6 +24,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from hyperbroker.runtime import logformat, options
 from hyperbroker.runtime.metrics import serve as serve_metrics
 from hyperbroker.runtime.net import CannotListen, add_grpc_port
 from hyperbroker.runtime.tls import TlsFiles
@@ -222,29 +223,42 @@ async def serve(address: str, state_dir: Path, *, tls: TlsFiles | None = None,
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="hyperbroker tee-serve",
+        prog="hyperbroker tee-serve", formatter_class=options.HelpFormatter,
         description="Serve trusted applications to hyperbroker's OP-TEE proxy (TEE-backend gRPC).")
     parser.add_argument("--listen", default="127.0.0.1:50061",
-                        help="host:port to listen on, port 0 for any (default %(default)s)")
+                        help="host:port to listen on, port 0 for any")
     parser.add_argument("--state-dir", type=Path, required=True,
                         help="master sealing key and the TAs' persistent objects")
     parser.add_argument("--tls-cert", help="PEM certificate of this service (mTLS)")
     parser.add_argument("--tls-key", help="PEM private key of this service (mTLS)")
     parser.add_argument("--tls-ca", help="PEM CA that signs the proxies' client certificates")
-    parser.add_argument("--max-sessions-per-vm", type=int, default=DEFAULT_MAX_SESSIONS_PER_VM)
-    parser.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES)
+    parser.add_argument("--max-sessions-per-vm", type=int, default=DEFAULT_MAX_SESSIONS_PER_VM,
+                        help="sessions one VM may hold open at once")
+    parser.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES,
+                        help="largest OP-TEE message accepted")
     parser.add_argument("--metrics-port", type=int,
                         help="serve Prometheus metrics on this port (0: any free one, printed)")
     parser.add_argument("--log-level", default="INFO", type=str.upper,
-                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log threshold")
+    parser.add_argument("--log-format", default="text", choices=logformat.FORMATS,
+                        help="json: one object per line, for log collectors")
+    parser.add_argument("--config", metavar="FILE",
+                        help="TOML file of settings, the flags' names as keys; a flag or a "
+                             "HYPERBROKER_* variable wins over it")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `hyperbroker tee-serve`; prints 'listening on HOST:PORT' once ready."""
-    opts = build_parser().parse_args(argv)
-    logging.basicConfig(level=opts.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        opts = options.parse(build_parser(), sys.argv[1:] if argv is None else argv)
+    except options.OptionError as e:
+        print(f"hyperbroker tee-serve: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the --config file
+        print(f"hyperbroker tee-serve: --config: {e.strerror}: {e.filename}", file=sys.stderr)
+        return 2
+    logformat.configure(opts.log_level, opts.log_format)
     try:
         tls = TlsFiles.from_args(opts.tls_cert, opts.tls_key, opts.tls_ca)
     except ValueError as e:

@@ -32,7 +32,13 @@ from hyperbroker.broker.policy.model import (
     DEFAULT_DEADLINE_MS,
     DEFAULT_PROFILE,
     FORMAT_VERSION,
+    FORWARD_ONLY,
+    HANDLER_KEYS,
     NOT_SUPPORTED_FALLBACK,
+    PROFILE_KEYS,
+    RANGE_KEYS,
+    RULE_KEYS,
+    TOP_KEYS,
     U32_MAX,
     Action,
     Draft,
@@ -46,23 +52,6 @@ from hyperbroker.broker.policy.model import (
 from hyperbroker.calls import Outcome, Result
 from hyperbroker.handlers.api import Handler, HandlerConfigError
 from hyperbroker.smccc import NR_ARGS, FunctionRange, merge_ranges, parse_function
-
-_TOP_KEYS = ("version", "handlers", "profiles")
-_HANDLER_KEYS = ("plugin", "config")
-_PROFILE_KEYS = ("default_deadline_ms", "rules")
-_RULE_KEYS = (
-    "name",
-    "abi",
-    "ranges",
-    "functions",
-    "action",
-    "handler",
-    "fallback",
-    "deadline_ms",
-    "agent_static",
-)
-_RANGE_KEYS = ("base", "count")
-_FORWARD_ONLY = ("fallback", "deadline_ms", "agent_static")
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -138,7 +127,7 @@ class _Loader(ProfileChecks):
                 [PolicyError(f"policy: the document is {kind}; it must be a mapping with "
                              "profiles: (and usually handlers:)", "", ())]
             )
-        self.check_keys("policy", document, _TOP_KEYS)
+        self.check_keys("policy", document, TOP_KEYS)
         if "version" in document:
             version = document["version"]
             if not is_int(version) or version != FORMAT_VERSION:
@@ -185,7 +174,7 @@ class _Loader(ProfileChecks):
         if not isinstance(body, dict):
             self.error(f"{where}: must be a mapping with plugin: and config:")
             return
-        self.check_keys(where, body, _HANDLER_KEYS)
+        self.check_keys(where, body, HANDLER_KEYS)
         plugin = body.get("plugin", name)
         config = body.get("config")
         config = {} if config is None else config
@@ -238,7 +227,7 @@ class _Loader(ProfileChecks):
             self.error(f"{where}: must be a mapping with rules: (and default_deadline_ms:)")
             return None
         errors_before = len(self.errors)
-        self.check_keys(where, body, _PROFILE_KEYS)
+        self.check_keys(where, body, PROFILE_KEYS)
         default_us = self.deadline_us(
             where, "default_deadline_ms", body.get("default_deadline_ms"),
             DEFAULT_DEADLINE_MS * 1000,
@@ -278,7 +267,7 @@ class _Loader(ProfileChecks):
         if not draft.named:
             self.error(f"{where}: name: is required, a non-empty string (got {name!r})", "",
                        (draft.label,))
-        self.check_keys(where, raw, _RULE_KEYS)
+        self.check_keys(where, raw, RULE_KEYS)
         selected = self.load_selectors(where, draft, raw)
         if not any(k in raw for k in ("abi", "ranges", "functions")):
             self.error(f"{where}: selects no function IDs; give abi:, ranges: or functions:", "",
@@ -320,7 +309,7 @@ class _Loader(ProfileChecks):
                     continue
                 base, nr = entry.get("base"), entry.get("count")
                 shown = f"{{base: {show_value(base)}, count: {show_value(nr)}}}"
-                self.check_keys(f"{where}, range {shown}", entry, _RANGE_KEYS)
+                self.check_keys(f"{where}, range {shown}", entry, RANGE_KEYS)
                 if not (is_int(base) and is_int(nr)):
                     self.error(f"{where}: range {shown} needs integer base: and count: "
                                "(true/false are not integers)", "", rules)
@@ -382,7 +371,7 @@ class _Loader(ProfileChecks):
             self.error(f"{where}: action {value!r} must be one of {choices}", "", rules)
             return
         if draft.action is not Action.FORWARD:
-            for key in ("handler", *_FORWARD_ONLY):
+            for key in ("handler", *FORWARD_ONLY):
                 if key in raw:
                     self.error(f"{where}: {key} applies to forward rules only, not "
                                f"{draft.action.value}", "", rules)

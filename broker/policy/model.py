@@ -35,6 +35,25 @@ DEADLINE_MS_RANGE = (1, 60_000)  # no vCPU waits longer than a minute for its fa
 BUILTIN_FALLBACK = "not_supported"
 U32_MAX = 0xFFFF_FFFF  # struct kvm_smccc_filter base and nr_functions are __u32
 
+# The keys of each mapping of the format: the loader refuses any other, `policy schema` lists
+# them (hyperbroker.broker.policy.schema).
+TOP_KEYS = ("version", "handlers", "profiles")
+HANDLER_KEYS = ("plugin", "config")
+PROFILE_KEYS = ("default_deadline_ms", "rules")
+RULE_KEYS = (
+    "name",
+    "abi",
+    "ranges",
+    "functions",
+    "action",
+    "handler",
+    "fallback",
+    "deadline_ms",
+    "agent_static",
+)
+RANGE_KEYS = ("base", "count")
+FORWARD_ONLY = ("fallback", "deadline_ms", "agent_static")
+
 # SMCCC_RET_NOT_SUPPORTED in x0, x1..x3 zero: what KVM itself answers a DENY.
 NOT_SUPPORTED_FALLBACK = Result.regs(NOT_SUPPORTED_U64, outcome=Outcome.FALLBACK)
 

@@ -14,7 +14,10 @@ import grpc
 
 from hyperbroker.broker.policy import bounds
 from hyperbroker.runtime.tls import TlsFiles
+from hyperbroker.wire import views
 from hyperbroker.wire.v1 import admin_pb2, admin_pb2_grpc
+
+CLEAR_SCREEN = "\x1b[2J\x1b[H"  # ECMA-48 ED 2 (erase display), CUP (cursor home)
 
 
 class _BearerToken(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
@@ -86,7 +89,9 @@ async def run_status(args: argparse.Namespace) -> int:
             if not args.watch:
                 print(text)
                 return 0
-            print("\x1b[2J\x1b[H" + text, flush=True)
+            # In a terminal, redraw in place; into a pipe or a file, plain blocks one after
+            # another (an empty line between), which a reader or `grep` can take line by line.
+            print(CLEAR_SCREEN + text if sys.stdout.isatty() else text + "\n", flush=True)
             await asyncio.sleep(args.watch)
 
 
@@ -99,7 +104,7 @@ async def run_inspect(args: argparse.Namespace) -> int:
         except grpc.aio.AioRpcError as e:
             print(f"hyperbroker inspect: {e.code().name}: {e.details()}", file=sys.stderr)
             return 1
-    print(json.dumps(json.loads(view.json), indent=2, sort_keys=True))
+    print(json.dumps(views.from_struct(view.view), indent=2, sort_keys=True))
     return 0
 
 

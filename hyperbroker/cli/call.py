@@ -1,8 +1,11 @@
-"""`hyperbroker call`: register a throwaway VM, make one call, print the decoded result."""
+"""`hyperbroker call`: register a throwaway VM, make one call, print the decoded result (with
+--hold, keep the VM registered until stopped, for `status` and `inspect` to see)."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import signal
 import sys
 
 from hyperbroker import smccc
@@ -62,6 +65,9 @@ async def run_call(args: argparse.Namespace) -> int:
         try:
             result = await client.call(reg.vm_id, args.vcpu, fid, call_args,
                                        KVM_HYPERCALL_EXIT_SMC if args.smc else 0)
+            print(format_result(fid, result, names), flush=True)
+            if args.hold:
+                await hold(args.name)
         finally:
             await client.destroy(reg.vm_id)
     except AgentError as e:
@@ -70,5 +76,14 @@ async def run_call(args: argparse.Namespace) -> int:
     finally:
         client.close()
         ram.close()
-    print(format_result(fid, result, names))
     return 0
+
+
+async def hold(name: str) -> None:
+    """Keep the VM registered, as a VMM whose guest still runs, until SIGINT or SIGTERM."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"holding VM {name!r} registered; Ctrl-C or SIGTERM ends it", flush=True)
+    await stop.wait()

@@ -8,7 +8,6 @@ group `hyperbroker.commands`: each entry point is called with the subparsers obj
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import socket
 import sys
@@ -18,17 +17,25 @@ from pathlib import Path
 
 from hyperbroker import __version__
 from hyperbroker.cli import errors
+from hyperbroker.runtime import logformat, options
 from hyperbroker.runtime.loop import run as run_loop
 from hyperbroker.runtime.tls import TlsFiles
 
 COMMANDS_GROUP = "hyperbroker.commands"
 LOG_LEVELS = ("debug", "info", "warning", "error")
+BROKER_HELP = "the broker's gRPC address (its --listen)"
 
 
 def _tls_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-cert", help="PEM certificate (mTLS)")
     p.add_argument("--tls-key", help="PEM private key (mTLS)")
     p.add_argument("--tls-ca", help="PEM CA bundle that signs the peers (mTLS)")
+
+
+def _config_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE",
+                   help="TOML file of settings, the flags' names as keys (lease-ttl = 30); a "
+                        "flag or a HYPERBROKER_* variable wins over it")
 
 
 def _admin_client_args(p: argparse.ArgumentParser) -> None:
@@ -95,7 +102,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if args.listen.endswith(":0"):
             print("hyperbroker serve: --workers needs a fixed --listen port", file=sys.stderr)
             return 2
-        return run_workers(args.workers, sys.argv[1:])
+        # Each worker resolves its settings again: the same file and variables, but one worker
+        # each, and its own metrics port counted up from the resolved one (workers.py).
+        os.environ["HYPERBROKER_WORKERS"] = "1"
+        argv = sys.argv[1:] + (["--metrics-listen", args.metrics_listen]
+                               if args.metrics_listen else [])
+        return run_workers(args.workers, argv)
     return run_loop(serve(config))
 
 
@@ -130,6 +142,16 @@ def cmd_policy_check(args: argparse.Namespace) -> int:
     from hyperbroker.cli import policy as policy_cli
 
     return policy_cli.run(args)
+
+
+def cmd_policy_schema(args: argparse.Namespace) -> int:
+    import json
+
+    from hyperbroker.broker.policy.schema import policy_schema
+    from hyperbroker.handlers.api import discover_plugins
+
+    print(json.dumps(policy_schema(discover_plugins()), indent=2))
+    return 0
 
 
 def cmd_call(args: argparse.Namespace) -> int:
@@ -168,9 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Broker arm64 SMCCC hypercalls forwarded by KVM to one policy-driven service.")
     parser.add_argument("--version", action="version", version=f"hyperbroker {__version__}")
     parser.add_argument("--log-level", default=os.environ.get("HYPERBROKER_LOG", "info"),
-                        choices=LOG_LEVELS,
-                        help="debug also shows the traceback of an error (default: "
-                             "$HYPERBROKER_LOG, else info)")
+                        type=str.lower, choices=LOG_LEVELS,
+                        help="debug also shows the traceback of an error (HYPERBROKER_LOG is "
+                             "the variable's older name)")
+    parser.add_argument("--log-format", default="text", choices=logformat.FORMATS,
+                        help="json: one object per line (time, level, logger, message, extra "
+                             "fields), for log collectors")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="run the broker")
@@ -180,19 +205,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="state store: sqlite:///DIR (one machine), redis://HOST:PORT/DB or "
                         "rediss://... (replicas on several machines; password from "
                         "--store-password-file or HYPERBROKER_STORE_PASSWORD), memory://; "
-                        "default sqlite:// of --state-dir")
+                        "none: sqlite:// of --state-dir")
     p.add_argument("--store-password-file", metavar="FILE",
                    help="file holding the Redis password (never put it in the URL)")
     p.add_argument("--state-dir", default="state",
-                   help="SQLite state directory, when no --store is given (default: state)")
+                   help="SQLite state directory, when no --store is given")
     p.add_argument("--memory-store", action="store_true",
                    help="keep state in memory only (the same as --store memory://)")
     p.add_argument("--lease-ttl", type=float, default=30.0, metavar="S",
                    help="seconds a host's lease lasts unless renewed; at least twice "
-                        "--housekeeping (default 30)")
+                        "--housekeeping")
     p.add_argument("--housekeeping", type=float, default=2.0, metavar="S",
                    help="seconds between rounds that renew leases, pick up newer policy "
-                        "versions and expire hosts (default 2)")
+                        "versions and expire hosts")
     p.add_argument("--metrics-listen", help="Prometheus endpoint, e.g. 127.0.0.1:9464")
     p.add_argument("--health-listen",
                    help="plaintext address serving only grpc.health.v1 (probes under mTLS)")
@@ -208,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "in its fair queue, then get the rule's fallback at their deadline); "
                         "0: no limit")
     p.add_argument("--vm-burst", type=float, default=0.0,
-                   help="calls a VM may make at once above its rate (default: one second's)")
+                   help="calls a VM may make at once above its rate (0: one second's)")
     p.add_argument("--no-fair-queue", action="store_true",
                    help="with --vm-rate-limit: a call over the rate falls back at once "
                         "instead of waiting its turn")
@@ -220,8 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     _tls_args(p)
     p.add_argument("--spiffe-template", metavar="URI",
                    help="agents prove their host by this URI SAN, e.g. "
-                        "spiffe://TRUST-DOMAIN/host/{host} (default: a DNS SAN equal to the "
-                        "host id)")
+                        "spiffe://TRUST-DOMAIN/host/{host} (none: a DNS SAN equal to the host "
+                        "id)")
     p.add_argument("--admin-ca", metavar="FILE",
                    help="the CA of admin client certificates (never the agents' --tls-ca)")
     p.add_argument("--admin-write", action="append", default=[], metavar="NAME",
@@ -234,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--insecure-admin", action="store_true",
                    help="without TLS, let anyone who reaches the port change the policy "
                         "(demos and tests only)")
+    _config_arg(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("agent", help="run the per-host agent")
@@ -244,8 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-listen", help="Prometheus endpoint, e.g. 127.0.0.1:9465")
     p.add_argument("--busy-poll-us", type=non_negative, default=0.0, metavar="US",
                    help="keep polling this long after each call and broker frame instead of "
-                        "sleeping: lower latency for up to a core of CPU (default 0: off)")
+                        "sleeping: lower latency for up to a core of CPU (0: off)")
     _tls_args(p)
+    _config_arg(p)
     p.set_defaults(func=cmd_agent)
 
     p = sub.add_parser("policy", help="check or apply a policy")
@@ -255,28 +282,37 @@ def build_parser() -> argparse.ArgumentParser:
 
     policy_cli.add_arguments(pc)
     pc.set_defaults(func=cmd_policy_check)
+    ps = psub.add_parser("schema", help="print the policy format as a JSON Schema (for "
+                                        "editors and CI), with the installed plugins")
+    ps.set_defaults(func=cmd_policy_schema)
     pa = psub.add_parser("apply", help="make a policy file current on a running broker")
     pa.add_argument("file")
-    pa.add_argument("--broker", default="127.0.0.1:50051")
+    pa.add_argument("--broker", default="127.0.0.1:50051", help=BROKER_HELP)
     pa.add_argument("--timeout", type=float, default=30.0,
-                    help="seconds to wait for the broker's verdict (default 30)")
+                    help="seconds to wait for the broker's verdict")
     _admin_client_args(pa)
     pa.set_defaults(func=cmd_policy_apply)
 
     p = sub.add_parser("call", help="act as a VMM for one call against a running agent")
     p.add_argument("--socket", required=True, help="the agent's VMM socket")
-    p.add_argument("--mode", choices=["auto", "seqpacket", "stream"], default="auto")
+    p.add_argument("--mode", choices=["auto", "seqpacket", "stream"], default="auto",
+                   help="how guest RAM reaches the agent: by fd (seqpacket), by messages "
+                        "(stream), or whichever the socket is (auto)")
     p.add_argument("--name", default=f"call-{os.getpid()}", help="VM name to register")
-    p.add_argument("--profile", default="", help="policy profile (default: 'default')")
-    p.add_argument("--vcpu", type=int, default=0)
-    p.add_argument("--smc", action="store_true", help="mark the exit as SMC (default HVC)")
+    p.add_argument("--profile", default="", help="policy profile ('': 'default')")
+    p.add_argument("--vcpu", type=int, default=0, help="the vCPU that makes the call")
+    p.add_argument("--smc", action="store_true", help="mark the exit as SMC (off: HVC)")
+    p.add_argument("--hold", action="store_true",
+                   help="after the call, keep the VM registered until Ctrl-C or SIGTERM")
     p.add_argument("function", help="a name (TRNG_VERSION ...) or a function ID (0x84000050)")
     p.add_argument("args", nargs="*", help="x1.. as integers (0x.. allowed)")
     p.set_defaults(func=cmd_call)
 
     p = sub.add_parser("status", help="hosts, VMs and per-function latency of a running broker")
-    p.add_argument("--broker", default="127.0.0.1:50051")
-    p.add_argument("--watch", type=float, default=0.0, help="refresh every N seconds")
+    p.add_argument("--broker", default="127.0.0.1:50051", help=BROKER_HELP)
+    p.add_argument("--watch", type=float, default=0.0,
+                   help="refresh every N seconds: in a terminal, in place; into a pipe, one "
+                        "block of plain lines per refresh (0: once)")
     _admin_client_args(p)
     p.set_defaults(func=cmd_status)
 
@@ -284,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "Hyper-V crashes ...)")
     p.add_argument("vm", help="HOST/VM")
     p.add_argument("handler", help="handler instance name in the VM's policy")
-    p.add_argument("--broker", default="127.0.0.1:50051")
+    p.add_argument("--broker", default="127.0.0.1:50051", help=BROKER_HELP)
     _admin_client_args(p)
     p.set_defaults(func=cmd_inspect)
 
@@ -296,23 +332,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     for ep in entry_points(group=COMMANDS_GROUP):
         ep.load()(sub)
+    for each in options.all_parsers(parser):
+        each.formatter_class = options.HelpFormatter
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "tee-serve" in argv:  # its arguments are the TEE service's own, passed through whole
-        i = argv.index("tee-serve")
-        args = build_parser().parse_args([*argv[:i], "tee-serve"])
-        args.tee_args = argv[i + 1 :]
-    else:
-        args = build_parser().parse_args(argv)
+    try:
+        if "tee-serve" in argv:  # its arguments are the TEE service's own, passed through whole
+            i = argv.index("tee-serve")
+            args = options.parse(build_parser(), [*argv[:i], "tee-serve"])
+            args.tee_args = argv[i + 1 :]
+        else:
+            args = options.parse(build_parser(), argv)
+    except options.OptionError as e:
+        print(f"hyperbroker: {e}", file=sys.stderr)
+        return errors.USAGE
+    except OSError as e:  # the --config file
+        print(f"hyperbroker: --config: {errors.describe(e)[1]}", file=sys.stderr)
+        return errors.USAGE
     if args.log_level not in LOG_LEVELS:  # argparse checks choices only when given as a flag
         print(f"hyperbroker: HYPERBROKER_LOG={args.log_level!r} is not a log level: set it to "
               f"one of {', '.join(LOG_LEVELS)} or unset it", file=sys.stderr)
         return errors.USAGE
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logformat.configure(args.log_level, args.log_format)
     command = " ".join(filter(None, (args.command, getattr(args, "policy_command", None))))
     return errors.run_command(command, args.func, args, debug=args.log_level == "debug")
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -16,6 +15,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from hyperbroker.testing.procs import AgentProcess, Broker, start_broker
 from hyperbroker.testing.vmm import VmmClient
+from hyperbroker.wire import views
 from hyperbroker.wire.v1 import admin_pb2, admin_pb2_grpc
 
 from .conftest import POLICY, plugin_env
@@ -130,7 +130,9 @@ async def test_the_admin_api_shows_a_handlers_view_of_a_live_vm(broker: Broker,
         admin = admin_pb2_grpc.AdminStub(ch)
         view = await admin.GetVmHandlerView(admin_pb2.VmHandlerViewRequest(
             host="host-a", vm="vm-viewed", handler="counter"), timeout=30)
-        assert json.loads(view.json) == {"vm": "host-a/vm-viewed", "state": {"counter": 3}}
+        assert views.from_struct(view.view) == {"vm": "host-a/vm-viewed", "state": {"counter": 3}}
+        assert view.view.fields["state"].struct_value.fields["counter"].number_value == 3
+        assert view.policy_version == 1
         with pytest.raises(grpc.aio.AioRpcError) as e:
             await admin.GetVmHandlerView(admin_pb2.VmHandlerViewRequest(
                 host="host-a", vm="vm-viewed", handler="nope"), timeout=30)

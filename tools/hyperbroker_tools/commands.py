@@ -11,8 +11,8 @@ from hyperbroker.cli.main import non_negative
 
 def demo(sub: Any) -> None:
     p = sub.add_parser("demo", help="broker, agent and simulated guests, with live latency")
-    p.add_argument("--duration", type=float, default=10.0)
-    p.add_argument("--vms", type=int, default=3)
+    p.add_argument("--duration", type=float, default=10.0, help="seconds to run")
+    p.add_argument("--vms", type=int, default=3, help="simulated guests")
     p.add_argument("--real-kvm", action="store_true",
                    help="boot a real arm64 guest under KVM (QEMU) instead of simulated ones")
     p.set_defaults(func=run_demo)
@@ -32,7 +32,8 @@ def bench(sub: Any) -> None:
     p = sub.add_parser("bench", help="full-path benchmark against a bare gRPC baseline")
     p.add_argument("--calls", type=int, default=3000, help="calls per measurement")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians reported)")
-    p.add_argument("--inflight", type=int, nargs="+", default=[1, 64])
+    p.add_argument("--inflight", type=int, nargs="+", default=[1, 64],
+                   help="calls in flight at once, one measurement per level")
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.add_argument("--busy-poll-us", type=non_negative, default=1000.0, metavar="US",
                    help="also measure every level against an agent run with --busy-poll-us US "

@@ -22,47 +22,48 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ahyperbroker/v1/admin.proto\x12\x0ehyperbroker.v1\"A\n\x14VmHandlerViewRequest\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\n\n\x02vm\x18\x02 \x01(\t\x12\x0f\n\x07handler\x18\x03 \x01(\t\"\x1d\n\rVmHandlerView\x12\x0c\n\x04json\x18\x01 \x01(\t\"+\n\nPolicyText\x12\x0c\n\x04yaml\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\"A\n\x0bPolicyError\x12\x0f\n\x07message\x18\x01 \x01(\t\x12\x12\n\nerrno_name\x18\x02 \x01(\t\x12\r\n\x05rules\x18\x03 \x03(\t\"o\n\x0cPolicyReport\x12\n\n\x02ok\x18\x01 \x01(\x08\x12+\n\x06\x65rrors\x18\x02 \x03(\x0b\x32\x1b.hyperbroker.v1.PolicyError\x12\x0f\n\x07version\x18\x03 \x01(\x04\x12\x15\n\rcompiled_json\x18\x04 \x01(\t\"#\n\x10GetPolicyRequest\x12\x0f\n\x07version\x18\x01 \x01(\x04\"\x12\n\x10ListHostsRequest\"v\n\x08HostInfo\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x11\n\tconnected\x18\x02 \x01(\x08\x12\x0b\n\x03vms\x18\x03 \x01(\r\x12\r\n\x05\x63\x61lls\x18\x04 \x01(\x04\x12\x0c\n\x04peer\x18\x05 \x01(\t\x12\x1f\n\x17\x63onnected_since_unix_ns\x18\x06 \x01(\x04\"<\n\x11ListHostsResponse\x12\'\n\x05hosts\x18\x01 \x03(\x0b\x32\x18.hyperbroker.v1.HostInfo\"\x1e\n\x0eListVmsRequest\x12\x0c\n\x04host\x18\x01 \x01(\t\"L\n\x08VcpuInfo\x12\x0c\n\x04vcpu\x18\x01 \x01(\r\x12\x10\n\x08last_seq\x18\x02 \x01(\x04\x12\r\n\x05\x63\x61lls\x18\x03 \x01(\x04\x12\x11\n\tin_flight\x18\x04 \x01(\x08\"\xb9\x01\n\x06VmInfo\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05vm_id\x18\x03 \x01(\r\x12\x0f\n\x07profile\x18\x04 \x01(\t\x12\x16\n\x0epolicy_version\x18\x05 \x01(\x04\x12\x10\n\x08nr_vcpus\x18\x06 \x01(\r\x12\r\n\x05\x63\x61lls\x18\x07 \x01(\x04\x12\'\n\x05vcpus\x18\x08 \x03(\x0b\x32\x18.hyperbroker.v1.VcpuInfo\x12\x11\n\tconnected\x18\t \x01(\x08\"6\n\x0fListVmsResponse\x12#\n\x03vms\x18\x01 \x03(\x0b\x32\x16.hyperbroker.v1.VmInfo\"\x11\n\x0fGetStatsRequest\"r\n\rFunctionStats\x12\x0f\n\x07handler\x18\x01 \x01(\t\x12\x10\n\x08\x66unction\x18\x02 \x01(\t\x12\x0f\n\x07outcome\x18\x03 \x01(\t\x12\r\n\x05\x63\x61lls\x18\x04 \x01(\x04\x12\x0e\n\x06p50_us\x18\x05 \x01(\x01\x12\x0e\n\x06p99_us\x18\x06 \x01(\x01\"\xba\x01\n\x05Stats\x12\r\n\x05\x63\x61lls\x18\x01 \x01(\x04\x12\x0f\n\x07results\x18\x02 \x01(\x04\x12\x12\n\nduplicates\x18\x03 \x01(\x04\x12\x16\n\x0ehandler_errors\x18\x04 \x01(\x04\x12\x0e\n\x06\x61gents\x18\x05 \x01(\r\x12\x0b\n\x03vms\x18\x06 \x01(\r\x12\x30\n\tfunctions\x18\x07 \x03(\x0b\x32\x1d.hyperbroker.v1.FunctionStats\x12\x16\n\x0epolicy_version\x18\x08 \x01(\x04\x32\xa2\x04\n\x05\x41\x64min\x12J\n\x0eValidatePolicy\x12\x1a.hyperbroker.v1.PolicyText\x1a\x1c.hyperbroker.v1.PolicyReport\x12G\n\x0b\x41pplyPolicy\x12\x1a.hyperbroker.v1.PolicyText\x1a\x1c.hyperbroker.v1.PolicyReport\x12I\n\tGetPolicy\x12 .hyperbroker.v1.GetPolicyRequest\x1a\x1a.hyperbroker.v1.PolicyText\x12P\n\tListHosts\x12 .hyperbroker.v1.ListHostsRequest\x1a!.hyperbroker.v1.ListHostsResponse\x12J\n\x07ListVms\x12\x1e.hyperbroker.v1.ListVmsRequest\x1a\x1f.hyperbroker.v1.ListVmsResponse\x12\x42\n\x08GetStats\x12\x1f.hyperbroker.v1.GetStatsRequest\x1a\x15.hyperbroker.v1.Stats\x12W\n\x10GetVmHandlerView\x12$.hyperbroker.v1.VmHandlerViewRequest\x1a\x1d.hyperbroker.v1.VmHandlerViewb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ahyperbroker/v1/admin.proto\x12\x0ehyperbroker.v1\x1a\x1cgoogle/protobuf/struct.proto\"A\n\x14VmHandlerViewRequest\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\n\n\x02vm\x18\x02 \x01(\t\x12\x0f\n\x07handler\x18\x03 \x01(\t\"Z\n\rVmHandlerView\x12%\n\x04view\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x16\n\x0epolicy_version\x18\x03 \x01(\x04J\x04\x08\x01\x10\x02R\x04json\"+\n\nPolicyText\x12\x0c\n\x04yaml\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\"A\n\x0bPolicyError\x12\x0f\n\x07message\x18\x01 \x01(\t\x12\x12\n\nerrno_name\x18\x02 \x01(\t\x12\r\n\x05rules\x18\x03 \x03(\t\"o\n\x0cPolicyReport\x12\n\n\x02ok\x18\x01 \x01(\x08\x12+\n\x06\x65rrors\x18\x02 \x03(\x0b\x32\x1b.hyperbroker.v1.PolicyError\x12\x0f\n\x07version\x18\x03 \x01(\x04\x12\x15\n\rcompiled_json\x18\x04 \x01(\t\"#\n\x10GetPolicyRequest\x12\x0f\n\x07version\x18\x01 \x01(\x04\"\x12\n\x10ListHostsRequest\"v\n\x08HostInfo\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x11\n\tconnected\x18\x02 \x01(\x08\x12\x0b\n\x03vms\x18\x03 \x01(\r\x12\r\n\x05\x63\x61lls\x18\x04 \x01(\x04\x12\x0c\n\x04peer\x18\x05 \x01(\t\x12\x1f\n\x17\x63onnected_since_unix_ns\x18\x06 \x01(\x04\"<\n\x11ListHostsResponse\x12\'\n\x05hosts\x18\x01 \x03(\x0b\x32\x18.hyperbroker.v1.HostInfo\"\x1e\n\x0eListVmsRequest\x12\x0c\n\x04host\x18\x01 \x01(\t\"L\n\x08VcpuInfo\x12\x0c\n\x04vcpu\x18\x01 \x01(\r\x12\x10\n\x08last_seq\x18\x02 \x01(\x04\x12\r\n\x05\x63\x61lls\x18\x03 \x01(\x04\x12\x11\n\tin_flight\x18\x04 \x01(\x08\"\xb9\x01\n\x06VmInfo\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05vm_id\x18\x03 \x01(\r\x12\x0f\n\x07profile\x18\x04 \x01(\t\x12\x16\n\x0epolicy_version\x18\x05 \x01(\x04\x12\x10\n\x08nr_vcpus\x18\x06 \x01(\r\x12\r\n\x05\x63\x61lls\x18\x07 \x01(\x04\x12\'\n\x05vcpus\x18\x08 \x03(\x0b\x32\x18.hyperbroker.v1.VcpuInfo\x12\x11\n\tconnected\x18\t \x01(\x08\"6\n\x0fListVmsResponse\x12#\n\x03vms\x18\x01 \x03(\x0b\x32\x16.hyperbroker.v1.VmInfo\"\x11\n\x0fGetStatsRequest\"r\n\rFunctionStats\x12\x0f\n\x07handler\x18\x01 \x01(\t\x12\x10\n\x08\x66unction\x18\x02 \x01(\t\x12\x0f\n\x07outcome\x18\x03 \x01(\t\x12\r\n\x05\x63\x61lls\x18\x04 \x01(\x04\x12\x0e\n\x06p50_us\x18\x05 \x01(\x01\x12\x0e\n\x06p99_us\x18\x06 \x01(\x01\"\xba\x01\n\x05Stats\x12\r\n\x05\x63\x61lls\x18\x01 \x01(\x04\x12\x0f\n\x07results\x18\x02 \x01(\x04\x12\x12\n\nduplicates\x18\x03 \x01(\x04\x12\x16\n\x0ehandler_errors\x18\x04 \x01(\x04\x12\x0e\n\x06\x61gents\x18\x05 \x01(\r\x12\x0b\n\x03vms\x18\x06 \x01(\r\x12\x30\n\tfunctions\x18\x07 \x03(\x0b\x32\x1d.hyperbroker.v1.FunctionStats\x12\x16\n\x0epolicy_version\x18\x08 \x01(\x04\x32\xa2\x04\n\x05\x41\x64min\x12J\n\x0eValidatePolicy\x12\x1a.hyperbroker.v1.PolicyText\x1a\x1c.hyperbroker.v1.PolicyReport\x12G\n\x0b\x41pplyPolicy\x12\x1a.hyperbroker.v1.PolicyText\x1a\x1c.hyperbroker.v1.PolicyReport\x12I\n\tGetPolicy\x12 .hyperbroker.v1.GetPolicyRequest\x1a\x1a.hyperbroker.v1.PolicyText\x12P\n\tListHosts\x12 .hyperbroker.v1.ListHostsRequest\x1a!.hyperbroker.v1.ListHostsResponse\x12J\n\x07ListVms\x12\x1e.hyperbroker.v1.ListVmsRequest\x1a\x1f.hyperbroker.v1.ListVmsResponse\x12\x42\n\x08GetStats\x12\x1f.hyperbroker.v1.GetStatsRequest\x1a\x15.hyperbroker.v1.Stats\x12W\n\x10GetVmHandlerView\x12$.hyperbroker.v1.VmHandlerViewRequest\x1a\x1d.hyperbroker.v1.VmHandlerViewb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'hyperbroker.v1.admin_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_VMHANDLERVIEWREQUEST']._serialized_start=46
-  _globals['_VMHANDLERVIEWREQUEST']._serialized_end=111
-  _globals['_VMHANDLERVIEW']._serialized_start=113
-  _globals['_VMHANDLERVIEW']._serialized_end=142
-  _globals['_POLICYTEXT']._serialized_start=144
-  _globals['_POLICYTEXT']._serialized_end=187
-  _globals['_POLICYERROR']._serialized_start=189
-  _globals['_POLICYERROR']._serialized_end=254
-  _globals['_POLICYREPORT']._serialized_start=256
-  _globals['_POLICYREPORT']._serialized_end=367
-  _globals['_GETPOLICYREQUEST']._serialized_start=369
-  _globals['_GETPOLICYREQUEST']._serialized_end=404
-  _globals['_LISTHOSTSREQUEST']._serialized_start=406
-  _globals['_LISTHOSTSREQUEST']._serialized_end=424
-  _globals['_HOSTINFO']._serialized_start=426
-  _globals['_HOSTINFO']._serialized_end=544
-  _globals['_LISTHOSTSRESPONSE']._serialized_start=546
-  _globals['_LISTHOSTSRESPONSE']._serialized_end=606
-  _globals['_LISTVMSREQUEST']._serialized_start=608
-  _globals['_LISTVMSREQUEST']._serialized_end=638
-  _globals['_VCPUINFO']._serialized_start=640
-  _globals['_VCPUINFO']._serialized_end=716
-  _globals['_VMINFO']._serialized_start=719
-  _globals['_VMINFO']._serialized_end=904
-  _globals['_LISTVMSRESPONSE']._serialized_start=906
-  _globals['_LISTVMSRESPONSE']._serialized_end=960
-  _globals['_GETSTATSREQUEST']._serialized_start=962
-  _globals['_GETSTATSREQUEST']._serialized_end=979
-  _globals['_FUNCTIONSTATS']._serialized_start=981
-  _globals['_FUNCTIONSTATS']._serialized_end=1095
-  _globals['_STATS']._serialized_start=1098
-  _globals['_STATS']._serialized_end=1284
-  _globals['_ADMIN']._serialized_start=1287
-  _globals['_ADMIN']._serialized_end=1833
+  _globals['_VMHANDLERVIEWREQUEST']._serialized_start=76
+  _globals['_VMHANDLERVIEWREQUEST']._serialized_end=141
+  _globals['_VMHANDLERVIEW']._serialized_start=143
+  _globals['_VMHANDLERVIEW']._serialized_end=233
+  _globals['_POLICYTEXT']._serialized_start=235
+  _globals['_POLICYTEXT']._serialized_end=278
+  _globals['_POLICYERROR']._serialized_start=280
+  _globals['_POLICYERROR']._serialized_end=345
+  _globals['_POLICYREPORT']._serialized_start=347
+  _globals['_POLICYREPORT']._serialized_end=458
+  _globals['_GETPOLICYREQUEST']._serialized_start=460
+  _globals['_GETPOLICYREQUEST']._serialized_end=495
+  _globals['_LISTHOSTSREQUEST']._serialized_start=497
+  _globals['_LISTHOSTSREQUEST']._serialized_end=515
+  _globals['_HOSTINFO']._serialized_start=517
+  _globals['_HOSTINFO']._serialized_end=635
+  _globals['_LISTHOSTSRESPONSE']._serialized_start=637
+  _globals['_LISTHOSTSRESPONSE']._serialized_end=697
+  _globals['_LISTVMSREQUEST']._serialized_start=699
+  _globals['_LISTVMSREQUEST']._serialized_end=729
+  _globals['_VCPUINFO']._serialized_start=731
+  _globals['_VCPUINFO']._serialized_end=807
+  _globals['_VMINFO']._serialized_start=810
+  _globals['_VMINFO']._serialized_end=995
+  _globals['_LISTVMSRESPONSE']._serialized_start=997
+  _globals['_LISTVMSRESPONSE']._serialized_end=1051
+  _globals['_GETSTATSREQUEST']._serialized_start=1053
+  _globals['_GETSTATSREQUEST']._serialized_end=1070
+  _globals['_FUNCTIONSTATS']._serialized_start=1072
+  _globals['_FUNCTIONSTATS']._serialized_end=1186
+  _globals['_STATS']._serialized_start=1189
+  _globals['_STATS']._serialized_end=1375
+  _globals['_ADMIN']._serialized_start=1378
+  _globals['_ADMIN']._serialized_end=1924
 # @@protoc_insertion_point(module_scope)

@@ -1,3 +1,4 @@
+from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -17,10 +18,12 @@ class VmHandlerViewRequest(_message.Message):
     def __init__(self, host: _Optional[str] = ..., vm: _Optional[str] = ..., handler: _Optional[str] = ...) -> None: ...
 
 class VmHandlerView(_message.Message):
-    __slots__ = ("json",)
-    JSON_FIELD_NUMBER: _ClassVar[int]
-    json: str
-    def __init__(self, json: _Optional[str] = ...) -> None: ...
+    __slots__ = ("view", "policy_version")
+    VIEW_FIELD_NUMBER: _ClassVar[int]
+    POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    view: _struct_pb2.Struct
+    policy_version: int
+    def __init__(self, view: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., policy_version: _Optional[int] = ...) -> None: ...
 
 class PolicyText(_message.Message):
     __slots__ = ("yaml", "version")
