@@ -3,6 +3,9 @@ per-call ones are hyperbroker.fastmetrics families (no lock, no bucket scan)."""
 
 from __future__ import annotations
 
+import errno
+
+from hyperbroker.kvm import errno_name
 from hyperbroker.runtime.metrics import LATENCY_BUCKETS, Counter, Gauge, Histogram
 
 CALL_DURATION = Histogram(
@@ -35,6 +38,10 @@ VMS = Gauge("hyperbroker_agent_vms", "VMs registered on this host")
 VMM_CONNECTIONS = Gauge("hyperbroker_agent_vmm_connections", "VMM sockets connected")
 PROTOCOL_ERRORS = Counter("hyperbroker_agent_protocol_errors_total",
                           "Frames from VMMs refused, by errno name", ["code"])
+# Exported as 0 from the start: every errno the agent refuses a VMM frame with.
+PROTOCOL_ERROR = {code: PROTOCOL_ERRORS.labels(errno_name(code)) for code in (
+    errno.EPROTO, errno.EBADMSG, errno.EPROTONOSUPPORT, errno.EMSGSIZE, errno.EINVAL,
+    errno.ENOENT, errno.EBUSY)}
 MEMORY_BYTES = Counter("hyperbroker_agent_memory_bytes_total", "Guest-memory bytes moved",
                        ["direction"])
 MEMORY_READ = MEMORY_BYTES.labels("read")

@@ -7,7 +7,7 @@ import logging
 import signal
 
 from hyperbroker.agent.core import Agent, AgentConfig
-from hyperbroker.runtime import metrics
+from hyperbroker.runtime import loglimit, metrics
 
 log = logging.getLogger("hyperbroker.agent")
 
@@ -31,4 +31,5 @@ async def run_agent(config: AgentConfig) -> int:
     await stop.wait()
     log.info("stopping")
     await agent.stop()
+    loglimit.SHARED.flush()  # what the log limiter held back since its last summaries
     return 0
