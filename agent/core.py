@@ -288,8 +288,8 @@ class Agent:
         conn.send(proto.encode(proto.RegisterVmReply(
             0, vm_id, policy.version, profile.filters,
             f"registered {reg.name} under profile {profile.name}"), tag))
-        vmm_log.info(conn.peer, "vm %s registered as %d (%s, profile %s, policy v%d, %d vCPUs)",
-                     reg.name, vm_id, conn.mode, profile.name, policy.version, reg.nr_vcpus)
+        log.info("vm %s registered as %d (%s, profile %s, policy v%d, %d vCPUs)", reg.name,
+                 vm_id, conn.mode, profile.name, policy.version, reg.nr_vcpus)
 
     def on_filter_report(self, conn: VmmConnection, tag: int, msg: proto.FilterReport) -> None:
         vm = self.vms.get(msg.vm_id)
@@ -320,7 +320,7 @@ class Agent:
             return
         vm.drop_pending()  # the reset vCPUs no longer wait for these
         self.resets.ask(conn, tag, vm_id)
-        vmm_log.info(conn.peer, "vm %s reset by its VMM", vm.name)
+        log.info("vm %s reset by its VMM", vm.name)
 
     def destroy_vm(self, vm_id: int, why: str) -> None:
         vm = self.vms.pop(vm_id, None)
@@ -336,7 +336,7 @@ class Agent:
             self.link.frame.vms_destroyed.add(vm_id=vm_id)
             self.link.mark()
             self.link.flush_soon()
-        vmm_log.info(vm.conn.peer, "vm %s (%d) gone: %s", vm.name, vm_id, why)
+        log.info("vm %s (%d) gone: %s", vm.name, vm_id, why)
 
     # ---- calls ---------------------------------------------------------------------------
     def on_call(self, conn: VmmConnection, tag: int, vm_id: int, vcpu: int, seq: int, fid: int,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import statistics
 import time
 from collections.abc import AsyncIterator
@@ -28,6 +29,8 @@ from hyperbroker.broker.security import HostIdentity, peer_sans
 from hyperbroker.broker.store import Fenced, StoreUnavailable
 from hyperbroker.runtime.net import host_id_problem
 from hyperbroker.wire.v1 import admin_pb2, admin_pb2_grpc, broker_pb2, broker_pb2_grpc
+
+log = logging.getLogger("hyperbroker.broker")
 
 PROTOCOL_VERSION = 1
 MAX_BATCH = 1024
@@ -128,9 +131,9 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
         writer = StreamWriter(context)
         session.attach(writer, context.peer())
         metrics.AGENTS_CONNECTED.inc()
-        peers.log.info(host_peer(hello.host), "agent connected from %s (resumed=%s, lease "
-                       "epoch %d)", context.peer(), hello.resumed,
-                       session.lease.epoch if session.lease else 0)
+        log.info("agent for host %s connected from %s (resumed=%s, lease epoch %d)",
+                 hello.host, context.peer(), hello.resumed,
+                 session.lease.epoch if session.lease else 0)
         flush = self.dispatcher.flush
         writer_task = asyncio.create_task(session.run_writer(writer, flush))
         stream_task = asyncio.current_task()
@@ -195,7 +198,7 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
             session.detach(writer)
             writer_task.cancel()
             metrics.AGENTS_CONNECTED.dec()
-            peers.log.info(host_peer(hello.host), "agent stream closed")
+            log.info("agent stream for host %s closed", hello.host)
 
     async def on_frame(self, session: HostSession, frame: broker_pb2.AgentFrame) -> None:
         t_frame = time.monotonic_ns()

@@ -65,7 +65,7 @@ HOSTS, VMS, VCPUS = 2, 4, 4  # 8 VMs x 4 vCPUs in all
 
 def serving(brokers: list[Broker], host: str) -> Broker:
     """The replica whose log last shows `host`'s agent connecting."""
-    rx = re.compile(rf"host {host}: agent connected .*lease epoch (\d+)")
+    rx = re.compile(rf"agent for host {host} connected .*lease epoch (\d+)")
     best: tuple[int, Broker] | None = None
     for b in brokers:
         for line in b.process.lines:
@@ -143,7 +143,7 @@ async def test_killing_the_replica_serving_a_host_loses_nothing(
         survivors = [b for b in brokers if b is not victim]
         # The host's agent reconnects through HAProxy and another replica takes the lease.
         deadline = asyncio.get_running_loop().time() + 60
-        while not any(re.search(r"host host-f0: agent connected", line)
+        while not any(re.search(r"agent for host host-f0 connected", line)
                       for b in survivors for line in b.process.lines):
             assert asyncio.get_running_loop().time() < deadline, "host-f0 was never taken over"
             await asyncio.sleep(0.05)

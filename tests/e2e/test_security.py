@@ -362,7 +362,7 @@ async def test_certificates_rotate_under_load_without_a_failed_call(tmp_path: Pa
         print(f"rotation under load: {len(answers)} calls, {answers.count(False)} failed; a new "
               f"handshake saw the new certificate {took:.2f} s after it was written")
         assert sum(1 for line in broker.process.lines
-                   if "host host-r: agent connected" in line) == 1  # no stream dropped
+                   if "agent for host host-r connected" in line) == 1  # no stream dropped
         client.close()
     finally:
         agent.process.stop()
@@ -402,7 +402,7 @@ async def test_an_agent_presents_its_rotated_certificate_at_its_next_reconnect(
         broker = start_broker(policy_file, None, port=port, env=plugin_env(), log_level="info",
                               extra=broker_tls)
         await asyncio.to_thread(broker.process.wait_for,
-                                r"host host-n: agent connected", 60)
+                                r"agent for host host-n connected", 60)
         await asyncio.to_thread(agent.process.wait_for, r"TLS: reconnecting with the certificate",
                                 30)
         deadline = time.monotonic() + 30
