@@ -237,8 +237,12 @@ async def test_a_grpc_client_flooding_garbage_gets_a_bounded_log_and_every_frame
         channel = grpc.aio.insecure_channel(broker.address)
         connect, validate = raw(channel)
         t0 = time.monotonic()
-        # Streams whose first frame does not decode, and Admin requests that do not.
-        first = admin = 0
+        # Streams whose first frame does not decode, Admin requests that do not, and policy
+        # writes (refused without --insecure-admin: each an audit record, in the same budget).
+        apply = channel.unary_unary("/hyperbroker.v1.Admin/ApplyPolicy",
+                                    request_serializer=admin_pb2.PolicyText.SerializeToString,
+                                    response_deserializer=admin_pb2.PolicyReport.FromString)
+        first = admin = writes = 0
         while time.monotonic() < t0 + FLOOD_S:
             code = await refused(connect(frames([JUNK[first % len(JUNK)]])))  # type: ignore[operator]
             assert code == grpc.StatusCode.INVALID_ARGUMENT
@@ -247,6 +251,10 @@ async def test_a_grpc_client_flooding_garbage_gets_a_bounded_log_and_every_frame
                 await validate(JUNK[admin % len(JUNK)])  # type: ignore[operator]
             assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             admin += 1
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await apply(admin_pb2.PolicyText(yaml="profiles: {}"))
+            assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            writes += 1
         # A stream that says hello, then sends 10,000 calls for VMs it never registered and 20
         # frames of call bytes that are not whole records, then a frame that does not decode.
         hello = broker_pb2.AgentFrame(hello=broker_pb2.AgentHello(host="flood-h", protocol=1))
@@ -286,6 +294,11 @@ async def test_a_grpc_client_flooding_garbage_gets_a_bounded_log_and_every_frame
         assert grew("undecodable") == first + admin + 1
         assert grew("unknown_vm") == 10_000
         assert grew("call_records") == 20
+        audited = (after['hyperbroker_broker_admin_audit_total{decision="refused",'
+                         'method="ApplyPolicy"}']
+                   - before.get('hyperbroker_broker_admin_audit_total{decision="refused",'
+                                'method="ApplyPolicy"}', 0.0))
+        assert audited == writes  # every refusal counted, written or not
         address, host = lines_of(broker.process, "ipv4:127.0.0.1"), lines_of(broker.process,
                                                                              "host flood-h")
         assert address.written <= budget(t1 - t0), address
@@ -297,9 +310,13 @@ async def test_a_grpc_client_flooding_garbage_gets_a_bounded_log_and_every_frame
     assert not any("Traceback" in line for line in broker.process.lines)
     address, host = lines_of(broker.process, "ipv4:127.0.0.1"), lines_of(broker.process,
                                                                          "host flood-h")
-    assert address.written + address.suppressed == first + admin
+    records = sum(1 for line in broker.process.lines
+                  if "hyperbroker.audit: {" in line and '"decision": "refused"' in line)
+    assert records + address.written <= budget(t1 - t0) + 1  # +1: a summary written in between
+    assert records + address.written + address.suppressed == first + admin + writes
     assert host.written + host.suppressed == 10_000 + 20 + 1
-    print(f"\nbroker: {first} undecodable streams + {admin} undecodable Admin calls in "
-          f"{FLOOD_S:g} s: {address.written} lines + {address.summaries} summaries; 10,021 bad "
+    print(f"\nbroker: {first} undecodable streams + {admin} undecodable Admin calls + {writes} "
+          f"refused policy writes in {FLOOD_S:g} s: {address.written} lines + {records} audit "
+          f"records + {address.summaries} summaries; 10,021 bad "
           f"frames and calls on one stream: {host.written} lines + {host.summaries} summaries; "
           f"the good VM got {len(good.answers)} answers, all OK")
