@@ -33,6 +33,7 @@ from hyperbroker.wire.v1 import admin_pb2, admin_pb2_grpc, broker_pb2, broker_pb
 log = logging.getLogger("hyperbroker.broker")
 
 PROTOCOL_VERSION = 1
+MAX_POLICY_VERSION = (1 << 63) - 1  # stores keep versions as signed 64-bit integers
 MAX_BATCH = 1024
 CALLS_FIELD = broker_pb2.AgentFrame.CALLS_FIELD_NUMBER
 
@@ -267,6 +268,9 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     async def GetPolicy(self, request: admin_pb2.GetPolicyRequest,
                         context: grpc.aio.ServicerContext[object, object]) -> admin_pb2.PolicyText:
         policies = self.dispatcher.policies
+        if request.version > MAX_POLICY_VERSION:
+            await refuse(context, "bad_request", "Admin.GetPolicy: version %d is out of range "
+                         "(1..%d)", request.version, MAX_POLICY_VERSION)
         version = request.version or (policies.current.version if policies.current else 0)
         stored = await self.dispatcher.store.get_policy(version)
         if stored is None:

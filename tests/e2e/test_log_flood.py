@@ -26,10 +26,16 @@ from google.protobuf.message import DecodeError
 
 from hyperbroker.calls import Outcome
 from hyperbroker.runtime.loglimit import BURST, RATE_PER_S
-from hyperbroker.testing.procs import AgentProcess, ManagedProcess, start_agent, start_broker
+from hyperbroker.testing.procs import (
+    AgentProcess,
+    Broker,
+    ManagedProcess,
+    start_agent,
+    start_broker,
+)
 from hyperbroker.testing.vmm import VmmClient
 from hyperbroker.wire import vmm as proto
-from hyperbroker.wire.v1 import admin_pb2, broker_pb2
+from hyperbroker.wire.v1 import admin_pb2, admin_pb2_grpc, broker_pb2
 
 from .conftest import plugin_env
 
@@ -320,3 +326,21 @@ async def test_a_grpc_client_flooding_garbage_gets_a_bounded_log_and_every_frame
           f"records + {address.summaries} summaries; 10,021 bad "
           f"frames and calls on one stream: {host.written} lines + {host.summaries} summaries; "
           f"the good VM got {len(good.answers)} answers, all OK")
+
+
+async def test_an_admin_field_out_of_range_is_refused_counted_and_no_traceback(
+        broker: Broker) -> None:
+    # GetPolicyRequest.version is a uint64; the stores keep versions as signed 64-bit integers.
+    name = 'hyperbroker_broker_malformed_total{reason="bad_request"}'
+    assert metrics_of(broker.metrics_port)[name] == 0
+    async with grpc.aio.insecure_channel(broker.address) as channel:
+        admin = admin_pb2_grpc.AdminStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await admin.GetPolicy(admin_pb2.GetPolicyRequest(version=(1 << 63) + 5))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "out of range" in (e.value.details() or "")
+        current = await admin.GetPolicy(admin_pb2.GetPolicyRequest())  # still serving
+        assert current.version == 1
+    assert metrics_of(broker.metrics_port)[name] == 1
+    await asyncio.to_thread(broker.process.wait_for, r"ipv4:127\.0\.0\.1: Admin\.GetPolicy", 60)
+    assert not any("Traceback" in line for line in broker.process.lines)
