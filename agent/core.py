@@ -30,11 +30,14 @@ from hyperbroker.agent.vms import AgentVm, Pending, registration_error
 from hyperbroker.calls import Outcome
 from hyperbroker.kvm import errno_name
 from hyperbroker.runtime.busypoll import BusyPoll
+from hyperbroker.runtime.loglimit import PeerLog
 from hyperbroker.runtime.tls import TlsFiles
 from hyperbroker.wire import vmm as proto
 from hyperbroker.wire.v1 import broker_pb2
 
 log = logging.getLogger("hyperbroker.agent")
+# Lines a VMM (or its guest) can cause, each within its VMM's log budget (runtime.loglimit).
+vmm_log = PeerLog(log)
 
 CALL_FRAME_SIZE = proto.HEADER.size + proto.CALL.size
 CALL_KEY = struct.Struct("<IIQI")  # vm_id, vcpu, seq, function_id: the head of struct hb_call
@@ -152,7 +155,7 @@ class Agent:
         for rej in frame.vms_rejected:
             vm = self.vms.get(rej.vm_id)
             if vm is not None:
-                log.error("broker rejected vm %s: %s", vm.name, rej.reason)
+                vmm_log.error(vm.conn.peer, "broker rejected vm %s: %s", vm.name, rej.reason)
                 self._reject(vm, "broker", rej.reason)
         blob = frame.results
         if blob:
@@ -223,8 +226,9 @@ class Agent:
             case proto.Ping():
                 conn.send(proto.encode(proto.Pong(), frame.tag))
             case proto.ErrorMsg():
-                log.error("vmm reports error for our tag %d (type %#x): %s: %s", frame.tag,
-                          msg.refused_type, errno.errorcode.get(msg.code, msg.code), msg.message)
+                vmm_log.error(conn.peer, "reports an error for our tag %d (type %#x): %s: %s",
+                              frame.tag, msg.refused_type, errno.errorcode.get(msg.code, msg.code),
+                              msg.message[:200])
                 fut = conn.mem_waiters.pop(frame.tag, None)
                 if fut is not None and not fut.done():
                     fut.set_result(proto.MemReadReply(-msg.code, b""))
@@ -239,7 +243,8 @@ class Agent:
                           fds: list[int]) -> None:
         def refuse(code: int, message: str) -> None:
             close_fds(fds)
-            log.warning("refused registration of vm %r: %s", reg.name, message)
+            vmm_log.warning(conn.peer, "refused registration of vm %r: %s", reg.name[:200],
+                            message)
             conn.send(proto.encode(proto.RegisterVmReply(-code, 0, 0, (), message), tag))
 
         bad = registration_error(reg, conn.seqpacket, len(fds))
@@ -294,8 +299,8 @@ class Agent:
             return
         failed = [(f, e) for f, e in zip(vm.profile.filters, msg.errnos, strict=False) if e]
         for f, e in failed:
-            log.error("vm %s: KVM refused filter [%#x, +%d) action %d: %s", vm.name, f.base,
-                      f.nr_functions, f.action, errno_name(e))
+            vmm_log.error(conn.peer, "vm %s: KVM refused filter [%#x, +%d) action %d: %s",
+                          vm.name, f.base, f.nr_functions, f.action, errno_name(e))
         if failed:
             # Its kernel filter is not its profile's: calls meant for the broker may be served
             # by KVM and the broker's view of the VM would be wrong, so none are forwarded.
@@ -387,9 +392,10 @@ class Agent:
             return
         vm.pending[p.vcpu] = None
         (metrics.FALLBACK_DEADLINE if self.link.up else metrics.FALLBACK_DISCONNECTED).inc()
-        log.warning("vm %s vcpu %d: fid %#x seq %d got no answer in %.0f ms: fallback (%s)",
-                    vm.name, p.vcpu, p.fid, p.seq, p.rule.deadline_s * 1e3,
-                    "broker slow" if self.link.up else "broker unreachable")
+        vmm_log.warning(p.conn.peer, "vm %s vcpu %d: fid %#x seq %d got no answer in %.0f ms: "
+                        "fallback (%s)", vm.name, p.vcpu, p.fid, p.seq,
+                        p.rule.deadline_s * 1e3,
+                        "broker slow" if self.link.up else "broker unreachable")
         self._fallback(p, Outcome.FALLBACK)
 
     def _reject(self, vm: AgentVm, kind: str, reason: str) -> None:
@@ -437,8 +443,8 @@ class Agent:
             try:
                 vm.apply_writes(writes.writes)
             except MemoryAccessError as e:
-                log.error("vm %s: broker result for fid %#x carries a bad write (%s); fallback",
-                          vm.name, p.fid, e)
+                vmm_log.error(vm.conn.peer, "vm %s: broker result for fid %#x carries a bad "
+                              "write (%s); fallback", vm.name, p.fid, e)
                 self._fallback(p, Outcome.INTERNAL_ERROR)
                 self._divergent(vm, vcpu, seq)
                 return

@@ -3,6 +3,9 @@ per-call ones are hyperbroker.fastmetrics families (no lock, no bucket scan)."""
 
 from __future__ import annotations
 
+import errno
+
+from hyperbroker.kvm import errno_name
 from hyperbroker.runtime.metrics import LATENCY_BUCKETS, Counter, Gauge, Histogram, MetricSet
 
 AGENT = MetricSet("agent")
@@ -43,10 +46,10 @@ VMM_CONNECTIONS = Gauge("hyperbroker_agent_vmm_connections", "VMM sockets connec
                         registry=AGENT)
 PROTOCOL_ERRORS = Counter("hyperbroker_agent_protocol_errors_total",
                           "Frames from VMMs refused, by errno name", ["code"], registry=AGENT)
-# The errnos an HB_MSG_ERROR carries (docs/vmm-protocol.md "Errors"; vmm_protocol.h hb_error),
-# exported as 0 before the first refusal.
-PROTOCOL_ERRORS.initialise(("EPROTO", "EPROTONOSUPPORT", "EMSGSIZE", "EBADMSG", "EINVAL",
-                            "ENOENT", "EBUSY"))
+# Exported as 0 from the start: every errno the agent refuses a VMM frame with.
+PROTOCOL_ERROR = {code: PROTOCOL_ERRORS.labels(errno_name(code)) for code in (
+    errno.EPROTO, errno.EBADMSG, errno.EPROTONOSUPPORT, errno.EMSGSIZE, errno.EINVAL,
+    errno.ENOENT, errno.EBUSY)}
 MEMORY_BYTES = Counter("hyperbroker_agent_memory_bytes_total", "Guest-memory bytes moved",
                        ["direction"], registry=AGENT)
 MEMORY_READ = MEMORY_BYTES.labels("read")

@@ -14,9 +14,10 @@ import logging
 from hyperbroker.agent.link import BrokerLink
 from hyperbroker.agent.vmm import VmmConnection
 from hyperbroker.kvm import errno_name
+from hyperbroker.runtime.loglimit import PeerLog
 from hyperbroker.wire import vmm as proto
 
-log = logging.getLogger("hyperbroker.agent")
+log = PeerLog(logging.getLogger("hyperbroker.agent"))  # a VMM may reset as often as it likes
 
 RESET_TIMEOUT_S = 2.0  # a VMM waits at most this long for the handlers to forget a boot
 
@@ -48,6 +49,6 @@ class Resets:
         conn, tag, timer = entry
         timer.cancel()
         if status:
-            log.warning("reset %d not confirmed by the broker: %s", request_id,
+            log.warning(conn.peer, "reset %d not confirmed by the broker: %s", request_id,
                         errno_name(-status))
         conn.send(proto.encode(proto.VmResetReply(status), tag))

@@ -8,7 +8,7 @@ import signal
 
 from hyperbroker.agent.core import Agent, AgentConfig
 from hyperbroker.agent.metrics import AGENT
-from hyperbroker.runtime import metrics
+from hyperbroker.runtime import loglimit, metrics
 
 log = logging.getLogger("hyperbroker.agent")
 
@@ -32,4 +32,5 @@ async def run_agent(config: AgentConfig) -> int:
     await stop.wait()
     log.info("stopping")
     await agent.stop()
+    loglimit.SHARED.flush()  # what the log limiter held back since its last summaries
     return 0

@@ -17,22 +17,27 @@ import logging
 import os
 import socket
 import stat
+import struct
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
 from hyperbroker.agent import metrics
 from hyperbroker.kvm import errno_name
+from hyperbroker.runtime.loglimit import PeerLog
 from hyperbroker.runtime.net import CannotListen
 from hyperbroker.wire import vmm as proto
 
-log = logging.getLogger("hyperbroker.agent.vmm")
+# Every line here is caused by a VMM: each VMM process has its log budget (runtime.loglimit).
+log = PeerLog(logging.getLogger("hyperbroker.agent.vmm"))
 
 MAX_PACKET = proto.HEADER.size + proto.MAX_PAYLOAD
 MAX_FDS = proto.MAX_REGIONS
 ANCILLARY_SPACE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
 MAX_OUTBOUND = 8 * 1024 * 1024  # a VMM that does not read its replies is cut off past this
 MAX_READS_PER_WAKE = 64
+ACCEPT_RETRY_S = 0.5  # out of file descriptors: stop accepting this long rather than spin
+UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid (socket(7), SO_PEERCRED)
 
 FrameSink = Callable[["VmmConnection", bytes, list[int]], None]
 
@@ -45,6 +50,7 @@ class VmmConnection:
         self.sink = sink
         self.on_close = on_close
         self.framer = None if seqpacket else proto.StreamFramer()
+        self.peer = peer_name(sock)
         self.vm_ids: set[int] = set()
         self.closed = False
         self.mem_waiters: dict[int, asyncio.Future[proto.MemReadReply]] = {}
@@ -84,7 +90,7 @@ class VmmConnection:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
-                log.info("vmm connection read failed: %s", e)
+                log.info(self.peer, "connection read failed: %s", e)
                 self.close()
                 return
             if not data:
@@ -121,7 +127,7 @@ class VmmConnection:
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError as e:
-            log.info("vmm connection write failed: %s", e)
+            log.info(self.peer, "connection write failed: %s", e)
             self.close()
             return
         if sent < len(data):
@@ -132,8 +138,8 @@ class VmmConnection:
         self._out.append(data)
         self._out_bytes += len(data)
         if self._out_bytes > MAX_OUTBOUND:
-            log.error("vmm connection does not read its replies (%d bytes queued); closing",
-                      self._out_bytes)
+            log.error(self.peer, "connection does not read its replies (%d bytes queued); "
+                      "closing", self._out_bytes)
             self.close()
 
     def _writable(self) -> None:
@@ -155,9 +161,10 @@ class VmmConnection:
         self._loop.remove_writer(self._fd)
 
     def send_error(self, code: int, refused_type: int, tag: int, message: str) -> None:
-        metrics.PROTOCOL_ERRORS.labels(errno_name(code)).inc()
-        log.warning("refused vmm frame (type %#x, tag %d): %s: %s", refused_type, tag,
-                    errno_name(code), message)
+        counter = metrics.PROTOCOL_ERROR.get(code)
+        (counter or metrics.PROTOCOL_ERRORS.labels(errno_name(code))).inc()
+        log.warning(self.peer, "refused vmm frame (type %#x, tag %d): %s: %s", refused_type,
+                    tag, errno_name(code), message)
         self.send(proto.encode(proto.ErrorMsg(code, refused_type, message[:1000]), tag))
 
     def close(self) -> None:
@@ -172,6 +179,17 @@ class VmmConnection:
             if not fut.done():
                 fut.set_exception(ConnectionError("VMM connection closed"))
         self.on_close(self)
+
+
+def peer_name(sock: socket.socket) -> str:
+    """Who is at the other end of a Unix socket, by the credentials the kernel recorded at
+    connect (SO_PEERCRED): the key of its log budget, and the name its log lines carry."""
+    try:
+        pid, uid, _ = UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                   UCRED.size))
+    except OSError:
+        return "vmm (no peer credentials)"
+    return f"vmm pid {pid} uid {uid}"
 
 
 class VmmListener:
@@ -201,6 +219,7 @@ class VmmListener:
         self._on_open = on_open
         self._on_close = on_close
         self._loop = asyncio.get_running_loop()
+        self._retry: asyncio.TimerHandle | None = None
         self._loop.add_reader(self.sock.fileno(), self._accept)
 
     def _accept(self) -> None:
@@ -210,11 +229,21 @@ class VmmListener:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
-                log.error("accept on %s failed: %s", self.path, e)
+                log.error(f"listener {self.path}", "accept failed: %s", e)
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    # The socket stays readable: without a pause this would spin.
+                    self._loop.remove_reader(self.sock.fileno())
+                    self._retry = self._loop.call_later(ACCEPT_RETRY_S, self._resume)
                 return
             self._on_open(VmmConnection(conn, self.seqpacket, self._sink, self._on_close))
 
+    def _resume(self) -> None:
+        self._retry = None
+        self._loop.add_reader(self.sock.fileno(), self._accept)
+
     def close(self) -> None:
+        if self._retry is not None:
+            self._retry.cancel()
         self._loop.remove_reader(self.sock.fileno())
         self.sock.close()
         with contextlib.suppress(FileNotFoundError):

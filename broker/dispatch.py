@@ -11,16 +11,16 @@ through broker_pb2 and wire.vmm.
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-from hyperbroker.broker import metrics
+from hyperbroker.broker import metrics, peers
 from hyperbroker.broker.context import CallCtx
 from hyperbroker.broker.hosts import Hosts
+from hyperbroker.broker.peers import host_peer, note
 from hyperbroker.broker.policy_versions import PolicyRegistry
 from hyperbroker.broker.sessions import (
     NO_SEQ,
@@ -40,7 +40,6 @@ from hyperbroker.wire.vmm import CALL, ResultSource, pack_result
 
 __all__ = ["CallCtx", "DispatchInfo", "Dispatcher", "FrameWriter", "HostSession"]
 
-log = logging.getLogger("hyperbroker.broker")
 
 DISPATCH_CACHE_LIMIT = 4096
 # A vCPU has one call in flight, so a VM's queue holds about one call per vCPU; beyond this the
@@ -135,8 +134,8 @@ class Dispatcher(Hosts):
         """Dispatch every `struct hb_call` record of a frame. The stream reader writes what
         this queued as soon as it returns (BrokerService.Connect), so nothing wakes the writer."""
         if len(records) % CALL.size:
-            log.error("host %s sent %d bytes of call records, not a multiple of %d; dropped",
-                      host.host, len(records), CALL.size)
+            note("call_records", host_peer(host.host), "%d bytes of call records from %s, not a "
+                 "multiple of %d; dropped", len(records), host.peer, CALL.size)
             return
         n = 0
         for v in CALL.iter_unpack(records):
@@ -150,8 +149,8 @@ class Dispatcher(Hosts):
         host.calls += 1
         vm = host.vms.get(vm_id)
         if vm is None or vcpu >= vm.nr_vcpus:
-            log.warning("host %s: call for unknown vm %d / vcpu %d refused", host.host, vm_id,
-                        vcpu)
+            note("unknown_vm", host_peer(host.host), "call for unknown vm %d / vcpu %d from %s "
+                 "refused", vm_id, vcpu, host.peer)
             host.queue_result(self._record(vm_id, vcpu, seq, NOT_SUPPORTED, 0, 0, None), None)
             return
         rec = vm.vcpus[vcpu]
@@ -264,15 +263,18 @@ class Dispatcher(Hosts):
         if exc is not None or not isinstance(result, Result):
             self.handler_errors += 1
             metrics.HANDLER_ERRORS.labels(info.handler_name).inc()
+            # A guest can make its calls fail as often as it likes: within its host's budget.
+            peer = host_peer(host.host)
             if exc is None:
-                log.error("handler %s returned %r for %s, not a Result", info.handler_name,
-                          result, info.function)
+                peers.log.error(peer, "handler %s returned %r for %s, not a Result",
+                                info.handler_name, result, info.function)
             elif isinstance(exc, TimeoutError):
-                log.error("handler %s: %s on vm %s timed out", info.handler_name, info.function,
-                          vm.info.key)
+                peers.log.error(peer, "handler %s: %s on vm %s timed out", info.handler_name,
+                                info.function, vm.info.key)
             else:
-                log.error("handler %s failed on %s from vm %s vcpu %d", info.handler_name,
-                          info.function, vm.info.key, vcpu, exc_info=exc)
+                peers.log.error(peer, "handler %s failed on %s from vm %s vcpu %d",
+                                info.handler_name, info.function, vm.info.key, vcpu,
+                                exc_info=exc)
             fb = info.fallback
             result = Result(fb.x, fb.mask, Outcome.INTERNAL_ERROR)
             if ctx is not None:

@@ -17,8 +17,9 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from hyperbroker.broker import metrics
+from hyperbroker.broker import metrics, peers
 from hyperbroker.broker.context import CallCtx, StateDoc
+from hyperbroker.broker.peers import host_peer
 from hyperbroker.broker.policy_versions import PolicyRegistry, PolicyVersion
 from hyperbroker.broker.sessions import HostSession, VmSession, load_stored_result, regions_of
 from hyperbroker.broker.store import Fenced, Store, StoreBatch, StoreUnavailable
@@ -271,11 +272,12 @@ class Hosts:
         try:
             await vm.pv.policy.handlers[name].undo(call, result, ctx)
         except Exception:
-            log.exception("handler %s failed to undo %#x seq %d of vm %s", name,
-                          call.function_id, call.seq, vm.info.key)
+            peers.log.error(host_peer(host.host), "handler %s failed to undo %#x seq %d of vm "
+                            "%s", name, call.function_id, call.seq, vm.info.key, exc_info=True)
             return
-        log.warning("vm %s vcpu %d: %s undid fid %#x seq %d, whose result the guest never saw",
-                    vm.info.key, call.vcpu, name, call.function_id, call.seq)
+        peers.log.warning(host_peer(host.host), "vm %s vcpu %d: %s undid fid %#x seq %d, whose "
+                          "result the guest never saw", vm.info.key, call.vcpu, name,
+                          call.function_id, call.seq)
         await self.flush_quietly(host)
 
     async def flush_quietly(self, host: HostSession) -> None:
@@ -327,7 +329,8 @@ class Hosts:
             try:
                 await policy.handlers[name].vm_reset(CallCtx(self, host, vm, name))
             except Exception:
-                log.exception("handler %s failed to reset vm %s", name, vm.info.key)
+                peers.log.error(host_peer(host.host), "handler %s failed to reset vm %s", name,
+                                vm.info.key, exc_info=True)
         log.info("vm %s reset", vm.info.key)
         then()
         host.wake()
@@ -346,7 +349,8 @@ class Hosts:
             try:
                 await policy.handlers[name].vm_destroyed(ctx)
             except Exception:
-                log.exception("handler %s failed to clean up vm %s", name, vm.info.key)
+                peers.log.error(host_peer(host.host), "handler %s failed to clean up vm %s",
+                                name, vm.info.key, exc_info=True)
         batch = host.batch
         for state_key in [k for k in batch.vm_state if k[0] == vm.key]:
             del batch.vm_state[state_key]
@@ -360,7 +364,8 @@ class Hosts:
             await self.store.forget_vm(lease, vm.key)
         except (Fenced, StoreUnavailable) as e:
             self.abandon(host, e)
-            log.warning("vm %s: clean-up not recorded (%s)", vm.info.key, e)
+            peers.log.warning(host_peer(host.host), "vm %s: clean-up not recorded (%s)",
+                              vm.info.key, e)
             return
         log.info("vm %s destroyed", vm.info.key)
 

@@ -89,3 +89,16 @@ ADMIN_AUDIT = Counter(
     ["method", "decision"],
     registry=BROKER,
 )
+MALFORMED_REASONS = ("undecodable", "no_hello", "bad_hello", "call_records", "unknown_vm",
+                     "bad_request")
+_MALFORMED = Counter(
+    "hyperbroker_broker_malformed_total",
+    "Bad input from peers, refused (each logged within the peer's log budget): a message that "
+    "is not its method's request type (undecodable), a stream whose first frame is no hello "
+    "(no_hello) or whose hello is refused (bad_hello), call bytes that are not whole records "
+    "(call_records), a call for a VM or vCPU its host does not have (unknown_vm), an Admin "
+    "request with a field out of range (bad_request)",
+    ["reason"],
+    registry=BROKER,
+)
+MALFORMED = {reason: _MALFORMED.labels(reason) for reason in MALFORMED_REASONS}

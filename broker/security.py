@@ -9,7 +9,9 @@ admin CA (--admin-ca) that carries a name listed by --admin-write or --admin-rea
 token from the tokens file (--admin-tokens). Agent certificates are never admin credentials.
 Without TLS an anonymous caller may read, and may write only when the broker was started with
 --insecure-admin. Every refused call and every policy apply is one audit record (a JSON log
-line on the `hyperbroker.audit` logger) and counted in hyperbroker_broker_admin_audit_total.
+line on the `hyperbroker.audit` logger) and counted in hyperbroker_broker_admin_audit_total;
+refused calls are written within the caller address's log budget (runtime.loglimit), so a
+flood of them is counted in full but written as a few records and a summary line.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
 from hyperbroker.broker import metrics
+from hyperbroker.broker.peers import peer_of
+from hyperbroker.runtime import loglimit
 from hyperbroker.runtime.tls import TlsConfigError, read_pem
 from hyperbroker.wire.v1 import admin_pb2
 
@@ -243,5 +247,8 @@ class AdminAuthorizer(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if version is not None:
             record["version"] = version
         metrics.ADMIN_AUDIT.labels(method, decision).inc()
+        if decision == "refused" and not loglimit.SHARED.admit(audit_log,
+                                                               peer_of(context.peer())):
+            return  # counted above; the caller's summary line says how many were not written
         audit_log.log(logging.INFO if decision == "applied" else logging.WARNING, "%s",
                       json.dumps(record, sort_keys=True))

@@ -24,13 +24,14 @@ from grpc_reflection.v1alpha import reflection
 
 from hyperbroker.broker.dispatch import Dispatcher
 from hyperbroker.broker.metrics import BROKER
+from hyperbroker.broker.peers import MalformedRequests
 from hyperbroker.broker.policy import PolicyError, PolicyInvalid
 from hyperbroker.broker.policy_versions import PolicyRegistry
 from hyperbroker.broker.security import AdminAuthorizer, AdminConfig, HostIdentity
 from hyperbroker.broker.service import AdminService, BrokerService
 from hyperbroker.broker.store import Store, StoreUnavailable, StoreUrlError, open_store
 from hyperbroker.handlers.api import HANDLER_METRICS, discover_plugins
-from hyperbroker.runtime import metrics
+from hyperbroker.runtime import loglimit, metrics
 from hyperbroker.runtime.net import add_grpc_port, split_hostport
 from hyperbroker.runtime.tls import ReloadingServerCredentials, TlsConfigError, TlsFiles
 from hyperbroker.wire.v1 import admin_pb2, admin_pb2_grpc, broker_pb2, broker_pb2_grpc
@@ -93,7 +94,9 @@ class BrokerServer:
             identity=HostIdentity(config.spiffe_template) if tls is not None else None,
             takeover_after_s=KEEPALIVE_S)
         self.health = health.aio.HealthServicer()
-        self.server = grpc.aio.server(interceptors=[self.admin_auth], options=[
+        # Who may call Admin first, then what does not decode is refused (broker.peers).
+        self.server = grpc.aio.server(interceptors=[self.admin_auth, MalformedRequests()],
+                                      options=[
             ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
             ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
             ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
@@ -118,7 +121,7 @@ class BrokerServer:
         # be served on a port of its own. The same servicer, so draining shows there too.
         self.health_server: grpc.aio.Server | None = None
         if config.health_listen:
-            self.health_server = grpc.aio.server(options=[
+            self.health_server = grpc.aio.server(interceptors=[MalformedRequests()], options=[
                 ("grpc.so_reuseport", 1 if config.reuse_port else 0)])
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
             add_grpc_port(self.health_server, config.health_listen, "--health-listen")
@@ -190,6 +193,7 @@ class BrokerServer:
                 with contextlib.suppress(StoreUnavailable):
                     await self.store.release_lease(session.lease)
         await self.store.close()
+        loglimit.SHARED.flush()  # what the log limiter held back since its last summaries
         log.info("stopped")
 
 

@@ -20,8 +20,9 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from hyperbroker.broker import metrics
+from hyperbroker.broker import metrics, peers
 from hyperbroker.broker.dispatch import CallCtx, Dispatcher, HostSession
+from hyperbroker.broker.peers import Undecodable, host_peer, peer_of, refuse
 from hyperbroker.broker.policy import Policy, PolicyInvalid, to_json
 from hyperbroker.broker.policy_versions import off_loop
 from hyperbroker.broker.security import HostIdentity, peer_sans
@@ -33,6 +34,7 @@ from hyperbroker.wire.v1 import admin_pb2, admin_pb2_grpc, broker_pb2, broker_pb
 log = logging.getLogger("hyperbroker.broker")
 
 PROTOCOL_VERSION = 1
+MAX_POLICY_VERSION = (1 << 63) - 1  # stores keep versions as signed 64-bit integers
 MAX_BATCH = 1024
 CALLS_FIELD = broker_pb2.AgentFrame.CALLS_FIELD_NUMBER
 
@@ -66,23 +68,25 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
         first = await context.read()
         if first is grpc.aio.EOF:
             return
+        if isinstance(first, Undecodable):
+            await refuse(context, "undecodable", "Broker.Connect: a %d-byte first frame that is "
+                         "not an AgentFrame: %s", first.size, first.error)
         assert isinstance(first, broker_pb2.AgentFrame)
         if not first.HasField("hello"):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                "the first frame of a stream must carry AgentHello")
+            await refuse(context, "no_hello", "the first frame of a stream must carry AgentHello")
         hello = first.hello
         if hello.protocol != PROTOCOL_VERSION:
-            await context.abort(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"agent protocol {hello.protocol}, broker speaks {PROTOCOL_VERSION}")
+            await refuse(context, "bad_hello", "agent protocol %d, broker speaks %d",
+                         hello.protocol, PROTOCOL_VERSION,
+                         code=grpc.StatusCode.FAILED_PRECONDITION)
         problem = host_id_problem(hello.host)
         if problem:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"AgentHello.host: {problem}")
+            await refuse(context, "bad_hello", "AgentHello.host: %s", problem)
         if self.identity is not None:
             dns, uris = peer_sans(context)
             if not self.identity.proves(hello.host, dns, uris):
-                log.warning("agent at %s claims host %r; its certificate has DNS %s URI %s",
-                            context.peer(), hello.host, sorted(dns), sorted(uris))
+                peers.log.warning(peer_of(context.peer()), "claims host %r; its certificate "
+                                  "has DNS %s URI %s", hello.host, sorted(dns), sorted(uris))
                 await context.abort(
                     grpc.StatusCode.PERMISSION_DENIED,
                     f"certificate does not prove host {hello.host!r}: it needs exactly the "
@@ -104,21 +108,23 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
                 why = ("without TLS nothing proves it is the same host" if self.identity is None
                        else f"it was heard from {silent:.1f} s ago (under "
                             f"{self.takeover_after_s:g} s)")
-                log.warning("host %s: refused a second stream from %s while the one from %s is "
-                            "alive: %s", hello.host, context.peer(), old.peer, why)
+                peers.log.warning(peer_of(context.peer()), "refused a second stream for host %s "
+                                  "while the one from %s is alive: %s", hello.host, old.peer,
+                                  why)
                 await context.abort(grpc.StatusCode.ALREADY_EXISTS,
                                     f"host {hello.host!r} already has a live stream; {why}")
         try:
             session = await self.dispatcher.claim(hello.host)
         except (Fenced, StoreUnavailable) as e:
-            log.error("host %s: cannot take its lease: %s", hello.host, e)
+            peers.log.error(host_peer(hello.host), "cannot take its lease: %s", e)
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"broker store: {e}")
         await context.write(broker_pb2.BrokerFrame(welcome=broker_pb2.BrokerWelcome(
             broker_id=self.broker_id, protocol=PROTOCOL_VERSION,
             policy=policies.current.compiled, max_batch=MAX_BATCH)))
         if had_stream:
-            log.warning("host %s: its certificate proves it and its previous stream was "
-                        "silent past a keepalive: the new stream takes over", hello.host)
+            peers.log.warning(host_peer(hello.host), "its certificate proves it and its "
+                              "previous stream was silent past a keepalive: the new stream "
+                              "takes over")
         if hello.reconcile and hello.resumed:
             # The same agent process: it knows exactly which of its VMs still run.
             self.dispatcher.reconcile(session, {v.vm_id: v.incarnation for v in hello.live_vms})
@@ -147,6 +153,12 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
                 frame = await context.read()
                 if frame is grpc.aio.EOF:
                     break
+                if isinstance(frame, Undecodable):
+                    # The stream cannot be trusted to be in step any more: end it (the agent
+                    # reconnects and re-sends what is in flight).
+                    await refuse(context, "undecodable", "a %d-byte frame that is not an "
+                                 "AgentFrame (%s); ending the stream", frame.size, frame.error,
+                                 peer=host_peer(hello.host))
                 assert isinstance(frame, broker_pb2.AgentFrame)
                 session.last_read = time.monotonic()
                 present = frame.ListFields()
@@ -207,8 +219,8 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
         for report in frame.filter_reports:
             failed = [e for e in report.errnos if e]
             if failed:
-                log.error("host %s vm %d: the kernel refused filter records: errnos %s",
-                          session.host, report.vm_id, list(report.errnos))
+                peers.log.error(host_peer(session.host), "vm %d: the kernel refused filter "
+                                "records: errnos %s", report.vm_id, list(report.errnos))
         if frame.calls:
             dispatcher.on_calls(session, frame.calls, t_frame)
 
@@ -257,6 +269,9 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     async def GetPolicy(self, request: admin_pb2.GetPolicyRequest,
                         context: grpc.aio.ServicerContext[object, object]) -> admin_pb2.PolicyText:
         policies = self.dispatcher.policies
+        if request.version > MAX_POLICY_VERSION:
+            await refuse(context, "bad_request", "Admin.GetPolicy: version %d is out of range "
+                         "(1..%d)", request.version, MAX_POLICY_VERSION)
         version = request.version or (policies.current.version if policies.current else 0)
         stored = await self.dispatcher.store.get_policy(version)
         if stored is None:

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hyperbroker.runtime.loglimit import PeerLog
 from hyperbroker.tee import metrics
 from hyperbroker.tee.gp import (
     ANONYMOUS_LOGINS,
@@ -44,6 +45,8 @@ from hyperbroker.tee.ta import (
 )
 
 log = logging.getLogger("hyperbroker.tee")
+# A guest can make a TA fail on every call: those lines (tracebacks) are bounded per VM.
+ta_log = PeerLog(log)
 
 DEFAULT_MAX_SESSIONS_PER_VM = 32
 
@@ -196,7 +199,7 @@ class TeeService:
         try:
             ret, context = await app.open_session(op)
         except Exception:
-            log.exception("TA %s panicked in open_session for %s", app.name, vm)
+            ta_log.error(f"vm {vm}", "TA %s panicked in open_session", app.name, exc_info=True)
             return Reply.error(TeeResult.TARGET_DEAD)
         finally:
             metrics.ta_seconds(app.name, "open_session").observe(time.perf_counter() - started)
@@ -291,7 +294,7 @@ async def _quietly_close(app: TrustedApp, context: object) -> None:
     try:
         await app.close_session(context)
     except Exception:
-        log.exception("TA %s failed in close_session", app.name)
+        ta_log.error(f"TA {app.name}", "failed in close_session", exc_info=True)
 
 
 def _check_params(params: Sequence[Param]) -> bool:

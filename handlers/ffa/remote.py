@@ -39,10 +39,12 @@ from hyperbroker.handlers.ffa.partitions import (
     Reply,
     SharedMemory,
 )
+from hyperbroker.runtime.loglimit import PeerLog
 from hyperbroker.runtime.tls import TlsFiles
 from hyperbroker.wire.v1 import ffa_partition_pb2 as pb
 
-log = logging.getLogger("hyperbroker.handlers.ffa.remote")
+# A partition service (or a guest that makes it fail) may fail every call: bounded per partition.
+log = PeerLog(logging.getLogger("hyperbroker.handlers.ffa.remote"))
 
 SERVICE = "hyperbroker.v1.FfaPartition"
 METHOD_DIRECT = f"/{SERVICE}/DirectMessage"
@@ -100,9 +102,13 @@ class RemotePartition(Partition):
                                                         self.tls.channel_credentials())
         return self._channel
 
+    @property
+    def peer(self) -> str:
+        return f"partition {self.info.name}"
+
     def _unreachable(self, what: str, err: grpc.aio.AioRpcError) -> FfaError:
-        log.warning("partition %s at %s: %s failed: %s %s", self.info.name, self.target, what,
-                    err.code(), err.details())
+        log.warning(self.peer, "at %s: %s failed: %s %s", self.target, what, err.code(),
+                    err.details())
         metrics.set_up(self.info.name, False)
         return FfaError.ABORTED
 
@@ -128,8 +134,7 @@ class RemotePartition(Partition):
             for _ in range(MAX_ACCESSES_PER_REQUEST):
                 out = await call.read()
                 if not isinstance(out, pb.FfaPartitionOutbound):  # grpc.aio.EOF
-                    log.warning("partition %s closed a request without answering",
-                                self.info.name)
+                    log.warning(self.peer, "closed a request without answering")
                     return FfaError.ABORTED
                 if out.HasField("response"):
                     metrics.set_up(self.info.name, True)
@@ -139,14 +144,13 @@ class RemotePartition(Partition):
                     return FfaError.ABORTED
                 result = await _serve_access(out.access, memory)
                 await call.write(pb.FfaPartitionInbound(memory=result))
-            log.warning("partition %s exceeded %d memory accesses", self.info.name,
-                        MAX_ACCESSES_PER_REQUEST)
+            log.warning(self.peer, "exceeded %d memory accesses", MAX_ACCESSES_PER_REQUEST)
             return FfaError.ABORTED
         except grpc.aio.AioRpcError as err:
             return self._unreachable("DirectMessage", err)
         except (grpc.aio.UsageError, asyncio.InvalidStateError) as err:
             # The service ended the stream while we were still writing to it.
-            log.warning("partition %s broke the DirectMessage stream: %r", self.info.name, err)
+            log.warning(self.peer, "broke the DirectMessage stream: %r", err)
             return FfaError.ABORTED
         finally:
             call.cancel()

@@ -63,6 +63,7 @@ METRICS: Mapping[str, Metric] = {
     "hyperbroker_broker_memory_bytes_total": _m("counter", "direction"),
     "hyperbroker_broker_rate_limited_total": _m("counter"),
     "hyperbroker_broker_policy_version": _m("gauge"),
+    "hyperbroker_broker_malformed_total": _m("counter", "reason"),
     # agent
     "hyperbroker_agent_call_duration_seconds": _m("histogram", "source", "outcome"),
     "hyperbroker_agent_calls_in_flight": _m("gauge"),

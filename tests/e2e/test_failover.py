@@ -11,7 +11,12 @@ by exactly one for every OK answer and for nothing else (no effect applied twice
 behind a fallback), so the OK answers of a VM are exactly 1..N and its next call returns N+1;
 each vCPU shares and unshares a granule of its own in turn (memshare), and none of those is
 ever refused (a share applied twice, or behind a fallback, would make the next one fail); each
-VM's FF-A endpoint ID is the same before and after.
+VM's FF-A endpoint ID is the same before and after. vCPU 0 of each VM also shares a page with
+an FF-A partition and reclaims it (FFA_MEM_SHARE/FFA_MEM_RECLAIM: a second share of a page still
+shared is DENIED), and powers a fifth vCPU on, which powers itself off (PSCI CPU_ON/CPU_OFF: a
+CPU_ON of a vCPU still on is ALREADY_ON or ON_PENDING); none of those is refused, both go on
+after the kill, and at the end every page can be shared again and every fifth vCPU is off
+(AFFINITY_INFO), on whichever replica now serves the host.
 """
 
 from __future__ import annotations
@@ -26,6 +31,13 @@ from pathlib import Path
 import pytest
 
 from hyperbroker.calls import Outcome
+from hyperbroker.handlers.ffa import abi as ffa
+from hyperbroker.handlers.ffa.descriptors import (
+    Constituent,
+    EndpointAccess,
+    build_mem_transaction,
+    encode_mem_transaction,
+)
 from hyperbroker.testing.procs import (
     AgentProcess,
     Broker,
@@ -35,7 +47,7 @@ from hyperbroker.testing.procs import (
     start_agent,
     start_broker,
 )
-from hyperbroker.testing.vmm import VmmClient
+from hyperbroker.testing.vmm import GuestRam, VmmClient
 
 from .conftest import plugin_env
 
@@ -44,13 +56,18 @@ pytestmark = pytest.mark.slow
 INCREMENT = 0x8200_0001
 MEM_SHARE, MEM_UNSHARE = 0xC600_0003, 0xC600_0004  # pKVM memshare: a granule shared or not
 FFA_VERSION, FFA_ID_GET, FFA_V1_2 = 0x8400_0063, 0x8400_0069, 0x1_0002
-RAM = 0x4000_0000
+CPU_OFF, CPU_ON64, AFFINITY_INFO64 = 0x8400_0002, 0xC400_0003, 0xC400_0004  # Arm DEN0022 §5.1
+AFFINITY_OFF = 1  # AFFINITY_INFO: PSCI_0_2_AFFINITY_LEVEL_OFF (include/uapi/linux/psci.h)
+RAM, RAM_SIZE = 0x4000_0000, 4 * 1024 * 1024
+TX, RX, SHARED_PAGE = RAM + 0x10_0000, RAM + 0x11_0000, RAM + 0x20_0000  # FF-A buffers, a page
+SHA_PARTITION = 0x8002  # the FF-A handler's built-in SHA-256 partition: the share's receiver
 DEADLINE_MS = 8000  # longer than a failover takes, so no committed call is lost to a fallback
 POLICY = f"""\
 handlers:
   counter: {{plugin: test-counter}}
   memshare: {{}}
   ffa: {{}}
+  psci: {{}}
 profiles:
   default:
     rules:
@@ -59,8 +76,14 @@ profiles:
       - {{name: pkvm, abi: vendor-hyp, action: forward, handler: memshare,
           deadline_ms: {DEADLINE_MS}}}
       - {{name: ffa, abi: ffa, action: forward, handler: ffa, deadline_ms: {DEADLINE_MS}}}
+      - {{name: psci, abi: psci, action: forward, handler: psci, deadline_ms: {DEADLINE_MS}}}
 """
 HOSTS, VMS, VCPUS = 2, 4, 4  # 8 VMs x 4 vCPUs in all
+# One more vCPU per VM that vCPU 0 powers on (PSCI CPU_ON) and that then powers itself off
+# (CPU_OFF), in turn: a power state applied twice, or behind a fallback, makes the next CPU_ON
+# fail (ALREADY_ON or ON_PENDING).
+SECONDARY = VCPUS
+SECONDARY_MPIDR = SECONDARY  # KVM's reset_mpidr: Aff0 = the vCPU index below 16
 
 
 def serving(brokers: list[Broker], host: str) -> Broker:
@@ -98,8 +121,10 @@ async def test_killing_the_replica_serving_a_host_loses_nothing(
             agents.append(start_agent(lb.address, f"host-f{h}", tmp_path / f"a{h}",
                                       log_level="info"))
             clients.append(await VmmClient.connect(str(agents[-1].socket), "seqpacket"))
-        regs = [[await clients[h].register(f"vm-{v}", VCPUS) for v in range(VMS)]
+        rams = [[GuestRam(RAM, RAM_SIZE, f"ram-{h}-{v}") for v in range(VMS)]
                 for h in range(HOSTS)]
+        regs = [[await clients[h].register(f"vm-{v}", VCPUS + 1, ram=rams[h][v])
+                 for v in range(VMS)] for h in range(HOSTS)]
 
         async def endpoint_ids() -> list[int]:
             ids = []
@@ -111,7 +136,41 @@ async def test_killing_the_replica_serving_a_host_loses_nothing(
 
         ffa_ids = await endpoint_ids()
         assert len(set(ffa_ids)) == HOSTS * VMS
+        for h in range(HOSTS):
+            for v in range(VMS):
+                r = await clients[h].call(regs[h][v].vm_id, 0, ffa.FFA_RXTX_MAP_64, [TX, RX, 1])
+                assert r.x[0] == ffa.FFA_SUCCESS_32, r
+
+        async def ffa_share_and_reclaim(h: int, v: int) -> None:
+            """FF-A MEM_SHARE of the VM's page with the SHA partition, then MEM_RECLAIM: a
+            share applied twice or behind a fallback leaves the page shared, and the next
+            MEM_SHARE of it is refused."""
+            vm_id = regs[h][v].vm_id
+            desc = encode_mem_transaction(build_mem_transaction(
+                FFA_V1_2, ffa_ids[h * VMS + v] & 0xFFFF,
+                (EndpointAccess(SHA_PARTITION, 0x2 | 0x1 << 2),), (Constituent(SHARED_PAGE, 1),),
+                attributes=0x2F, flags=0))
+            rams[h][v].write(TX, desc)
+            r = await clients[h].call(vm_id, 0, ffa.FFA_MEM_SHARE_64, [len(desc), len(desc), 0, 0],
+                                      timeout=DEADLINE_MS / 1e3 + 20)
+            if r.outcome == Outcome.FALLBACK:
+                other.append((h, v, Outcome(r.outcome)))
+                return  # the broker undoes a share the guest did not see
+            if r.x[0] != ffa.FFA_SUCCESS_32:
+                refused.append((h, v, 0, ffa.FFA_MEM_SHARE_64))
+                return
+            shares.append((h, v))
+            while True:  # as a guest's driver does: reclaim until it is answered
+                rc = await clients[h].call(vm_id, 0, ffa.FFA_MEM_RECLAIM, [r.x[2], r.x[3], 0],
+                                           timeout=DEADLINE_MS / 1e3 + 20)
+                if rc.outcome != Outcome.FALLBACK:
+                    break
+                other.append((h, v, Outcome(rc.outcome)))
+            if rc.x[0] != ffa.FFA_SUCCESS_32:
+                refused.append((h, v, 0, ffa.FFA_MEM_RECLAIM))
         refused: list[tuple[int, int, int, int]] = []
+        powered: list[tuple[int, int]] = []
+        shares: list[tuple[int, int]] = []
 
         async def vcpu(h: int, v: int, cpu: int) -> None:
             vm_id = regs[h][v].vm_id
@@ -131,12 +190,26 @@ async def test_killing_the_replica_serving_a_host_loses_nothing(
                     shared = not shared
                 elif r.outcome != Outcome.FALLBACK:
                     refused.append((h, v, cpu, fid))
+                if cpu == 0:
+                    await ffa_share_and_reclaim(h, v)
+                    r = await clients[h].call(vm_id, 0, CPU_ON64, [SECONDARY_MPIDR, RAM, 0],
+                                              timeout=DEADLINE_MS / 1e3 + 20)
+                    if r.outcome == Outcome.OK and r.x[0] == 0:
+                        powered.append((h, v))
+                        # The secondary's first call shows it running; it stops at once.
+                        r = await clients[h].call(vm_id, SECONDARY, CPU_OFF,
+                                                  timeout=DEADLINE_MS / 1e3 + 20)
+                        if r.outcome == Outcome.FALLBACK:
+                            other.append((h, v, Outcome(r.outcome)))
+                    elif r.outcome != Outcome.FALLBACK:
+                        refused.append((h, v, cpu, CPU_ON64))
                 await asyncio.sleep(0.02)
 
         tasks = [asyncio.create_task(vcpu(h, v, c)) for h in range(HOSTS) for v in range(VMS)
                  for c in range(VCPUS)]
         await asyncio.sleep(1.5)
         before = sum(len(x) for x in ok.values())
+        powered_before, shares_before = len(powered), len(shares)
         victim = serving(brokers, "host-f0")
         victim.process.signal(signal.SIGKILL)
         await asyncio.to_thread(victim.process.stop)
@@ -159,16 +232,34 @@ async def test_killing_the_replica_serving_a_host_loses_nothing(
             assert final.x[1] == len(seen) + 1, (h, v, final.x[1], len(seen))
         print(f"failover: {after} OK counter calls ({before} before the kill), as many memshare "
               f"calls, {len(other)} fallbacks, {len(late)} answered after deadline + 50 ms, "
-              f"{len(refused)} shares refused")
+              f"{len(refused)} shares, reclaims or CPU_ONs refused, {len(powered)} CPU_ON/CPU_OFF "
+              f"cycles, {len(shares)} FF-A MEM_SHARE/MEM_RECLAIM cycles")
         assert late == []
         assert refused == []
         assert await endpoint_ids() == ffa_ids
+        # Every secondary ended powered off (its last CPU_OFF held), on whichever replica.
+        for h in range(HOSTS):
+            for v in range(VMS):
+                r = await clients[h].call(regs[h][v].vm_id, 0, AFFINITY_INFO64,
+                                          [SECONDARY_MPIDR, 0], timeout=30)
+                assert (r.outcome, r.x[0]) == (Outcome.OK, AFFINITY_OFF), (h, v, r)
+        assert len(powered) >= HOSTS * VMS  # each VM's secondary was powered on at least once
+        assert len(powered) > powered_before  # and power cycles went on after the kill
+        assert len(shares) > shares_before
+        for h in range(HOSTS):  # nothing is left shared: each VM's page can be shared again
+            for v in range(VMS):
+                before_final = len(shares)
+                await ffa_share_and_reclaim(h, v)
+                assert len(shares) == before_final + 1, (h, v, refused[-3:])
         assert after > before  # the fleet kept serving after the kill
         assert all(o is Outcome.FALLBACK for _, _, o in other), other
     finally:
         stop.set()
         for c in clients:
             c.close()
+        for row in locals().get("rams", []):
+            for ram in row:
+                ram.close()
         for a in agents:
             a.process.stop()
         lb.stop()
