@@ -66,12 +66,15 @@ class AgentConfig:
     metrics_listen: str | None = None
     tls: TlsFiles | None = None
     busy_poll_us: float = 0.0  # hyperbroker.runtime.busypoll; 0: sleep whenever idle
+    keepalive_s: float = 2.0  # BrokerLink: the stream's own liveness check
+    silence_s: float = 8.0
 
 
 class Agent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
-        self.link = BrokerLink(self, config.broker, config.host_id, config.tls)
+        self.link = BrokerLink(self, config.broker, config.host_id, config.tls,
+                               keepalive_s=config.keepalive_s, silence_s=config.silence_s)
         self.policies: dict[int, AgentPolicy] = {}
         self.policy: AgentPolicy | None = None
         self._policy_ready = asyncio.Event()

@@ -39,12 +39,24 @@ class LinkOwner(Protocol):
 
 class BrokerLink:
     def __init__(self, owner: LinkOwner, target: str, host: str, tls: TlsFiles | None = None,
-                 *, backoff_initial_s: float = 0.05, backoff_max_s: float = 5.0) -> None:
+                 *, backoff_initial_s: float = 0.05, backoff_max_s: float = 5.0,
+                 keepalive_s: float = 2.0, silence_s: float = 8.0) -> None:
         self.owner = owner
         self.target = target
         self.host = host
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
+        # The stream's own liveness check (AgentFrame.keepalive, echoed by the broker): HTTP/2
+        # pings prove only the next hop, and behind an HTTP/2 proxy that is the proxy, so a
+        # broker that is paused or wedged would hold its hosts for ever. After keepalive_s
+        # without a frame from the broker the agent sends a keepalive; after silence_s the
+        # stream is given up and the agent reconnects (through the proxy, to a live replica).
+        self.keepalive_s = keepalive_s
+        self.silence_s = silence_s
+        self.last_rx = 0.0
+        self._echoed = False  # the broker answers keepalives (older brokers do not)
+        self._given_up: str | None = None
+        self._watchdog: asyncio.TimerHandle | None = None
         self.tls = tls
         self._tls_stamp = tls_stamp(tls) if tls is not None else ()
         self._reload_tls = False
@@ -138,6 +150,7 @@ class BrokerLink:
         if exc is not None:
             if self._call is not None and not isinstance(exc, asyncio.CancelledError):
                 log.warning("write to broker %s failed: %r", self.target, exc)
+                self._given_up = f"write failed: {exc!r}"
                 self._call.cancel()  # the reader sees the stream end and reconnects
             return
         self.flush_soon()
@@ -155,6 +168,9 @@ class BrokerLink:
                 if self.up or attempt == 0:
                     log.warning("broker stream to %s ended: %s %s", self.target, e.code().name,
                                 e.details())
+            except (ConnectionError, TimeoutError) as e:
+                log.log(logging.WARNING if self.up or attempt == 0 else logging.DEBUG,
+                        "broker stream to %s ended: %s", self.target, e)
             except Exception:
                 log.exception("broker stream to %s failed", self.target)
             finally:
@@ -173,12 +189,18 @@ class BrokerLink:
     async def _session(self) -> None:
         call = self.stub.Connect()
         self._call = call
+        self._given_up = None
         try:
-            await call.write(broker_pb2.AgentFrame(hello=broker_pb2.AgentHello(
-                host=self.host, agent_version=__version__, protocol=PROTOCOL_VERSION,
-                policy_version=self.owner.policy_version, resumed=self.connects > 0,
-                live_vms=self.owner.live_vms(), reconcile=True)))
-            first = await call.read()
+            try:
+                async with asyncio.timeout(self.silence_s):  # a paused broker never welcomes
+                    await call.write(broker_pb2.AgentFrame(hello=broker_pb2.AgentHello(
+                        host=self.host, agent_version=__version__, protocol=PROTOCOL_VERSION,
+                        policy_version=self.owner.policy_version, resumed=self.connects > 0,
+                        live_vms=self.owner.live_vms(), reconcile=True)))
+                    first = await call.read()
+            except TimeoutError:
+                metrics.BROKER_SILENT.inc()
+                raise TimeoutError(f"no welcome within {self.silence_s:g} s") from None
             if first is grpc.aio.EOF:
                 raise ConnectionError("broker closed the stream before its welcome")
             assert isinstance(first, broker_pb2.BrokerFrame)
@@ -198,17 +220,56 @@ class BrokerLink:
             log.info("broker stream to %s up (broker %s, policy v%d)", self.target,
                      first.welcome.broker_id, first.welcome.policy.version)
             self.flush_soon()
-            while True:
-                frame = await call.read()
-                if frame is grpc.aio.EOF:
-                    break
-                assert isinstance(frame, broker_pb2.BrokerFrame)
-                if frame.HasField("drain"):
-                    log.info("broker asks to drain: %s", frame.drain.reason)
-                self.owner.on_broker_frame(frame)
+            self.last_rx = time.monotonic()
+            self._echoed = False
+            self._watchdog = asyncio.get_running_loop().call_later(self.keepalive_s,
+                                                                   self._watch, call)
+            try:
+                while True:
+                    frame = await call.read()
+                    if frame is grpc.aio.EOF:
+                        break
+                    assert isinstance(frame, broker_pb2.BrokerFrame)
+                    self.last_rx = time.monotonic()
+                    if frame.HasField("keepalive"):
+                        self._echoed = True
+                        if len(frame.ListFields()) == 1:
+                            continue
+                    self._on_frame(frame)
+            finally:
+                if self._watchdog is not None:
+                    self._watchdog.cancel()
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if self._given_up is None or (task is not None and task.cancelling()):
+                raise
+            raise ConnectionError(self._given_up) from None
         finally:
             self._call = None
             call.cancel()
+
+    def _watch(self, call: grpc.aio.StreamStreamCall[broker_pb2.AgentFrame,
+                                                     broker_pb2.BrokerFrame]) -> None:
+        """Runs every keepalive_s while the stream is up: one timer, no task."""
+        if self._call is None or self._call is not call:  # that stream has ended
+            return
+        quiet = time.monotonic() - self.last_rx
+        if self._echoed and quiet >= self.silence_s:
+            metrics.BROKER_SILENT.inc()
+            self._given_up = f"no frame from the broker for {quiet:.1f} s"
+            call.cancel()
+            return
+        if quiet >= self.keepalive_s:
+            self.frame.keepalive.sent_ns = time.monotonic_ns()
+            self.mark()
+            self.flush_soon()
+        self._watchdog = asyncio.get_running_loop().call_later(self.keepalive_s, self._watch,
+                                                               call)
+
+    def _on_frame(self, frame: broker_pb2.BrokerFrame) -> None:
+        if frame.HasField("drain"):
+            log.info("broker asks to drain: %s", frame.drain.reason)
+        self.owner.on_broker_frame(frame)
 
     async def close(self) -> None:
         self._stopping = True

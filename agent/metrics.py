@@ -41,6 +41,9 @@ STREAM_UP = Gauge("hyperbroker_agent_broker_stream_up", "1 while the broker stre
                   registry=AGENT)
 RECONNECTS = Counter("hyperbroker_agent_reconnects_total", "Broker streams re-opened",
                      registry=AGENT)
+BROKER_SILENT = Counter("hyperbroker_agent_broker_silent_total",
+                        "Broker streams given up: no welcome, or no frame (not even a keepalive "
+                        "echo), within --broker-silence", registry=AGENT)
 VMS = Gauge("hyperbroker_agent_vms", "VMs registered on this host", registry=AGENT)
 VMM_CONNECTIONS = Gauge("hyperbroker_agent_vmm_connections", "VMM sockets connected",
                         registry=AGENT)

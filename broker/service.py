@@ -216,6 +216,8 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
             dispatcher.divergent(session, ref.vm_id, ref.vcpu, ref.seq)
         for reset in frame.vms_reset:
             dispatcher.reset_vm(session, reset.vm_id, reset.request_id)
+        if frame.HasField("keepalive"):
+            session.queue_keepalive(frame.keepalive.sent_ns)
         for report in frame.filter_reports:
             failed = [e for e in report.errnos if e]
             if failed:

@@ -155,6 +155,13 @@ class HostSession:
         self._dirty = True
         self.wake()
 
+    def queue_keepalive(self, sent_ns: int) -> None:
+        """Echo an agent's keepalive: it proves this process, not a proxy, reads the stream."""
+        self._frame.keepalive.echo_ns = sent_ns
+        self._frame.keepalive.sent_ns = time.monotonic_ns()
+        self._dirty = True
+        self.wake()
+
     def queue_drain(self, reason: str) -> None:
         self._frame.drain.reason = reason
         self._dirty = True

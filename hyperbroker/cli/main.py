@@ -118,6 +118,13 @@ def non_negative(text: str) -> float:
     return value
 
 
+def positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be > 0, not {text}")
+    return value
+
+
 def cmd_agent(args: argparse.Namespace) -> int:
     from hyperbroker.agent.core import AgentConfig
     from hyperbroker.agent.server import run_agent
@@ -130,11 +137,16 @@ def cmd_agent(args: argparse.Namespace) -> int:
     if problem:
         print(f"hyperbroker agent: --host-id: {problem}", file=sys.stderr)
         return 2
+    if args.broker_silence < 2 * args.broker_keepalive:
+        print("hyperbroker agent: --broker-silence must be at least twice --broker-keepalive",
+              file=sys.stderr)
+        return 2
     config = AgentConfig(
         broker=args.broker, host_id=args.host_id,
         socket_path=Path(args.socket) if args.socket else None,
         stream_socket_path=Path(args.stream_socket) if args.stream_socket else None,
-        metrics_listen=args.metrics_listen, tls=_tls(args), busy_poll_us=args.busy_poll_us)
+        metrics_listen=args.metrics_listen, tls=_tls(args), busy_poll_us=args.busy_poll_us,
+        keepalive_s=args.broker_keepalive, silence_s=args.broker_silence)
     return run_loop(run_agent(config))
 
 
@@ -271,6 +283,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--busy-poll-us", type=non_negative, default=0.0, metavar="US",
                    help="keep polling this long after each call and broker frame instead of "
                         "sleeping: lower latency for up to a core of CPU (0: off)")
+    p.add_argument("--broker-keepalive", type=positive, default=2.0, metavar="S",
+                   help="send a keepalive after this long without a frame from the broker")
+    p.add_argument("--broker-silence", type=positive, default=8.0, metavar="S",
+                   help="give the stream up and reconnect after this long without any frame "
+                        "from a broker that echoes keepalives; also the wait for a welcome")
     _tls_args(p)
     _config_arg(p)
     p.set_defaults(func=cmd_agent)
