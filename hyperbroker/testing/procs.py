@@ -133,15 +133,35 @@ def start_agent(broker_address: str, host_id: str, socket_dir: Path | None = Non
                 metrics: bool = True, log_level: str = "warning",
                 extra: list[str] | None = None, env: dict[str, str] | None = None
                 ) -> AgentProcess:
+    return start_agents(broker_address, [host_id], socket_dir, metrics=metrics,
+                        log_level=log_level, extra=extra, env=env)[0]
+
+
+def start_agents(broker_address: str, host_ids: list[str], socket_dir: Path | None = None, *,
+                 metrics: bool = True, log_level: str = "warning",
+                 extra: list[str] | None = None, env: dict[str, str] | None = None,
+                 timeout: float = 20.0) -> list[AgentProcess]:
+    """One agent per host id, all started before any is waited for (fifty agents start in
+    the time of a few). `timeout` bounds the wait for each one's ready line."""
     d = socket_dir or Path(tempfile.mkdtemp(prefix="hb-agent-"))
-    sock, stream = d / f"{host_id}.sock", d / f"{host_id}-stream.sock"
-    args = ["--log-level", log_level, "agent", "--broker", broker_address, "--host-id", host_id,
-            "--socket", str(sock), "--stream-socket", str(stream)]
-    if metrics:
-        args += ["--metrics-listen", "127.0.0.1:0"]
-    mp = spawn_cli(f"agent-{host_id}", args + (extra or []), env)
-    m = mp.wait_for(r"ready: .*?(?:metrics on :(\d+))?$")
-    return AgentProcess(mp, sock, stream, int(m.group(1)) if m.group(1) else None)
+    started = []
+    for host_id in host_ids:
+        sock, stream = d / f"{host_id}.sock", d / f"{host_id}-stream.sock"
+        args = ["--log-level", log_level, "agent", "--broker", broker_address, "--host-id",
+                host_id, "--socket", str(sock), "--stream-socket", str(stream)]
+        if metrics:
+            args += ["--metrics-listen", "127.0.0.1:0"]
+        started.append((spawn_cli(f"agent-{host_id}", args + (extra or []), env), sock, stream))
+    agents = []
+    try:
+        for mp, sock, stream in started:
+            m = mp.wait_for(r"ready: .*?(?:metrics on :(\d+))?$", timeout)
+            agents.append(AgentProcess(mp, sock, stream, int(m.group(1)) if m.group(1) else None))
+    except BaseException:
+        for mp, _, _ in started:
+            mp.stop()
+        raise
+    return agents
 
 
 @dataclass

@@ -55,3 +55,54 @@ def test_the_noisy_neighbour_benchmark_prints_every_setting() -> None:
         line = next(x for x in out.stdout.splitlines() if x.startswith(setting + " "))
         b_not_ok = line.split()[-3]
         assert b_not_ok == "0", line  # the quiet VM, under its rate, is always served
+
+
+def test_the_sporadic_benchmark_reports_latency_and_cpu_per_call_against_the_echo(
+        tmp_path: Path) -> None:
+    out_file = tmp_path / "sporadic.json"
+    out = subprocess.run([sys.executable, "-m", "hyperbroker.cli", "bench", "--sporadic",
+                          "--rates", "100", "--seconds", "1", "--rounds", "1", "--vcpus", "2",
+                          "--json", str(out_file)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "round 1/1, 100 calls/s per vCPU: forwarded" in out.stderr  # progress lines
+    assert "100 calls/s: p50 = " in out.stdout and "agent = " in out.stdout
+    report = json.loads(out_file.read_text())
+    (row,) = report["rounds"]
+    echo, fwd = row["echo"], row["forwarded"]
+    for fig in (echo, fwd):
+        assert fig["calls"] == 200  # 2 vCPUs x 100 calls/s x 1 s
+        assert 0 < fig["p50_us"] <= fig["p99_us"]
+    for cpu in (echo["echo_server_cpu_per_message"], fwd["broker_cpu_per_call"],
+                fwd["agent_cpu_per_call"]):
+        assert cpu["user_us"] >= 0 and cpu["system_us"] >= 0
+        assert cpu["total_us"] == pytest.approx(cpu["user_us"] + cpu["system_us"])
+    # Something ran: a second of calls costs the agent and the broker at least a clock tick.
+    assert fwd["broker_cpu_per_call"]["total_us"] > 0 and fwd["agent_cpu_per_call"]["total_us"] > 0
+    assert set(report["ratios"]["100"]) == {"p50_vs_echo", "p99_vs_echo",
+                                            "broker_cpu_vs_echo_server",
+                                            "agent_cpu_vs_echo_server"}
+
+
+def test_the_scale_benchmark_reports_latency_cpu_and_memory_of_broker_and_agents(
+        tmp_path: Path) -> None:
+    out_file = tmp_path / "scale.json"
+    out = subprocess.run([sys.executable, "-m", "hyperbroker.cli", "bench", "--scale",
+                          "--agents", "2", "--vms", "4", "--vcpus", "2", "--rate", "20",
+                          "--seconds", "2", "--json", str(out_file)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "registering 4 VMs x 2 vCPUs" in out.stderr
+    assert "broker: CPU " in out.stdout and "p99.9" in out.stdout
+    r = json.loads(out_file.read_text())
+    assert (r["agents"], r["vms"], r["vcpus_per_vm"]) == (2, 4, 2)
+    assert r["calls"] > 0 and 0 <= r["not_ok"] < r["calls"]  # fallbacks only if the machine stalls
+    assert 0 < r["p50_us"] <= r["p99_us"] <= r["p999_us"]
+    assert r["broker"]["rss_mib"] > 10 and r["agent_each"]["rss_mib_max"] > 10
+    assert r["broker"]["cpu_pct_of_core"] > 0 and r["agents_total"]["cpu_pct_of_core"] > 0
+
+
+def test_the_benchmark_modes_are_one_at_a_time() -> None:
+    out = subprocess.run([sys.executable, "-m", "hyperbroker.cli", "bench", "--sporadic",
+                          "--scale"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert "give one of --sporadic, --scale, --noisy-neighbour" in out.stderr

@@ -6,7 +6,6 @@ Its latency effect is measured by `hyperbroker bench` (docs/performance.md), not
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import pytest
 
 from hyperbroker.calls import Outcome
 from hyperbroker.testing.procs import AgentProcess, Broker, start_agent
+from hyperbroker.testing.procstat import cpu_times
 from hyperbroker.testing.vmm import VmmClient
 from hyperbroker.wire.vmm import ResultSource
 
@@ -29,11 +29,6 @@ def polling_agent(tmp_path: Path, broker: Broker) -> Iterator[AgentProcess]:
     a.process.stop()
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
-
-
 async def test_a_busy_polling_agent_answers_and_then_sleeps(polling_agent: AgentProcess) -> None:
     client = await VmmClient.connect(str(polling_agent.socket), "seqpacket")
     reg = await client.register("vm-poll", 1)
@@ -44,7 +39,7 @@ async def test_a_busy_polling_agent_answers_and_then_sleeps(polling_agent: Agent
     # few ticks for timers and keepalives, but nowhere near the second a spinning loop would.
     await asyncio.sleep(0.1)
     pid = polling_agent.process.proc.pid
-    before = cpu_seconds(pid)
+    before = cpu_times(pid).total_s
     await asyncio.sleep(1.0)
-    assert cpu_seconds(pid) - before < 0.2
+    assert cpu_times(pid).total_s - before < 0.2
     client.close()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import socket
@@ -24,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -114,19 +116,43 @@ class EchoBaseline:
         self._msg = call_sized_message()
         return self
 
+    @property
+    def server_pid(self) -> int:
+        return self._proc.pid
+
     async def run(self, n: int) -> Figures:
-        stream, msg = self._stream, self._msg
         for _ in range(100):  # warm-up
-            await stream.write(msg)
-            await stream.read()
+            await self._stream.write(self._msg)
+            await self._stream.read()
         lat: list[int] = []
         t0 = time.perf_counter()
-        for _ in range(n):
+        await self._ping_pong(self._stream, [0.0] * n, lat)
+        return _figures("grpc echo ping-pong (baseline)", 1, lat, time.perf_counter() - t0)
+
+    async def _ping_pong(self, stream: grpc.aio.StreamStreamCall[bytes, bytes],
+                         gaps: list[float], lat: list[int]) -> None:
+        """One message per gap, each sent `gap` seconds after the previous echo came back."""
+        msg = self._msg
+        for gap in gaps:
+            if gap:
+                await asyncio.sleep(gap)
             t = time.perf_counter_ns()
             await stream.write(msg)
             await stream.read()
             lat.append(time.perf_counter_ns() - t)
-        return _figures("grpc echo ping-pong (baseline)", 1, lat, time.perf_counter() - t0)
+
+    async def run_gapped(self, gaps: list[list[float]]) -> list[int]:
+        """One stream per list of gaps (a vCPU each), all at once: the round trips."""
+        streams = [self._stream] + [self._channel.stream_stream(ECHO_METHOD)()
+                                    for _ in gaps[1:]]
+        lat: list[int] = []
+        try:
+            await asyncio.gather(*(self._ping_pong(s, g, lat) for s, g in zip(streams, gaps,
+                                                                                strict=True)))
+        finally:
+            for s in streams[1:]:
+                s.cancel()
+        return lat
 
     async def __aexit__(self, *exc: object) -> None:
         self._stream.cancel()
@@ -166,8 +192,18 @@ class LoadGenerator:
                 fut.set_result(time.perf_counter_ns())
 
     async def vcpu(self, vm_id: int, vcpu: int, tag_base: int, n: int, lat: list[int],
-                   stateful: bool = False, first_seq: int = 1) -> None:
-        for seq in range(first_seq, first_seq + n):
+                   stateful: bool = False, first_seq: int = 1,
+                   gaps: Iterator[float] | None = None) -> None:
+        """`n` calls back to back, or with `gaps`: each call that many seconds after the
+        previous result, for as long as `gaps` yields."""
+        seqs: Iterable[int] = range(first_seq, first_seq + n) if gaps is None else \
+            itertools.count(first_seq)
+        for seq in seqs:
+            if gaps is not None:
+                gap = next(gaps, None)
+                if gap is None:
+                    return
+                await asyncio.sleep(gap)
             tag = tag_base + seq
             fut = self.loop.create_future()
             self.waiters[tag] = fut
@@ -203,11 +239,15 @@ def ok_timing(data: bytes) -> tuple[int, int, int, int] | None:
 
 
 def vcpu_thread(sock: socket.socket, vm_id: int, first_seq: int, n: int,
-                timings: list[tuple[int, int, int, int]], stateful: bool = False) -> list[int]:
-    """One vCPU as a VMM's vCPU thread runs it: send the exit, block until the result."""
+                timings: list[tuple[int, int, int, int]], stateful: bool = False,
+                gaps: list[float] | None = None) -> list[int]:
+    """One vCPU as a VMM's vCPU thread runs it: send the exit, block until the result; with
+    `gaps`, the guest runs gaps[i] seconds before call i (and `n` is len(gaps))."""
     lat = []
     errors = 0
     for seq in range(first_seq, first_seq + n):
+        if gaps:
+            time.sleep(gaps[seq - first_seq])
         frame = (share_call if stateful else rnd64_call)(vm_id, 0, seq, seq)
         t = time.perf_counter_ns()
         sock.send(frame)
