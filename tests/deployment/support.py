@@ -70,6 +70,7 @@ METRICS: Mapping[str, Metric] = {
     "hyperbroker_agent_fallbacks_total": _m("counter", "reason"),
     "hyperbroker_agent_broker_stream_up": _m("gauge"),
     "hyperbroker_agent_reconnects_total": _m("counter"),
+    "hyperbroker_agent_broker_silent_total": _m("counter"),
     "hyperbroker_agent_vms": _m("gauge"),
     "hyperbroker_agent_vmm_connections": _m("gauge"),
     "hyperbroker_agent_protocol_errors_total": _m("counter", "code"),

@@ -1,9 +1,9 @@
 """Failover under load (issue 11, item 5): three broker replicas on one Redis behind HAProxy
 (the shipped deploy/haproxy/hyperbroker.cfg), two real agents, 8 VMs x 4 vCPUs making stateful
 calls; the replica serving a host is killed with SIGKILL mid-run. (A replica paused past its
-lease while its host moves on is tested in test_replicas.py: behind an HTTP/2 proxy that answers
-the agents' keepalive pings itself, a paused replica's agents do not move, see
-docs/operations.md.)
+lease while its host moves on is tested in test_replicas.py, and an agent giving a paused
+broker up in test_broker_silence.py; behind HAProxy, its HTTP/2 health check takes a paused
+replica out of the rotation.)
 
 Counted against the guests' own view: every call is answered (its result or its rule's
 fallback) within the rule's deadline plus 50 ms on the agent's clock; each VM's counter moves
