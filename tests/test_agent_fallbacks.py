@@ -46,6 +46,7 @@ class RecordingConnection:
     seqpacket = True
     closed = False
     mode = "seqpacket"
+    peer = "vmm pid 1 uid 0"  # what agent.vmm.peer_name gives a real connection
 
     def __init__(self) -> None:
         self.vm_ids: set[int] = set()

@@ -125,6 +125,11 @@ async def test_a_restarted_broker_answers_a_resent_call_from_its_record(
 
 async def test_the_agent_resends_a_call_the_broker_lost(tmp_path: Path,
                                                          policy_file: Path) -> None:
+    # A broker restart on a loaded 2-core machine can take longer than the shared policy's
+    # 3 s deadline, and then the guest rightly gets the fallback: give this test's rule room.
+    text = policy_file.read_text()
+    assert text.count("deadline_ms: 3000") == 1
+    policy_file.write_text(text.replace("deadline_ms: 3000", "deadline_ms: 30000"))
     broker = start_broker(policy_file, tmp_path / "state", env=plugin_env())
     agent = start_agent(broker.address, "host-s", tmp_path)
     client = await VmmClient.connect(str(agent.socket), "seqpacket")
@@ -136,7 +141,7 @@ async def test_the_agent_resends_a_call_the_broker_lost(tmp_path: Path,
         broker.process.stop()
         broker = start_broker(policy_file, tmp_path / "state", port=broker.port,
                               env=plugin_env())
-        r = await asyncio.wait_for(call, 10)
+        r = await asyncio.wait_for(call, 60)
         assert r.outcome == Outcome.OK and r.timing.source == ResultSource.BROKER
         assert r.x[1] == 1  # the lost run never committed; the re-sent one did, once
     finally:
